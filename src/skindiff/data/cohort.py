@@ -1,0 +1,71 @@
+"""The study cohort: chosen conditions, light (majority) and dark (minority) skin-type groups."""
+
+import difflib
+from dataclasses import dataclass
+
+import pandas as pd
+
+from skindiff.data.fitzpatrick import CONDITIONS, DARK_FST, LIGHT_FST
+from skindiff.errors import DataValidationError
+
+LIGHT, DARK = "light", "dark"
+
+
+@dataclass(frozen=True)
+class CohortSpec:
+    """Which rows form the cohort. Defaults are the paper's (Table 1)."""
+
+    conditions: tuple[str, ...] = CONDITIONS
+    light_fst: tuple[int, ...] = LIGHT_FST
+    dark_fst: tuple[int, ...] = DARK_FST
+
+    def __post_init__(self) -> None:
+        if not self.conditions:
+            raise DataValidationError("conditions: at least one condition is needed")
+        if len(set(self.conditions)) != len(self.conditions):
+            raise DataValidationError(f"conditions: listed twice in {list(self.conditions)}")
+        for name, values in (("light_fst", self.light_fst), ("dark_fst", self.dark_fst)):
+            if not values or not set(values) <= {1, 2, 3, 4, 5, 6}:
+                raise DataValidationError(f"{name}: needs skin types from 1-6, got {values}")
+        if set(self.light_fst) & set(self.dark_fst):
+            raise DataValidationError(
+                f"light_fst {self.light_fst} and dark_fst {self.dark_fst} overlap"
+            )
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Conditions in alphabetical order: the classifiers' class indices."""
+        return tuple(sorted(self.conditions))
+
+
+def select_cohort(metadata: pd.DataFrame, spec: CohortSpec) -> pd.DataFrame:
+    """Rows of the chosen conditions and skin-type groups, with a `group` column.
+
+    Unknown (-1) and intermediate skin types are left out; no qc filter. Rows are sorted by
+    md5hash so that sampling depends on the data, not on the CSV's row order.
+    """
+    known = set(metadata["label"])
+    for condition in spec.conditions:
+        if condition not in known:
+            close = difflib.get_close_matches(condition, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise DataValidationError(f"condition {condition!r} has no rows in the metadata{hint}")
+    groups = {fst: LIGHT for fst in spec.light_fst} | {fst: DARK for fst in spec.dark_fst}
+    chosen = metadata["label"].isin(spec.conditions) & metadata["fitzpatrick_scale"].isin(groups)
+    cohort = metadata.loc[chosen].copy()
+    cohort["group"] = cohort["fitzpatrick_scale"].map(groups)
+    return cohort.sort_values("md5hash", kind="stable").reset_index(drop=True)
+
+
+def count_table(frame: pd.DataFrame, labels: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """Images per skin type (rows) and condition (columns) with totals, like the paper's Table 1."""
+    labels = labels or tuple(sorted(frame["label"].unique()))
+    table = pd.crosstab(frame["fitzpatrick_scale"], frame["label"]).reindex(
+        columns=list(labels), fill_value=0
+    )
+    table["total"] = table.sum(axis=1)
+    table.loc["total"] = table.sum(axis=0)
+    table.index = table.index.map(str)
+    table.index.name = "fitzpatrick_scale"
+    table.columns.name = None
+    return table

@@ -1,0 +1,106 @@
+"""Flexible subsets and the paper's three scenarios, plus a validation split carved from train.
+
+| scenario | train                                   | test                   |
+|----------|-----------------------------------------|------------------------|
+| i        | non-flexible light + non-flexible dark  | dark flexible subset   |
+| ii       | non-flexible light + dark flexible      | non-flexible dark      |
+| iii      | non-flexible light                      | non-flexible dark      |
+
+The light flexible subset is in no split; the ablation (Table 5) tests on it.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from skindiff.data.cohort import DARK, LIGHT
+from skindiff.data.fitzpatrick import FLEXIBLE_PER_CONDITION
+from skindiff.errors import DataValidationError
+
+SCENARIOS = ("i", "ii", "iii")
+SPLIT_NAMES = ("train", "val", "test", "flexible_light")
+MANIFEST_COLUMNS = ("md5hash", "label", "fitzpatrick_scale", "group", "split", "path")
+
+
+@dataclass(frozen=True)
+class ScenarioSplits:
+    """Disjoint image sets of one scenario and seed, each a frame of cohort rows."""
+
+    scenario: str
+    seed: int
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+    flexible_light: pd.DataFrame
+
+    def manifest(self, split: str) -> pd.DataFrame:
+        """One split as a manifest: the MANIFEST_COLUMNS first, any other cohort columns after."""
+        frame = getattr(self, split).assign(split=split)
+        extra = [c for c in frame.columns if c not in MANIFEST_COLUMNS]
+        return frame[[*MANIFEST_COLUMNS, *extra]].reset_index(drop=True)
+
+
+def sample_flexible(
+    cohort: pd.DataFrame, group: str, seed: int, per_condition: int
+) -> pd.DataFrame:
+    """`per_condition` images per condition drawn from one skin-type group (reference protocol)."""
+    members = cohort[cohort["group"] == group]
+    sizes = members.groupby("label").size().reindex(sorted(cohort["label"].unique()), fill_value=0)
+    short = sizes[sizes < per_condition]
+    if len(short):
+        listing = ", ".join(f"{label!r} has {n}" for label, n in short.items())
+        raise DataValidationError(
+            f"the {group} flexible subset needs {per_condition} images per condition, but {listing}"
+        )
+    return members.groupby("label").sample(n=per_condition, random_state=seed)
+
+
+def carve_validation(
+    train: pd.DataFrame, val_fraction: float, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, val): `val_fraction` of each (label, group) stratum, rounded, goes to val."""
+    if not 0 <= val_fraction < 1:
+        raise DataValidationError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    # A separate stream from the flexible sampling, so changing val_fraction keeps the subsets.
+    rng = np.random.default_rng([seed, 1])
+    val_index: list = []
+    for _, stratum in train.groupby(["label", "group"], sort=True):
+        n_val = int(np.floor(val_fraction * len(stratum) + 0.5))
+        val_index.extend(rng.permutation(stratum.index.to_numpy())[:n_val])
+    is_val = train.index.isin(val_index)
+    return train.loc[~is_val], train.loc[is_val]
+
+
+def build_scenario_splits(
+    cohort: pd.DataFrame,
+    scenario: str,
+    seed: int,
+    val_fraction: float = 0.1,
+    per_condition: int = FLEXIBLE_PER_CONDITION,
+) -> ScenarioSplits:
+    """The train/val/test sets of a scenario for one repeat seed (see the module docstring)."""
+    if scenario not in SCENARIOS:
+        raise DataValidationError(
+            f"scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}"
+        )
+    dark_flexible = sample_flexible(cohort, DARK, seed, per_condition)
+    light_flexible = sample_flexible(cohort, LIGHT, seed, per_condition)
+    flexible = cohort.index.isin(dark_flexible.index) | cohort.index.isin(light_flexible.index)
+    light_rest = cohort[~flexible & (cohort["group"] == LIGHT)]
+    dark_rest = cohort[~flexible & (cohort["group"] == DARK)]
+
+    train, test = {
+        "i": (pd.concat([light_rest, dark_rest]), dark_flexible),
+        "ii": (pd.concat([light_rest, dark_flexible]), dark_rest),
+        "iii": (light_rest, dark_rest),
+    }[scenario]
+    train, val = carve_validation(train.sort_index(), val_fraction, seed)
+    return ScenarioSplits(
+        scenario=scenario,
+        seed=seed,
+        train=train,
+        val=val,
+        test=test.sort_index(),
+        flexible_light=light_flexible.sort_index(),
+    )

@@ -1,0 +1,9 @@
+"""Errors a user can act on; the CLI prints their message as one line instead of a traceback."""
+
+
+class SkindiffError(Exception):
+    """Base class for errors caused by input or configuration, not by a bug."""
+
+
+class DataValidationError(SkindiffError, ValueError):
+    """Metadata or image files that do not meet the dataset contract."""

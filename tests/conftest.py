@@ -1,0 +1,124 @@
+"""Shared fixtures: one real MLflow tracking server per session, an isolated cache, demo data."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_METADATA = REPO.parent / "shared" / "data" / "fitzpatrick17k.csv"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keeps the demo dataset and models of a test session out of the user's ~/.cache."""
+    cache = tmp_path_factory.mktemp("skindiff-cache")
+    os.environ["SKINDIFF_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(isolated_cache: Path):
+    from skindiff.data.demo import default_demo_dataset
+
+    return default_demo_dataset()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `mlflow server` (SQLite backend, served artifacts) on a free loopback port."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = (root / "server.log").open("w")
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
+        time.sleep(0.5)
+    yield uri
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+
+
+@pytest.fixture()
+def tracking(tracking_server: str, monkeypatch: pytest.MonkeyPatch, request) -> str:
+    """Points in-process MLflow and subprocesses at the server, in a fresh experiment."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
+    mlflow.set_tracking_uri(tracking_server)
+    name = f"{request.node.name}-{time.time_ns()}"
+    experiment_id = mlflow.create_experiment(name)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    yield experiment_id
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def write_dataset(folder: Path, rows: list[dict], image_size: int = 16) -> tuple[Path, Path]:
+    """A small Fitzpatrick17k-format dataset: metadata.csv + one real JPEG per row."""
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for i, row in enumerate(rows):
+        shade = (37 * i) % 256
+        Image.new("RGB", (image_size, image_size), (shade, 128, 255 - shade)).save(
+            images / f"{row['md5hash']}.jpg"
+        )
+    csv = folder / "metadata.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    return csv, images
+
+
+def cohort_rows(per_cell: int = 10, conditions: tuple[str, ...] = ("a", "b")) -> list[dict]:
+    """Rows with `per_cell` images for every (condition, FST in 1, 2, 5, 6)."""
+    return [
+        {"md5hash": f"{label}{fst}{k:04d}", "fitzpatrick_scale": fst, "label": label}
+        for label in conditions
+        for fst in (1, 2, 5, 6)
+        for k in range(per_cell)
+    ]

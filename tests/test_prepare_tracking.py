@@ -1,0 +1,138 @@
+"""The `prepare` stage as an MLflow run: through `mlflow run` and in-process, on a real server."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from conftest import REPO, cohort_rows, write_dataset
+from mlflow.tracking import MlflowClient
+
+from skindiff.cli import run
+from skindiff.data.prepare import PrepareConfig, content_digest, prepare_scenario
+from skindiff.data.splits import MANIFEST_COLUMNS, SPLIT_NAMES
+from skindiff.tracking.prepare import run_prepare
+
+ENTRY_POINT = "mlflow.project.entryPoint"
+
+
+def logged_manifest(run_id: str, split: str, dst: Path) -> pd.DataFrame:
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=f"splits/{split}.csv", dst_path=str(dst)
+    )
+    return pd.read_csv(path, keep_default_na=False)
+
+
+def test_mlflow_run_prepare_logs_splits(tracking: str, demo_dataset, tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            str(REPO),
+            "-e",
+            "prepare",
+            "--env-manager",
+            "local",
+            "--experiment-id",
+            tracking,
+            "-P",
+            "scenario=ii",
+            "-P",
+            "seed=42",
+            "-P",
+            "val_fraction=0.2",
+        ],
+        cwd=tmp_path,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (run_info,) = mlflow.search_runs([tracking], output_format="list")
+    assert run_info.info.status == "FINISHED"
+    assert run_info.data.tags[ENTRY_POINT] == "prepare"
+    assert run_info.data.params["scenario"] == "ii" and run_info.data.params["seed"] == "42"
+    assert not list((tmp_path).glob("mlruns")), "logged to a local store, not the server"
+
+    # Same inputs in-process: the logged manifests are exactly these splits.
+    expected = prepare_scenario(PrepareConfig(scenario="ii", seed=42, val_fraction=0.2)).splits
+    run_id = run_info.info.run_id
+    for split in SPLIT_NAMES:
+        manifest = logged_manifest(run_id, split, tmp_path / split)
+        assert list(manifest.columns[: len(MANIFEST_COLUMNS)]) == list(MANIFEST_COLUMNS)
+        assert set(manifest["split"]) <= {split}
+        assert sorted(manifest["md5hash"]) == sorted(getattr(expected, split)["md5hash"])
+        assert all(Path(p).is_file() for p in manifest["path"])
+        assert run_info.data.metrics[f"n_{split}"] == len(manifest)
+        for group, n in manifest.groupby("group").size().items():
+            assert run_info.data.metrics[f"n_{split}_{group}"] == n
+
+    counts = pd.read_csv(
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="splits/counts.csv")
+    )
+    test_counts = counts[counts["split"] == "test"]
+    assert test_counts["count"].sum() == len(expected.test)
+    table = mlflow.artifacts.load_text(f"runs:/{run_id}/splits/counts.md")
+    assert f"## test ({len(expected.test)} images)" in table
+
+    inputs = MlflowClient().get_run(run_id).inputs.dataset_inputs
+    by_context = {
+        next(t.value for t in item.tags if t.key == "mlflow.data.context"): item.dataset
+        for item in inputs
+    }
+    assert set(by_context) == set(SPLIT_NAMES)
+    for split, dataset in by_context.items():
+        assert dataset.digest == content_digest(expected.manifest(split))[:16]
+        assert dataset.name == f"demo/{split}"
+
+
+def test_skip_missing_logs_dropped_images(tracking: str, tmp_path: Path) -> None:
+    rows = cohort_rows()
+    csv, images = write_dataset(tmp_path, rows)
+    (images / f"{rows[0]['md5hash']}.jpg").unlink()
+    config = PrepareConfig(
+        metadata_csv=str(csv),
+        image_dir=str(images),
+        conditions=("a", "b"),
+        flexible_per_condition=4,
+        skip_missing=True,
+    )
+    run_id = run_prepare(config)
+    dropped = pd.read_csv(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="splits/dropped_images.csv", dst_path=str(tmp_path / "d")
+        )
+    )
+    assert dropped["md5hash"].tolist() == [rows[0]["md5hash"]]
+    assert dropped["problem"].tolist() == ["missing"]
+    assert mlflow.get_run(run_id).data.tags["skindiff.demo_data"] == "false"
+
+
+def test_main_builds_one_parent_per_scenario_and_seed(tracking: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run(["main", "--scenarios", "i,iii", "--seeds", "0,5"])
+    assert exit_info.value.code == 0
+    runs = mlflow.search_runs([tracking], output_format="list")
+    by_id = {r.info.run_id: r for r in runs}
+    (top,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    parents = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == top.info.run_id]
+    assert sorted(r.info.run_name for r in parents) == [
+        "i/seed-0",
+        "i/seed-5",
+        "iii/seed-0",
+        "iii/seed-5",
+    ]
+    children = [r for r in runs if r.data.tags.get(ENTRY_POINT) == "prepare"]
+    assert len(children) == 4 and len(runs) == 9
+    for child in children:
+        parent = by_id[child.data.tags["mlflow.parentRunId"]]
+        assert child.info.run_name == f"{parent.info.run_name}/prepare"
+        assert child.data.params["scenario"] == parent.data.params["scenario"]
+        assert child.data.params["seed"] == parent.data.params["seed"]
+        assert child.info.status == "FINISHED"
