@@ -5,13 +5,9 @@ The images are cartoons of clinical photos: skin whose tone follows the Fitzpatr
 learn both, which is all the pipeline's smoke tests and examples need.
 """
 
-import contextlib
 import csv
 import hashlib
 import io
-import os
-import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +26,7 @@ from skindiff.data.fitzpatrick import (
     VALID_FST,
 )
 from skindiff.errors import SkindiffError
-from skindiff.paths import cache_dir
+from skindiff.paths import atomic_directory, cache_dir, cached_directory
 
 DEMO_VERSION = 1  # bump when drawing changes, so cached copies are rebuilt
 
@@ -380,32 +376,6 @@ def _write_into(folder: Path, seed: int, spec: DemoSpec, progress: bool) -> None
         writer.writerows(records)
 
 
-def _write_atomically(out_dir: Path, seed: int, spec: DemoSpec, progress: bool) -> DemoDataset:
-    """Draw the dataset in a temporary sibling and rename it into place in one step.
-
-    Raises FileExistsError if ``out_dir`` exists, before drawing or by the time of the rename.
-    """
-    if out_dir.exists():
-        raise FileExistsError(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling is on the same file system, so the rename is atomic; a process killed mid-way
-    # leaves at most a hidden temporary folder, never a half dataset at out_dir.
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()  # unlike tempfile.mkdtemp, keeps the user's umask instead of mode 700
-    try:
-        _write_into(tmp, seed, spec, progress)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError as e:
-            # Someone else created out_dir meanwhile (on Linux, rename only replaces empty dirs).
-            if not out_dir.exists():
-                raise
-            raise FileExistsError(out_dir) from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return DemoDataset(out_dir / "metadata.csv", out_dir / "images")
-
-
 def write_demo_dataset(out_dir: Path, seed: int = 0, spec: DemoSpec = DemoSpec()) -> DemoDataset:
     """Write a demo dataset to ``out_dir`` (which must not exist yet) and return its paths.
 
@@ -414,21 +384,22 @@ def write_demo_dataset(out_dir: Path, seed: int = 0, spec: DemoSpec = DemoSpec()
     """
     out_dir = Path(out_dir)
     try:
-        return _write_atomically(out_dir, seed, spec, progress=False)
+        with atomic_directory(out_dir) as tmp:
+            _write_into(tmp, seed, spec, progress=False)
     except FileExistsError:
         raise SkindiffError(
             f"{out_dir} already exists; refusing to overwrite it (choose a new folder)"
         ) from None
+    return DemoDataset(out_dir / "metadata.csv", out_dir / "images")
 
 
 def default_demo_dataset(seed: int = 0) -> DemoDataset:
     """The demo dataset of ``seed`` in skindiff's cache, drawn on first use and re-used after."""
-    out_dir = cache_dir() / f"demo-v{DEMO_VERSION}-seed{seed}"
+    out_dir = cached_directory(
+        cache_dir() / f"demo-v{DEMO_VERSION}-seed{seed}",
+        lambda folder: _write_into(folder, seed, DemoSpec(), progress=True),
+    )
     dataset = DemoDataset(out_dir / "metadata.csv", out_dir / "images")
-    if not dataset.metadata_csv.is_file():
-        # Losing a race to another process is fine: its copy is complete, as it was renamed.
-        with contextlib.suppress(FileExistsError):
-            _write_atomically(out_dir, seed, DemoSpec(), progress=True)
     if not dataset.metadata_csv.is_file():
         raise SkindiffError(f"{out_dir} is not a complete demo dataset; delete it to rebuild it")
     return dataset
