@@ -17,9 +17,9 @@ MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Words of the Textual Inversion templates, LoRA captions and generation prompts.
 PROMPT_WORDS = (
-    "a an the of on in with photo rendering cropped close-up clean dark dirty bright good "
-    "nice small weird cool large image picture skin light-skinned dark-skinned very individual "
-    "person lesion condition clinical dermatology"
+    "a an the of on in with my one photo rendering rendition cropped close-up clean dark dirty "
+    "bright good nice small weird cool large image picture skin very light-skinned medium "
+    "dark-skinned individual person lesion condition clinical dermatology"
 ).split()
 
 
