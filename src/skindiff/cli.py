@@ -1,32 +1,88 @@
-"""`skindiff` command line: one command per stage (the MLproject entry points call these)."""
+"""`skindiff` command line: one command per stage (the MLproject entry points call these).
 
+A stage's options are made from its config dataclasses, so a config field, its CLI option and
+its MLflow param have one name: `TextualInversionConfig.learning_rate` is `--ti-learning-rate`
+and `-P ti_learning_rate=...`. Booleans take a value (`--skip-missing true`) and tuples a
+comma list (`--conditions "psoriasis,folliculitis"`), as MLflow params do.
+"""
+
+import inspect
+import json
 import logging
 import sys
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import typer.main
 
-from skindiff.data.fitzpatrick import CONDITIONS, PAPER_SEEDS
+from skindiff.data.fitzpatrick import PAPER_SEEDS
+from skindiff.data.prepare import PrepareConfig
 from skindiff.errors import SkindiffError
 
 app = typer.Typer(
     help="Diffusion-based augmentation of under-represented skin types, tracked with MLflow.\n\n"
-    "Every stage logs an MLflow run to MLFLOW_TRACKING_URI (default: the local store).",
+    "Every stage logs an MLflow run to MLFLOW_TRACKING_URI (default: ./mlflow.db). With no "
+    "options, stages run on the embedded demo dataset and the built-in `tiny` model.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 
+HELP = {
+    "metadata_csv": "Fitzpatrick17k-format metadata CSV. Empty: the embedded demo dataset.",
+    "image_dir": "Folder of the images (<md5hash>.jpg, or the CSV's `path` column relative to "
+    "it). Empty: the embedded demo dataset.",
+    "scenario": "i: train on light+dark; ii: light + the dark flexible subset; iii: light only.",
+    "seed": "Repeat seed: picks the flexible subsets and seeds every stage.",
+    "val_fraction": "Share of each (condition, skin group) of the training set held out for "
+    "validation. 0 gives the paper's split sizes.",
+    "conditions": "Comma list of the conditions (labels) to classify.",
+    "light_fst": "Comma list of the majority (light) skin types.",
+    "dark_fst": "Comma list of the minority (dark) skin types.",
+    "flexible_per_condition": "Images per condition in each flexible subset.",
+    "skip_missing": "true: drop rows whose image is missing or corrupt (listed in "
+    "splits/dropped_images.csv) instead of stopping.",
+    "base_model": "tiny (built-in, CPU-sized), sd21-random (full SD 2.1-base architecture, "
+    "random weights), a local diffusers folder, or a hub id such as "
+    "stabilityai/stable-diffusion-2-1-base.",
+    "resolution": "Training and img2img resolution in pixels; 0 = the model's native size.",
+    "mixed_precision": "auto (fp16 on a GPU, full on a CPU), no, fp16 or bf16.",
+}
 
-class Scenario(StrEnum):
-    i = "i"
-    ii = "ii"
-    iii = "iii"
+
+class Switch(StrEnum):
+    true = "true"
+    false = "false"
 
 
-ALL_CONDITIONS = ",".join(CONDITIONS)
-ALL_PAPER_SEEDS = ",".join(map(str, PAPER_SEEDS))
+@dataclass(frozen=True)
+class ModelOptions:
+    """Options every diffusion stage shares."""
+
+    base_model: str = "tiny"
+    resolution: int = 0
+    mixed_precision: str = "auto"
+
+
+@dataclass(frozen=True)
+class OptionGroup:
+    """The fields of one config dataclass as options named `prefix + field`. Fields in `shared`
+    take the value of the unprefixed option of that name; fields in `omit` keep their default."""
+
+    config: type
+    prefix: str = ""
+    shared: tuple[str, ...] = ()
+    omit: tuple[str, ...] = ()
+
+
+DATA = OptionGroup(PrepareConfig)
+MODEL = OptionGroup(ModelOptions)
+# Fields a diffusion config takes from the data and model options.
+FROM_DATA_AND_MODEL = ("seed", "conditions", "base_model", "resolution", "mixed_precision")
 
 
 def comma_list(text: str) -> tuple[str, ...]:
@@ -41,139 +97,113 @@ def int_list(text: str, name: str) -> tuple[int, ...]:
         raise SkindiffError(f"{name} must be a comma list of integers, got {text!r}") from None
 
 
-MetadataCsv = Annotated[
-    str,
-    typer.Option(help="Fitzpatrick17k-format metadata CSV. Empty: the embedded demo dataset."),
-]
-ImageDir = Annotated[
-    str,
-    typer.Option(
-        help="Folder of the images (<md5hash>.jpg, or the CSV's `path` column relative to it). "
-        "Empty: the embedded demo dataset."
-    ),
-]
-SeedOption = Annotated[int, typer.Option(help="Repeat seed: picks the flexible subsets.")]
-ValFraction = Annotated[
-    float,
-    typer.Option(
-        help="Share of each (condition, skin group) of the training set held out for "
-        "validation. 0 gives the paper's split sizes."
-    ),
-]
-Conditions = Annotated[str, typer.Option(help="Comma list of the conditions (labels) to classify.")]
-LightFst = Annotated[str, typer.Option(help="Comma list of the majority (light) skin types.")]
-DarkFst = Annotated[str, typer.Option(help="Comma list of the minority (dark) skin types.")]
+def _cli_value(kind: Any, value: Any) -> tuple[Any, Any]:
+    """(annotation typer understands, default) for a config field type and default."""
+    if kind is bool:
+        return Switch, Switch(str(value).lower())
+    if typing.get_origin(kind) is tuple:
+        return str, ",".join(map(str, value))
+    return kind, value
 
 
-class Switch(StrEnum):
-    """A boolean option that takes a value (`--skip-missing true`), as MLflow params do."""
-
-    true = "true"
-    false = "false"
-
-
-SkipMissing = Annotated[
-    Switch,
-    typer.Option(
-        help="true: drop rows whose image is missing or corrupt (listed in "
-        "splits/dropped_images.csv) instead of stopping.",
-    ),
-]
+def _from_cli(kind: Any, name: str, value: Any) -> Any:
+    if kind is bool:
+        return value == Switch.true
+    if typing.get_origin(kind) is tuple:
+        return int_list(value, name) if typing.get_args(kind)[0] is int else comma_list(value)
+    return value
 
 
-def prepare_config(
-    metadata_csv: str,
-    image_dir: str,
-    scenario: str,
-    seed: int,
-    val_fraction: float,
-    conditions: str,
-    light_fst: str,
-    dark_fst: str,
-    skip_missing: Switch,
-):
-    from skindiff.data.prepare import PrepareConfig
-
-    return PrepareConfig(
-        metadata_csv=metadata_csv,
-        image_dir=image_dir,
-        scenario=scenario,
-        seed=seed,
-        val_fraction=val_fraction,
-        conditions=comma_list(conditions),
-        light_fst=int_list(light_fst, "light_fst"),
-        dark_fst=int_list(dark_fst, "dark_fst"),
-        skip_missing=skip_missing is Switch.true,
-    )
+def _parameters(groups: Sequence[OptionGroup]) -> list[inspect.Parameter]:
+    params: dict[str, inspect.Parameter] = {}
+    for group in groups:
+        hints = typing.get_type_hints(group.config)
+        for field in fields(group.config):
+            name = group.prefix + field.name
+            if field.name in group.shared or field.name in group.omit or name in params:
+                continue
+            kind, default = _cli_value(hints[field.name], field.default)
+            option = typer.Option(help=HELP.get(name, ""), show_default=True)
+            params[name] = inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=default,
+                annotation=Annotated[kind, option],
+            )
+    return list(params.values())
 
 
-@app.command()
-def prepare(
-    metadata_csv: MetadataCsv = "",
-    image_dir: ImageDir = "",
-    scenario: Annotated[
-        Scenario, typer.Option(help="i: train on light+dark; ii: light + a few dark; iii: light.")
-    ] = Scenario.i,
-    seed: SeedOption = 0,
-    val_fraction: ValFraction = 0.1,
-    conditions: Conditions = ALL_CONDITIONS,
-    light_fst: LightFst = "1,2",
-    dark_fst: DarkFst = "5,6",
-    skip_missing: SkipMissing = Switch.false,
-) -> None:
+def build_config(group: OptionGroup, options: dict[str, Any]) -> Any:
+    """The config of `group` from parsed options (shared fields from the unprefixed ones)."""
+    hints = typing.get_type_hints(group.config)
+    values = {}
+    for field in fields(group.config):
+        if field.name in group.omit:
+            continue
+        name = field.name if field.name in group.shared else group.prefix + field.name
+        values[field.name] = _from_cli(hints[field.name], name, options[name])
+    return group.config(**values)
+
+
+def stage_command(name: str, groups: Sequence[OptionGroup], extra: Sequence = ()) -> Callable:
+    """Registers `body(*configs, **extra_options)` as the command `name`, with one option per
+    config field of `groups` plus the `extra` (name, annotation, default) options."""
+
+    def register(body: Callable) -> Callable:
+        params = _parameters(groups) + [
+            inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a)
+            for n, a, d in extra
+        ]
+        extra_names = [n for n, _, _ in extra]
+
+        def command(**options: Any) -> None:
+            configs = [build_config(group, options) for group in groups]
+            body(*configs, **{n: options[n] for n in extra_names})
+
+        command.__signature__ = inspect.Signature(params)
+        command.__doc__ = body.__doc__
+        app.command(name)(command)
+        return body
+
+    return register
+
+
+@stage_command("prepare", [DATA])
+def prepare(data: PrepareConfig) -> None:
     """Validate the dataset and write one scenario's train/val/test manifests (MLflow run)."""
     from skindiff.tracking.prepare import run_prepare
 
-    config = prepare_config(
-        metadata_csv,
-        image_dir,
-        scenario.value,
-        seed,
-        val_fraction,
-        conditions,
-        light_fst,
-        dark_fst,
-        skip_missing,
-    )
-    run_id = run_prepare(config)
+    run_id = run_prepare(data)
     typer.echo(f"prepare run {run_id}: splits/train.csv, splits/val.csv, splits/test.csv logged")
 
 
-@app.command()
-def main(
-    scenarios: Annotated[
-        str, typer.Option(help="Comma list of scenarios (i, ii, iii).")
-    ] = "i,ii,iii",
-    seeds: Annotated[str, typer.Option(help="Comma list of repeat seeds.")] = ALL_PAPER_SEEDS,
-    metadata_csv: MetadataCsv = "",
-    image_dir: ImageDir = "",
-    val_fraction: ValFraction = 0.1,
-    conditions: Conditions = ALL_CONDITIONS,
-    light_fst: LightFst = "1,2",
-    dark_fst: DarkFst = "5,6",
-    skip_missing: SkipMissing = Switch.false,
-) -> None:
+@stage_command(
+    "main",
+    [OptionGroup(PrepareConfig, omit=("scenario", "seed"))],
+    extra=[
+        ("scenarios", Annotated[str, typer.Option(help="Comma list of scenarios.")], "i,ii,iii"),
+        (
+            "seeds",
+            Annotated[str, typer.Option(help="Comma list of repeat seeds.")],
+            ",".join(map(str, PAPER_SEEDS)),
+        ),
+    ],
+)
+def main(data: PrepareConfig, scenarios: str, seeds: str) -> None:
     """Run the whole study for each scenario and seed, one parent MLflow run per pair."""
     from skindiff.tracking.pipeline import run_main
 
     chosen = comma_list(scenarios)
-    unknown = [s for s in chosen if s not in set(Scenario)]
+    unknown = [s for s in chosen if s not in ("i", "ii", "iii")]
     if unknown or not chosen:
         raise SkindiffError(f"scenarios must be a comma list of i, ii, iii, got {scenarios!r}")
-    base = prepare_config(
-        metadata_csv,
-        image_dir,
-        chosen[0],
-        0,
-        val_fraction,
-        conditions,
-        light_fst,
-        dark_fst,
-        skip_missing,
-    )
-    runs = run_main(chosen, int_list(seeds, "seeds"), base)
+    runs = run_main(chosen, int_list(seeds, "seeds"), replace(data, scenario=chosen[0]))
     for (scenario, seed), run_id in runs.items():
         typer.echo(f"scenario {scenario}, seed {seed}: prepare run {run_id}")
+
+
+# Stage commands that are MLproject entry points, in the order MLproject lists them.
+ENTRY_POINTS = ("main", "prepare")
 
 
 @app.command("demo-data")
@@ -186,6 +216,37 @@ def demo_data(
 
     demo = write_demo_dataset(output, seed=seed)
     typer.echo(f"metadata: {demo.metadata_csv}\nimages:   {demo.image_dir}")
+
+
+MLPROJECT_HEADER = """\
+# Generated by `skindiff mlproject > MLproject` from the CLI; tests check it is current.
+# `mlflow run . --env-manager local` uses the Python it is started from (after `pip install -e .`);
+# with conda installed, plain `mlflow run .` builds conda.yaml's environment instead.
+"""
+
+
+def render_mlproject() -> str:
+    """The MLproject file: one entry point per stage command, its options as parameters."""
+    commands = typer.main.get_command(app).commands
+    lines = [MLPROJECT_HEADER + "name: skindiff\nconda_env: conda.yaml\n\nentry_points:"]
+    for name in ENTRY_POINTS:
+        params = [p for p in commands[name].params if p.name != "help"]
+        lines.append(f"  {name}:\n    parameters:")
+        for p in params:
+            kind = "float" if isinstance(p.default, float) else "string"
+            default = json.dumps(str(getattr(p.default, "value", p.default)))
+            lines.append(f"      {p.name}: {{type: {kind}, default: {default}}}")
+        flags = [f"--{p.name.replace('_', '-')} {{{p.name}}}" for p in params]
+        lines.append(f"    command: >-\n      python entrypoints/{name}.py")
+        lines += [f"      {flag}" for flag in flags]
+        lines.append("")
+    return "\n".join(lines)
+
+
+@app.command("mlproject", hidden=True)
+def mlproject() -> None:
+    """Print the MLproject file made from the stage commands."""
+    typer.echo(render_mlproject(), nl=False)
 
 
 def run_entry_point(script: str) -> None:

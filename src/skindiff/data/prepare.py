@@ -1,6 +1,7 @@
 """The `prepare` stage: metadata + images -> validated cohort -> scenario split manifests."""
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,17 @@ def resolve_dataset(metadata_csv: str, image_dir: str) -> DatasetSource:
             "or neither for the demo data"
         )
     return DatasetSource(Path(metadata_csv).expanduser(), Path(image_dir).expanduser(), False)
+
+
+def source_fingerprint(source: DatasetSource) -> str:
+    """Cheap identity of a dataset on disk: the CSV's bytes and the image folder's listing
+    (names, sizes, modification times). Content digests come later, from the image check."""
+    digest = hashlib.sha256(Path(source.metadata_csv).read_bytes())
+    with os.scandir(source.image_dir) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            stat = entry.stat()
+            digest.update(f"{entry.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def prepare_scenario(config: PrepareConfig) -> PreparedScenario:

@@ -155,7 +155,9 @@ def resolve_base_model(base_model: str) -> Path:
     local = Path(base_model).expanduser()
     if local.exists():
         if not (local / "model_index.json").is_file():
-            raise SkindiffError(f"base_model {local} is not a diffusers folder (no model_index.json)")
+            raise SkindiffError(
+                f"base_model {local} is not a diffusers folder (no model_index.json)"
+            )
         return local
     return _hub_dir(base_model)
 

@@ -12,15 +12,17 @@ from collections import Counter
 from transformers import CLIPTokenizer
 
 from skindiff.data.fitzpatrick import CONDITIONS
+from skindiff.diffusion.prompts import (
+    INITIALIZER_WORD,
+    SKIN_PROMPT,
+    SKIN_TYPE_PHRASES,
+    TI_TEMPLATES,
+)
 
 MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-# Words of the Textual Inversion templates, LoRA captions and generation prompts.
-PROMPT_WORDS = (
-    "a an the of on in with my one photo rendering rendition cropped close-up clean dark dirty "
-    "bright good nice small weird cool large image picture skin very light-skinned medium "
-    "dark-skinned individual person lesion condition clinical dermatology"
-).split()
+# Texts our prompts are made of; the offline vocabulary holds each of their words whole.
+PROMPT_TEXTS = (*TI_TEMPLATES, SKIN_PROMPT, *SKIN_TYPE_PHRASES.values(), INITIALIZER_WORD)
 
 
 def _byte_alphabet() -> list[str]:
@@ -54,11 +56,11 @@ def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
 
 
 def build_offline_tokenizer(extra_words: tuple[str, ...] = ()) -> CLIPTokenizer:
-    """A CLIPTokenizer with bytes + whole words of PROMPT_WORDS, CONDITIONS and `extra_words`."""
+    """A CLIPTokenizer with bytes + whole words of PROMPT_TEXTS, CONDITIONS and `extra_words`."""
     alphabet = _byte_alphabet()
     tokens = [*alphabet, *(char + "</w>" for char in alphabet)]
     # CLIP splits text into runs of letters before BPE, so words are learned the same way.
-    texts = " ".join((*PROMPT_WORDS, *CONDITIONS, *extra_words)).lower()
+    texts = " ".join((*PROMPT_TEXTS, *CONDITIONS, *extra_words)).lower()
     merges = _learn_merges(sorted(set(re.findall(r"[a-z]+", texts))))
     tokens += [left + right for left, right in merges]
     vocab = {token: i for i, token in enumerate(dict.fromkeys([*tokens, BOS, EOS]))}

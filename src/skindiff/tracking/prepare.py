@@ -2,6 +2,7 @@
 
 import tempfile
 import warnings
+from pathlib import Path
 
 import mlflow
 import mlflow.data
@@ -12,14 +13,23 @@ from skindiff.data.prepare import (
     PreparedScenario,
     content_digest,
     prepare_scenario,
+    resolve_dataset,
     slug,
+    source_fingerprint,
     split_counts,
     write_prepared,
 )
 from skindiff.data.splits import SPLIT_NAMES
+from skindiff.errors import SkindiffError
+from skindiff.tracking.reuse import RUN_KEY_TAG, find_finished_run, run_key
 from skindiff.tracking.runs import flatten_params, stage_run
 
 DATASET_DIGEST_TAG = "skindiff.dataset_digest"
+
+
+def split_digest_tag(split: str) -> str:
+    """Tag holding the content digest of one split of a prepare run."""
+    return f"skindiff.digest.{split}"
 
 
 def count_metrics(prepared: PreparedScenario) -> dict[str, float]:
@@ -42,10 +52,17 @@ def count_metrics(prepared: PreparedScenario) -> dict[str, float]:
     return metrics
 
 
+def prepare_key(config: PrepareConfig) -> str:
+    """Reuse key of a prepare run: its params and the dataset files as they are on disk."""
+    source = resolve_dataset(config.metadata_csv, config.image_dir)
+    return run_key("prepare", flatten_params(config), {"source": source_fingerprint(source)})
+
+
 def run_prepare(config: PrepareConfig) -> str:
     """Runs `prepare` as an MLflow run and returns its run id."""
     run_name = f"{config.scenario}/seed-{config.seed}/prepare"
     with stage_run("prepare", run_name, flatten_params(config)) as run:
+        mlflow.set_tag(RUN_KEY_TAG, prepare_key(config))
         prepared = prepare_scenario(config)
         source = prepared.source
         manifests = {split: prepared.splits.manifest(split) for split in SPLIT_NAMES}
@@ -56,6 +73,7 @@ def run_prepare(config: PrepareConfig) -> str:
                 "skindiff.demo_data": str(source.is_demo).lower(),
                 DATASET_DIGEST_TAG: content_digest(pd.concat(manifests.values())),
             }
+            | {split_digest_tag(s): content_digest(m) for s, m in manifests.items()}
         )
         with tempfile.TemporaryDirectory() as tmp:
             write_prepared(prepared, tmp)
@@ -75,3 +93,21 @@ def run_prepare(config: PrepareConfig) -> str:
                 )
                 mlflow.log_input(dataset, context=split)
     return run.info.run_id
+
+
+def ensure_prepare(config: PrepareConfig) -> str:
+    """A finished prepare run for `config` on the data as it is now: found, or run now."""
+    found = find_finished_run(prepare_key(config))
+    return found.info.run_id if found else run_prepare(config)
+
+
+def load_split(prepare_run_id: str, split: str) -> pd.DataFrame:
+    """One split manifest of a prepare run (`content_digest` of it identifies its content)."""
+    run = mlflow.get_run(prepare_run_id)
+    if run.data.tags.get("mlflow.project.entryPoint") != "prepare":
+        raise SkindiffError(f"run {prepare_run_id} is not a prepare run")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=prepare_run_id, artifact_path=f"splits/{split}.csv", dst_path=tmp
+        )
+        return pd.read_csv(Path(path), keep_default_na=False)

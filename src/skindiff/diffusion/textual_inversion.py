@@ -1,0 +1,226 @@
+"""Textual Inversion: one new token per skin condition, all learned in one run.
+
+Only the new rows of the token-embedding matrix train; text encoder, VAE and UNet stay frozen.
+Each image is captioned with a random object template filled with its condition's token.
+Every token is saved in diffusers' format, `{token: tensor[num_vectors, dim]}`, so a stock
+pipeline's `load_textual_inversion` loads it.
+"""
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from diffusers.utils import make_image_grid
+from safetensors.torch import save_file
+
+from skindiff.data.fitzpatrick import CONDITIONS
+from skindiff.diffusion.device import resolve_mixed_precision, weight_dtype
+from skindiff.diffusion.prompts import (
+    INITIALIZER_WORD,
+    TI_TEMPLATES,
+    placeholder_token,
+    token_file_name,
+)
+from skindiff.diffusion.train_data import ManifestImageDataset, check_training_rows
+from skindiff.diffusion.training import (
+    LoopSettings,
+    add_token_embeddings,
+    check_loop_settings,
+    encode_captions,
+    finish_run,
+    freeze,
+    load_base_pipeline,
+    make_accelerator,
+    noise_prediction_loss,
+    noise_scheduler_of,
+    open_run_dir,
+    read_losses,
+    replaced_directory,
+    require,
+    resolve_resolution,
+    rows_digest,
+    run_training_loop,
+    token_ids,
+)
+
+EMBEDDINGS_DIR = "embeddings"
+VALIDATION_FILE = "validation.png"
+VALIDATION_PROMPT = "a photo of a {}"
+VALIDATION_STEPS = 25  # as the diffusers Textual Inversion example validates
+
+
+@dataclass(frozen=True)
+class TextualInversionConfig:
+    """Settings of a Textual Inversion run; the defaults are the reference's (DESIGN.md §1)."""
+
+    base_model: str = "tiny"
+    conditions: tuple[str, ...] = CONDITIONS
+    num_vectors: int = 1
+    initializer_word: str = INITIALIZER_WORD
+    max_train_steps: int = 500
+    train_batch_size: int = 4
+    gradient_accumulation_steps: int = 4
+    learning_rate: float = 5e-4
+    scale_lr: bool = True  # lr x batch x accumulation (x processes), as the reference
+    weight_decay: float = 1e-2
+    resolution: int = 0  # 0 = the model's native size (unet.sample_size * vae scale)
+    mixed_precision: str = "auto"
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TextualInversionResult:
+    embeddings_dir: Path  # one <token-without-brackets>.safetensors per condition
+    tokens: dict[str, str]  # condition -> placeholder token
+    losses: list[float]
+    validation_images: Path | None  # a grid of samples, one per condition
+
+
+def _training_rows(config: TextualInversionConfig, train: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the configured conditions; each condition needs at least one."""
+    rows = check_training_rows(train)
+    rows = rows[rows["label"].isin(config.conditions)].reset_index(drop=True)
+    missing = [c for c in config.conditions if c not in set(rows["label"])]
+    require(
+        not missing,
+        f"train has no images of the condition(s) {', '.join(missing)}; "
+        "add images or leave them out of conditions",
+    )
+    return rows
+
+
+def _check_config(config: TextualInversionConfig) -> None:
+    check_loop_settings(config)
+    require(config.num_vectors >= 1, f"num_vectors must be at least 1, got {config.num_vectors}")
+    require(len(config.conditions) > 0, "conditions is empty")
+    require(
+        len(set(config.conditions)) == len(config.conditions),
+        f"conditions has duplicates: {config.conditions}",
+    )
+    tokens = [placeholder_token(c) for c in config.conditions]
+    require(
+        len(set(tokens)) == len(tokens),
+        f"conditions {config.conditions} map to clashing tokens {tokens}",
+    )
+
+
+def train_textual_inversion(
+    config: TextualInversionConfig, train: pd.DataFrame, out_dir: Path, progress: bool = True
+) -> TextualInversionResult:
+    """Learns every condition's token on `train` into `out_dir` (resumes an interrupted run
+    there; returns a finished one without training)."""
+    _check_config(config)
+    rows = _training_rows(config, train)
+    out_dir = Path(out_dir)
+    tokens = {condition: placeholder_token(condition) for condition in config.conditions}
+    identity = {"stage": "textual_inversion", "config": asdict(config), "train": rows_digest(rows)}
+    if not open_run_dir(out_dir, identity):
+        _train(config, rows, tokens, out_dir, progress)
+    validation = out_dir / VALIDATION_FILE
+    return TextualInversionResult(
+        embeddings_dir=out_dir / EMBEDDINGS_DIR,
+        tokens=tokens,
+        losses=read_losses(out_dir),
+        validation_images=validation if validation.is_file() else None,
+    )
+
+
+def _train(
+    config: TextualInversionConfig,
+    rows: pd.DataFrame,
+    tokens: dict[str, str],
+    out_dir: Path,
+    progress: bool,
+) -> None:
+    accelerator = make_accelerator(config.mixed_precision)
+    device = accelerator.device
+    pipeline = load_base_pipeline(config.base_model)
+    resolution = resolve_resolution(pipeline, config.resolution)
+    initializer = pipeline.tokenizer.encode(config.initializer_word, add_special_tokens=False)
+    require(
+        len(initializer) == 1,
+        f"initializer_word must be one token of the tokenizer; {config.initializer_word!r} "
+        f"is {len(initializer)}",
+    )
+    start = pipeline.text_encoder.get_input_embeddings().weight[initializer[0]].detach()
+    add_token_embeddings(
+        pipeline, {token: start.repeat(config.num_vectors, 1) for token in tokens.values()}
+    )
+    ids = {condition: token_ids(pipeline, token) for condition, token in tokens.items()}
+
+    dtype = weight_dtype(resolve_mixed_precision(config.mixed_precision))
+    freeze(pipeline.vae, device, dtype)
+    freeze(pipeline.unet, device, dtype)
+    text_encoder = pipeline.text_encoder  # stays float32: its embedding matrix trains
+    text_encoder.requires_grad_(False)
+    embedding = text_encoder.get_input_embeddings().weight
+    embedding.requires_grad_(True)
+    scale = config.train_batch_size * config.gradient_accumulation_steps
+    learning_rate = config.learning_rate * (
+        scale * accelerator.num_processes if config.scale_lr else 1
+    )
+    optimizer = torch.optim.AdamW([embedding], lr=learning_rate, weight_decay=config.weight_decay)
+    prepared_encoder, optimizer = accelerator.prepare(text_encoder, optimizer)
+
+    # AdamW (weight decay, and updates from the template words) moves every row; all but the
+    # new tokens' rows are put back after each step, so they end bit-identical.
+    frozen_rows = torch.ones(len(embedding), dtype=torch.bool, device=device)
+    frozen_rows[[i for row_ids in ids.values() for i in row_ids]] = False
+    original = embedding.detach().clone()
+
+    def restore_frozen_rows() -> None:
+        with torch.no_grad():
+            embedding[frozen_rows] = original[frozen_rows]
+
+    noise_scheduler = noise_scheduler_of(pipeline)
+
+    def step_loss(batch: dict, generator: torch.Generator) -> torch.Tensor:
+        conditions = batch["condition"]
+        picks = torch.randint(
+            len(TI_TEMPLATES), (len(conditions),), generator=generator, device=device
+        )
+        captions = [
+            TI_TEMPLATES[pick].format(tokens[condition])
+            for pick, condition in zip(picks.tolist(), conditions, strict=True)
+        ]
+        hidden = encode_captions(pipeline, prepared_encoder, captions, device)
+        return noise_prediction_loss(
+            pipeline.unet, pipeline.vae, noise_scheduler, batch["pixel_values"], hidden, generator
+        )
+
+    losses = run_training_loop(
+        accelerator,
+        prepared_encoder,
+        optimizer,
+        ManifestImageDataset(rows, resolution, "ti", config.seed),
+        step_loss,
+        LoopSettings(
+            max_train_steps=config.max_train_steps,
+            train_batch_size=config.train_batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            checkpoint_every=config.checkpoint_every,
+            seed=config.seed,
+        ),
+        out_dir,
+        after_step=restore_frozen_rows,
+        progress=progress,
+        desc="textual inversion",
+    )
+    if accelerator.is_main_process:
+        weights = embedding.detach().float().cpu()
+        with replaced_directory(out_dir / EMBEDDINGS_DIR) as folder:
+            for condition, token in tokens.items():
+                save_file({token: weights[ids[condition]].clone()}, folder / token_file_name(token))
+        with accelerator.autocast():
+            images = pipeline(
+                [VALIDATION_PROMPT.format(token) for token in tokens.values()],
+                num_inference_steps=VALIDATION_STEPS,
+                height=resolution,
+                width=resolution,
+                generator=torch.Generator(device).manual_seed(config.seed),
+            ).images
+        make_image_grid(images, rows=1, cols=len(images)).save(out_dir / VALIDATION_FILE)
+        finish_run(out_dir, losses)
+    accelerator.wait_for_everyone()

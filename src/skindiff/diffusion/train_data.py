@@ -1,0 +1,124 @@
+"""Training images for Textual Inversion and LoRA: an endless, seeded stream of augmented draws.
+
+Item `d` of the dataset is draw number `d` of a stream that visits the rows in a fresh shuffled
+order every epoch. The row and the augmentation of a draw depend only on (seed, d), so a run
+resumed at draw `d` sees exactly what an uninterrupted run would, whatever the number of
+DataLoader workers.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from skindiff.data.images import to_rgb
+from skindiff.errors import SkindiffError
+
+Transform = Literal["ti", "lora"]
+TRANSFORMS: tuple[Transform, ...] = ("ti", "lora")
+REQUIRED_COLUMNS = ("md5hash", "label", "fitzpatrick_scale", "path")
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed for a torch generator, mixed from integer keys (seed, step, ...)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derived_seed(*keys))
+
+
+def check_training_rows(train: pd.DataFrame) -> pd.DataFrame:
+    """`train` with a fresh index, after refusing an empty set, missing columns or files."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in train.columns]
+    if missing:
+        raise SkindiffError(f"train lacks the column(s) {', '.join(missing)}")
+    if train.empty:
+        raise SkindiffError("train is empty: there is nothing to train on")
+    absent = [p for p in train["path"] if not Path(p).is_file()]
+    if absent:
+        raise SkindiffError(
+            f"train: {len(absent)} image file(s) not found, e.g. {absent[0]}; "
+            "prepare the data again"
+        )
+    return train.reset_index(drop=True)
+
+
+def _load_image(path: str) -> Image.Image:
+    # Decoded before the file closes: `data.images.load_rgb` returns an RGB file's image
+    # unloaded, which fails on first use once its file is closed.
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb(image)
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """HWC uint8 image -> CHW float in [-1, 1], the range the VAE was trained on."""
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return array.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+class ManifestImageDataset(Dataset):
+    """Augmented training images of manifest rows, indexed by draw number (see module doc).
+
+    `transform` follows the reference scripts:
+    - "ti": bicubic resize of the whole image to resolution x resolution, horizontal flip p=0.5;
+    - "lora": bicubic resize of the shorter side to resolution, random square crop, and a
+      horizontal flip p=0.5 (lesion photos have no left or right, so a flip keeps label and
+      skin type while doubling the variety a few dozen images offer).
+    `len()` is one epoch; any non-negative index is valid.
+    """
+
+    def __init__(self, rows: pd.DataFrame, resolution: int, transform: Transform, seed: int):
+        if transform not in TRANSFORMS:
+            raise SkindiffError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+        if resolution < 1:
+            raise SkindiffError(f"resolution must be positive, got {resolution}")
+        rows = check_training_rows(rows)
+        self.paths = list(rows["path"])
+        self.conditions = list(rows["label"])
+        self.skin_types = [int(fst) for fst in rows["fitzpatrick_scale"]]
+        self.resolution = resolution
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def row_of(self, draw: int) -> int:
+        """Row shown at `draw`: epoch `draw // len` is a permutation seeded by (seed, epoch)."""
+        epoch, position = divmod(draw, len(self))
+        order = torch.randperm(len(self), generator=seeded_generator(self.seed, epoch))
+        return int(order[position])
+
+    def __getitem__(self, draw: int) -> dict:
+        if draw < 0:
+            raise IndexError(draw)
+        row = self.row_of(draw)
+        # Offset keeps augmentation draws independent of the epoch-order generators.
+        generator = seeded_generator(self.seed, 1 << 40, draw)
+        return {
+            "pixel_values": self._augment(_load_image(self.paths[row]), generator),
+            "condition": self.conditions[row],
+            "fitzpatrick_scale": self.skin_types[row],
+        }
+
+    def _augment(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
+        size = self.resolution
+        if self.transform == "ti":
+            pixels = _to_tensor(image.resize((size, size), Image.Resampling.BICUBIC))
+        else:
+            scale = size / min(image.size)
+            width = max(size, round(image.width * scale))
+            height = max(size, round(image.height * scale))
+            pixels = _to_tensor(image.resize((width, height), Image.Resampling.BICUBIC))
+            top = int(torch.randint(height - size + 1, (1,), generator=generator))
+            left = int(torch.randint(width - size + 1, (1,), generator=generator))
+            pixels = pixels[:, top : top + size, left : left + size]
+        if torch.rand(1, generator=generator).item() < 0.5:
+            pixels = pixels.flip(-1)
+        return pixels

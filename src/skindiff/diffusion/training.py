@@ -1,0 +1,428 @@
+"""What Textual Inversion and LoRA training share.
+
+- the base model as a pipeline plus a DDPM noise scheduler, tokens added the way diffusers'
+  own loader adds them (so training and generation name multi-vector tokens alike);
+- the noise-prediction loss, with optional Min-SNR weighting;
+- an accelerate loop with resumable checkpoints and a loss curve.
+
+An output folder holds `run.json` (what the run is), `checkpoints/step-<n>` while training,
+and, once finished, the stage's outputs, `losses.json` and a `done` marker written last.
+Randomness comes from generators seeded by (seed, step, ...), never from global state, so a
+resumed run repeats exactly what an uninterrupted one would have done.
+"""
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.training_utils import compute_snr
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import CLIPTokenizer
+
+from skindiff.diffusion.base_model import resolve_base_model
+from skindiff.diffusion.device import resolve_mixed_precision
+from skindiff.diffusion.tokenizer import MAX_LENGTH
+from skindiff.diffusion.train_data import ManifestImageDataset, seeded_generator
+from skindiff.errors import SkindiffError
+from skindiff.paths import atomic_directory
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+LOSSES_FILE = "losses.json"
+DONE_FILE = "done"
+CHECKPOINTS = "checkpoints"
+TRAINABLE_FILE = "trainable.safetensors"
+# Checkpoints are written atomically, so the latest one is always complete: keep only it.
+KEEP_CHECKPOINTS = 1
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+# --- configuration checks -------------------------------------------------------------------
+
+
+def require(condition: bool, message: str) -> None:
+    """Raises SkindiffError(message) unless `condition`: one-line checks of user parameters."""
+    if not condition:
+        raise SkindiffError(message)
+
+
+def check_loop_settings(config) -> None:
+    """Checks the fields every training config has (steps, batch, lr, ...)."""
+    counts = ("max_train_steps", "train_batch_size", "gradient_accumulation_steps")
+    for name in (*counts, "checkpoint_every"):
+        value = getattr(config, name)
+        require(value >= 1, f"{name} must be at least 1, got {value}")
+    require(config.learning_rate > 0, f"learning_rate must be positive, got {config.learning_rate}")
+    require(config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}")
+    resolve_mixed_precision(config.mixed_precision)
+
+
+# --- the output folder ----------------------------------------------------------------------
+
+
+def rows_digest(rows: pd.DataFrame) -> str:
+    """Identity of a training set: its images, labels and skin types, in order (order matters,
+    as it fixes the draws)."""
+    columns = rows[["md5hash", "label", "fitzpatrick_scale"]]
+    return hashlib.sha256(columns.to_csv(index=False).encode()).hexdigest()
+
+
+def open_run_dir(out_dir: Path, identity: dict) -> bool:
+    """Creates `out_dir` for the run described by `identity`; True if that run already finished.
+
+    Refuses a folder that holds another run, so a checkpoint is never resumed into a run with
+    other settings or data.
+    """
+    identity = json.loads(json.dumps(identity))  # tuples -> lists, as the stored copy has them
+    run_file = out_dir / RUN_FILE
+    if run_file.is_file():
+        stored = json.loads(run_file.read_text())
+        if stored != identity:
+            differing = _differing_keys(stored, identity)
+            raise SkindiffError(
+                f"out_dir {out_dir} holds a run with other settings ({', '.join(differing)}); "
+                "use another out_dir or delete it"
+            )
+        return (out_dir / DONE_FILE).is_file()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
+    os.replace(tmp, run_file)
+    return False
+
+
+def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for key in keys:
+        left, right = a.get(key), b.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            out += _differing_keys(left, right, f"{prefix}{key}.")
+        elif left != right:
+            out.append(prefix + key)
+    return out
+
+
+def finish_run(out_dir: Path, losses: list[float]) -> None:
+    """Persists the loss curve, marks the run done (last), then drops its checkpoints."""
+    (out_dir / LOSSES_FILE).write_text(json.dumps(losses))
+    (out_dir / DONE_FILE).write_text("")
+    shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+
+
+def read_losses(out_dir: Path) -> list[float]:
+    return json.loads((out_dir / LOSSES_FILE).read_text())
+
+
+@contextlib.contextmanager
+def replaced_directory(target: Path) -> Iterator[Path]:
+    """A fresh folder to fill that atomically becomes `target`, dropping what an earlier,
+    interrupted finish left there."""
+    shutil.rmtree(target, ignore_errors=True)
+    with atomic_directory(target) as tmp:
+        yield tmp
+
+
+# --- the base model -------------------------------------------------------------------------
+
+
+def load_base_pipeline(base_model: str) -> StableDiffusionPipeline:
+    """The base model as a float32 CPU pipeline; its parts are what training starts from."""
+    folder = resolve_base_model(base_model)
+    tokenizer = CLIPTokenizer.from_pretrained(
+        folder, subfolder="tokenizer", model_max_length=MAX_LENGTH
+    )
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        folder, tokenizer=tokenizer, safety_checker=None, requires_safety_checker=False
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def noise_scheduler_of(pipeline: StableDiffusionPipeline) -> DDPMScheduler:
+    """The DDPM forward process matching the model's sampling scheduler (as the references)."""
+    return DDPMScheduler.from_config(pipeline.scheduler.config)
+
+
+def resolve_resolution(pipeline: StableDiffusionPipeline, resolution: int) -> int:
+    """`resolution`, or the native size for 0; must survive the VAE's and UNet's downsampling."""
+    native = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    multiple = pipeline.vae_scale_factor * 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
+    if resolution == 0:
+        return native
+    require(
+        resolution > 0 and resolution % multiple == 0,
+        f"resolution must be a positive multiple of {multiple} for this base model "
+        f"(0 = its native {native}), got {resolution}",
+    )
+    return resolution
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int) -> Iterator[None]:
+    """Seeds torch's global CPU RNG for code that only uses it (peft init, embedding resize),
+    restoring the caller's RNG state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def add_token_embeddings(
+    pipeline: StableDiffusionPipeline, embeddings: dict[str, torch.Tensor]
+) -> None:
+    """Adds tokens `{token: tensor[num_vectors, dim]}` with diffusers' `load_textual_inversion`,
+    which names the vectors of a multi-vector token `<x>`, `<x>_1`, ..."""
+    try:
+        with seeded_global_rng(0):
+            pipeline.load_textual_inversion([{token: e} for token, e in embeddings.items()])
+    except ValueError as err:
+        raise SkindiffError(f"cannot add the tokens {', '.join(embeddings)}: {err}") from None
+
+
+def token_ids(pipeline: StableDiffusionPipeline, token: str) -> list[int]:
+    """Vocabulary ids of all vectors of `token`, in order."""
+    expanded = pipeline.maybe_convert_prompt(token, pipeline.tokenizer).split()
+    return pipeline.tokenizer.convert_tokens_to_ids(expanded)
+
+
+def encode_captions(
+    pipeline: StableDiffusionPipeline,
+    text_encoder: torch.nn.Module,
+    captions: list[str],
+    device: torch.device,
+) -> torch.Tensor:
+    """Hidden states of `text_encoder` (the pipeline's, possibly wrapped for training) for
+    captions, tokenized as the pipeline does at generation (multi-vector tokens expanded)."""
+    tokenizer = pipeline.tokenizer
+    ids = tokenizer(
+        pipeline.maybe_convert_prompt(captions, tokenizer),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return text_encoder(ids.to(device))[0]
+
+
+def freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    module.requires_grad_(False)
+    module.to(device, dtype=dtype)
+    module.eval()
+
+
+# --- the loss -------------------------------------------------------------------------------
+
+
+def noise_prediction_loss(
+    unet: torch.nn.Module,
+    vae: torch.nn.Module,
+    noise_scheduler: DDPMScheduler,
+    pixel_values: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    generator: torch.Generator,
+    snr_gamma: float = 0.0,
+) -> torch.Tensor:
+    """Denoising loss of one batch: MSE between the UNet's prediction and the noise (epsilon) or
+    the velocity (v_prediction); with `snr_gamma` > 0, Min-SNR-weighted per sample."""
+    with torch.no_grad():
+        latent_dist = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
+        latents = latent_dist.sample(generator) * vae.config.scaling_factor
+    noise = torch.randn(
+        latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+    )
+    timesteps = torch.randint(
+        0,
+        noise_scheduler.config.num_train_timesteps,
+        (latents.shape[0],),
+        generator=generator,
+        device=latents.device,
+    )
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, encoder_hidden_states.to(latents.dtype)).sample
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise SkindiffError(f"the base model's prediction_type {prediction_type!r} is unsupported")
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    per_sample = per_sample.mean(dim=list(range(1, per_sample.ndim)))
+    if snr_gamma <= 0:
+        return per_sample.mean()
+    snr = compute_snr(noise_scheduler, timesteps)
+    # Min-SNR-gamma (Hang et al. 2023): min(snr, gamma) / snr for epsilon; v-prediction's
+    # target already carries a factor snr + 1.
+    clipped = torch.clamp(snr, max=snr_gamma)
+    weights = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+    return (per_sample * weights).mean()
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    max_train_steps: int
+    train_batch_size: int
+    gradient_accumulation_steps: int
+    checkpoint_every: int
+    seed: int
+    max_grad_norm: float = 0.0  # 0 = no clipping
+
+
+StepLoss = Callable[[dict, torch.Generator], torch.Tensor]
+
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision))
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: param.detach().cpu().contiguous()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def _checkpoint_trainable_only(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Makes `save_state` / `load_state` carry only the trainable parameters of `model`
+    (the frozen rest reloads from the base model), next to optimizer and scaler state."""
+
+    def save(models: list, weights: list, output_dir: str) -> None:
+        weights.clear()
+        save_file(trainable_state(model), Path(output_dir) / TRAINABLE_FILE)
+
+    def load(models: list, input_dir: str) -> None:
+        models.clear()
+        saved = load_file(Path(input_dir) / TRAINABLE_FILE)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first, as (step, folder)."""
+    found = [
+        (int(match.group(1)), path)
+        for path in (out_dir / CHECKPOINTS).glob("step-*")
+        if (match := _STEP_DIR.fullmatch(path.name)) and path.is_dir()
+    ]
+    return sorted(found)
+
+
+def save_checkpoint(
+    accelerator: Accelerator, out_dir: Path, step: int, losses: list[float]
+) -> None:
+    """Writes `checkpoints/step-<step>` atomically, then drops the older checkpoints."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (out_dir / CHECKPOINTS).mkdir(exist_ok=True)
+        with atomic_directory(out_dir / CHECKPOINTS / f"step-{step}") as tmp:
+            accelerator.save_state(str(tmp))
+            (tmp / LOSSES_FILE).write_text(json.dumps(losses))
+        for _, path in _checkpoints(out_dir)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _loader_workers(device: torch.device) -> int:
+    # On a CPU the workers would compete with the model for the same cores.
+    return 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
+
+
+def run_training_loop(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataset: ManifestImageDataset,
+    step_loss: StepLoss,
+    settings: LoopSettings,
+    out_dir: Path,
+    *,
+    after_step: Callable[[], None] | None = None,
+    progress: bool = True,
+    desc: str = "training",
+) -> list[float]:
+    """Trains `model` (prepared, with `optimizer`) for `settings.max_train_steps` optimizer steps
+    and returns one mean loss per step, resuming from the latest checkpoint in `out_dir`.
+
+    `step_loss(batch, generator)` computes a micro-batch's loss; `after_step` runs after every
+    optimizer step (e.g. to restore parameters that must not move).
+    """
+    _checkpoint_trainable_only(accelerator, accelerator.unwrap_model(model))
+    start, losses = 0, []
+    checkpoints = _checkpoints(out_dir)
+    if checkpoints:
+        start, path = checkpoints[-1]
+        log.info("%s: resuming from checkpoint %s", desc, path.name)
+        accelerator.load_state(str(path))
+        losses = json.loads((path / LOSSES_FILE).read_text())
+
+    accumulation = settings.gradient_accumulation_steps
+    per_step = settings.train_batch_size * accumulation * accelerator.num_processes
+    loader = DataLoader(
+        dataset,
+        batch_size=settings.train_batch_size,
+        # Draws of the remaining steps only: a resumed run continues the stream where it stopped.
+        sampler=range(start * per_step, settings.max_train_steps * per_step),
+        num_workers=_loader_workers(accelerator.device),
+    )
+    batches = iter(accelerator.prepare(loader))
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    bar = tqdm(
+        total=settings.max_train_steps,
+        initial=start,
+        desc=desc,
+        disable=not progress or not accelerator.is_main_process,
+    )
+    for step in range(start, settings.max_train_steps):
+        total = torch.zeros((), device=accelerator.device)
+        for micro in range(accumulation):
+            generator = seeded_generator(
+                settings.seed, step, micro, accelerator.process_index, device=accelerator.device
+            )
+            # Gradients are averaged across processes only on the last micro-batch.
+            syncing = micro == accumulation - 1
+            with (
+                contextlib.nullcontext() if syncing else accelerator.no_sync(model),
+                accelerator.autocast(),
+            ):
+                loss = step_loss(next(batches), generator)
+                accelerator.backward(loss / accumulation)
+            total += loss.detach().float()
+        if settings.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
+        losses.append(accelerator.reduce(total / accumulation, reduction="mean").item())
+        bar.update()
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        done = step + 1
+        if done % settings.checkpoint_every == 0 or done == settings.max_train_steps:
+            save_checkpoint(accelerator, out_dir, done, losses)
+    bar.close()
+    return losses

@@ -1,0 +1,60 @@
+"""Run reuse: a stage's work is keyed by its inputs, params and code version.
+
+The key of a stage run is the SHA-256 of
+- the stage name and its params (canonical text, as logged),
+- the content digests of its inputs (the training split's images and labels, the upstream
+  runs' keys, the base model's fingerprint),
+- the code version: a digest of the skindiff package's source files.
+A FINISHED run carrying the same key (tag `skindiff.run_key`) in the experiment is re-used
+instead of recomputed, and the key names the work folder under the cache, so a stage killed
+mid-way resumes from its checkpoints when started again with the same key.
+"""
+
+import hashlib
+import json
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Run
+
+import skindiff
+from skindiff.paths import cache_dir
+
+RUN_KEY_TAG = "skindiff.run_key"
+CODE_VERSION_TAG = "skindiff.code_version"
+
+
+@cache
+def code_version() -> str:
+    """Digest of the package's Python sources: any code change gives new keys."""
+    package = Path(skindiff.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_key(stage: str, params: Mapping[str, str], inputs: Mapping[str, str]) -> str:
+    """The reuse key of a stage run (see the module docstring)."""
+    payload = {"stage": stage, "params": params, "inputs": inputs, "code": code_version()}
+    text = json.dumps(payload, sort_keys=True, default=dict)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def find_finished_run(key: str) -> Run | None:
+    """The newest FINISHED run of the active experiment with this key, if any."""
+    runs = mlflow.search_runs(
+        filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0] if runs else None
+
+
+def work_dir(stage: str, key: str) -> Path:
+    """Where a stage with this key keeps its checkpoints and outputs between attempts."""
+    return cache_dir() / "work" / stage / key

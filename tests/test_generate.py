@@ -1,0 +1,318 @@
+"""The generate stage on the tiny model: plan, manifest, determinism, resume, modes, adapters."""
+
+import dataclasses
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, get_peft_model_state_dict
+from PIL import Image
+from safetensors.torch import save_file
+
+from skindiff.data.fitzpatrick import CONDITIONS
+from skindiff.data.prepare import PrepareConfig, prepare_scenario
+from skindiff.diffusion import generate
+from skindiff.diffusion.base_model import resolve_base_model
+from skindiff.diffusion.generate import (
+    MANIFEST_COLUMNS,
+    MODES,
+    GenerateConfig,
+    generate_synthetic,
+    plan_generation,
+)
+from skindiff.diffusion.prompts import SKIN_TYPE_PHRASES, placeholder_token, token_file_name
+from skindiff.errors import SkindiffError
+
+SMALL = GenerateConfig(
+    mode="img2img/vanilla", num_per_image=2, num_inference_steps=6, output_size=32, batch_size=3
+)
+TINY_HIDDEN_SIZE = 32  # width of the tiny text encoder's token embeddings
+
+
+@pytest.fixture(scope="module")
+def full_train(demo_dataset) -> pd.DataFrame:
+    return prepare_scenario(PrepareConfig(scenario="i", seed=0)).splits.train
+
+
+@pytest.fixture(scope="module")
+def train(full_train: pd.DataFrame) -> pd.DataFrame:
+    """8 training rows, light and dark: 16 images under SMALL, in batches of 3 (the last of 1)."""
+    return pd.concat([full_train[full_train["group"] == g].head(4) for g in ("light", "dark")])
+
+
+def write_embeddings(folder: Path, labels: list[str], seed: int) -> Path:
+    """One random diffusers-format Textual-Inversion file per condition."""
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    for label in labels:
+        token = placeholder_token(label)
+        embedding = torch.randn(1, TINY_HIDDEN_SIZE, generator=generator)
+        save_file({token: embedding}, folder / token_file_name(token))
+    return folder
+
+
+def write_lora(folder: Path) -> Path:
+    """A diffusers-format LoRA of the tiny UNet whose B matrices are not zero, so it acts."""
+    unet = UNet2DConditionModel.from_pretrained(resolve_base_model("tiny") / "unet")
+    unet.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            init_lora_weights="gaussian",
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        )
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "embeddings_dir": write_embeddings(root / "ti", list(CONDITIONS), seed=0),
+        "lora_weights": write_lora(root / "lora"),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(train: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted SMALL run."""
+    out_dir = tmp_path_factory.mktemp("reference") / "out"
+    generate_synthetic(SMALL, train, out_dir, progress=False)
+    return out_dir
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (hidden ones too) by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def pixels(out_dir: Path) -> np.ndarray:
+    manifest = pd.read_csv(out_dir / "manifest.csv")
+    return np.stack([np.asarray(Image.open(out_dir / path), float) for path in manifest["path"]])
+
+
+def test_plan_targets_prompts_and_seeds(full_train: pd.DataFrame):
+    plan = plan_generation(GenerateConfig(mode="img2img/ti+lora"), full_train)
+    assert list(plan.columns) == list(MANIFEST_COLUMNS)
+    assert len(plan) == 5 * len(full_train)
+    assert plan["seed"].is_unique and plan["path"].is_unique
+    light = plan[plan["source_group"] == "light"]
+    dark = plan[plan["source_group"] == "dark"]
+    assert set(light["fitzpatrick_scale"]) == {5, 6}  # drawn per image: both types occur
+    assert (dark["fitzpatrick_scale"] == dark["source_fitzpatrick_scale"]).all()
+    assert (plan["group"] == "dark").all()
+    for row in plan.itertuples():
+        assert SKIN_TYPE_PHRASES[row.fitzpatrick_scale] + " individual" in row.prompt
+        assert placeholder_token(row.label) in row.prompt
+    words = plan_generation(GenerateConfig(mode="txt2img/vanilla"), full_train)
+    assert all(
+        f"An image of {label} on" in p for label, p in zip(words.label, words.prompt, strict=True)
+    )
+    assert words["strength"].isna().all()
+    # A row's seeds and targets depend on that row only, not on the rest of the training set.
+    subset = plan_generation(GenerateConfig(mode="img2img/ti+lora"), full_train.tail(3))
+    pd.testing.assert_frame_equal(subset, plan.tail(15).reset_index(drop=True))
+
+
+@pytest.mark.parametrize(
+    ("change", "parameter"),
+    [
+        ({"mode": "img2img/dreambooth"}, "mode"),
+        ({"strength": 0.0}, "strength"),
+        ({"strength": 1.5}, "strength"),
+        ({"strength": 0.1, "num_inference_steps": 5}, "strength x num_inference_steps"),
+        ({"num_per_image": 0}, "num_per_image"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"target_fst": (5, 7)}, "target_fst"),
+        ({"target_fst": ()}, "target_fst"),
+        ({"scheduler": "magic"}, "scheduler"),
+        ({"resolution": 100}, "resolution"),
+    ],
+)
+def test_bad_config_is_refused(change: dict, parameter: str):
+    with pytest.raises(SkindiffError, match=parameter):
+        GenerateConfig(**change)
+
+
+def test_bad_train_is_refused(train: pd.DataFrame):
+    with pytest.raises(SkindiffError, match="path"):
+        plan_generation(SMALL, train.drop(columns="path"))
+    with pytest.raises(SkindiffError, match="duplicate md5hash"):
+        plan_generation(SMALL, pd.concat([train, train.head(1)]))
+
+
+def test_manifest_and_images(reference: Path, train: pd.DataFrame):
+    manifest = pd.read_csv(reference / "manifest.csv", dtype={"md5hash": str})
+    assert list(manifest.columns) == list(MANIFEST_COLUMNS)
+    assert len(manifest) == 2 * len(train)
+    assert set(manifest["md5hash"]) == set(train["md5hash"])
+    for path in manifest["path"]:
+        with Image.open(reference / path) as image:
+            image.load()
+            assert image.size == (32, 32) and image.mode == "RGB"
+    assert json.loads((reference / "config.json").read_text())["seed"] == 0
+
+
+def test_same_seed_is_byte_identical_and_another_seed_differs(
+    reference: Path, train: pd.DataFrame, tmp_path: Path
+):
+    generate_synthetic(SMALL, train, tmp_path / "again", progress=False)
+    assert folder_bytes(tmp_path / "again") == folder_bytes(reference)
+    other = dataclasses.replace(SMALL, seed=1)
+    generate_synthetic(other, train, tmp_path / "seed1", progress=False)
+    difference = np.abs(pixels(tmp_path / "seed1") - pixels(reference)).mean(axis=(1, 2, 3))
+    assert (difference > 0).all()
+
+
+KILLED_RUN = """
+import json, os, signal, sys
+import pandas as pd
+from skindiff.diffusion import generate
+
+saved, save = [], generate._save_png
+
+def save_then_die(image, path):
+    if len(saved) == 12:  # four whole batches of 3 are on disk: die while writing the 13th
+        (path.parent / f".{path.name}.tmp").write_bytes(b"half a png")
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(image, path)
+    saved.append(path)
+
+generate._save_png = save_then_die
+generate.generate_synthetic(
+    generate.GenerateConfig(**json.loads(sys.argv[1])), pd.read_pickle(sys.argv[2]), sys.argv[3]
+)
+"""
+
+
+def test_killed_run_resumes_to_identical_files(
+    reference: Path, train: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    train.to_pickle(tmp_path / "train.pkl")
+    out_dir = tmp_path / "out"
+    settings = json.dumps(dataclasses.asdict(SMALL))
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, settings, str(tmp_path / "train.pkl"), str(out_dir)],
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out_dir / "manifest.csv").exists()
+    plan = plan_generation(SMALL, train)
+    images = [out_dir / path for path in plan["path"]]
+    assert [p.exists() for p in images] == [True] * 12 + [False] * 4
+    # Damage one image in each of batches 1-3, keep batch 4 whole.
+    images[1].unlink()
+    images[3].write_bytes(images[3].read_bytes()[:200])
+    images[6].write_bytes(b"")
+    with Image.open(images[8]) as image:
+        image.resize((16, 16)).save(images[8])
+    untouched = {p: p.stat().st_mtime_ns for p in images[9:12]}
+
+    batches = []
+    real_batch = generate._generate_batch
+
+    def recording_batch(pipe, config, chunk, resolution):
+        batches.append(list(chunk.index))
+        return real_batch(pipe, config, chunk, resolution)
+
+    monkeypatch.setattr(generate, "_generate_batch", recording_batch)
+    generate_synthetic(SMALL, train, out_dir, progress=False)
+    assert batches == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [12, 13, 14], [15]]
+    assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
+    assert folder_bytes(out_dir) == folder_bytes(reference)
+
+
+def test_resume_with_other_settings_is_refused(reference: Path, train: pd.DataFrame):
+    before = folder_bytes(reference)
+    with pytest.raises(
+        SkindiffError, match=r"different settings or inputs \(guidance_scale, .*seed\)"
+    ):
+        generate_synthetic(
+            dataclasses.replace(SMALL, seed=3, guidance_scale=4.0), train, reference, progress=False
+        )
+    with pytest.raises(SkindiffError, match="plan_sha256"):
+        generate_synthetic(SMALL, train.head(4), reference, progress=False)
+    assert folder_bytes(reference) == before
+
+
+def test_refuses_a_foreign_out_dir(train: pd.DataFrame, tmp_path: Path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SkindiffError, match="not empty"):
+        generate_synthetic(SMALL, train, tmp_path, progress=False)
+
+
+def run_mode(mode: str, train: pd.DataFrame, out_dir: Path, **files) -> np.ndarray:
+    """Two images (one light source, one dark) in `mode`; their pixels."""
+    config = dataclasses.replace(SMALL, mode=mode, num_per_image=1, num_inference_steps=4)
+    two = pd.concat([train.head(1), train.tail(1)])
+    manifest = generate_synthetic(config, two, out_dir, progress=False, **files)
+    assert (manifest["mode"] == mode).all()
+    return pixels(out_dir)
+
+
+def test_every_mode_runs_and_adapters_change_the_images(
+    train: pd.DataFrame, adapters: dict[str, Path], tmp_path: Path
+):
+    results = {}
+    for mode in MODES:
+        config = GenerateConfig(mode=mode)
+        wanted = {
+            "embeddings_dir": adapters["embeddings_dir"] if config.uses_ti else None,
+            "lora_weights": adapters["lora_weights"] if config.uses_lora else None,
+        }
+        results[mode] = run_mode(mode, train, tmp_path / mode.replace("/", "-"), **wanted)
+    # Same prompt and seeds: only the LoRA weights tell these apart.
+    assert np.abs(results["img2img/lora"] - results["img2img/vanilla"]).mean() > 0
+    # Same token prompt and seeds: only the embedding vectors tell these apart.
+    other = write_embeddings(tmp_path / "other-ti", list(CONDITIONS), seed=1)
+    ti_again = run_mode("img2img/ti", train, tmp_path / "ti-other", embeddings_dir=other)
+    assert np.abs(ti_again - results["img2img/ti"]).mean() > 0
+
+
+def test_other_scheduler_runs(train: pd.DataFrame, tmp_path: Path):
+    config = dataclasses.replace(SMALL, num_per_image=1, scheduler="dpm++")
+    manifest = generate_synthetic(config, train.head(2), tmp_path, progress=False)
+    assert (manifest["scheduler"] == "dpm++").all()
+
+
+def test_missing_adapters_are_clear_errors(
+    train: pd.DataFrame, adapters: dict[str, Path], tmp_path: Path
+):
+    with pytest.raises(SkindiffError, match="embeddings_dir"):
+        generate_synthetic(GenerateConfig(mode="img2img/ti"), train, tmp_path / "a")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    token = placeholder_token(train["label"].iloc[0])
+    shutil.copy(adapters["embeddings_dir"] / token_file_name(token), partial)
+    missing = sorted({placeholder_token(label) for label in train["label"]} - {token})
+    with pytest.raises(SkindiffError, match=f"no embedding for {missing[0]}"):
+        generate_synthetic(GenerateConfig(mode="txt2img/ti"), train, tmp_path / "b", partial)
+    with pytest.raises(SkindiffError, match="lora_weights"):
+        generate_synthetic(
+            GenerateConfig(mode="img2img/ti+lora"),
+            train,
+            tmp_path / "c",
+            embeddings_dir=adapters["embeddings_dir"],
+            lora_weights=tmp_path / "nowhere",
+        )
+    assert not any((tmp_path / name).exists() for name in "abc")
