@@ -7,11 +7,9 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-import pytest
 from conftest import REPO, cohort_rows, write_dataset
 from mlflow.tracking import MlflowClient
 
-from skindiff.cli import run
 from skindiff.data.prepare import PrepareConfig, content_digest, prepare_scenario
 from skindiff.data.splits import MANIFEST_COLUMNS, SPLIT_NAMES
 from skindiff.tracking.prepare import run_prepare
@@ -112,27 +110,3 @@ def test_skip_missing_logs_dropped_images(tracking: str, tmp_path: Path) -> None
     assert dropped["md5hash"].tolist() == [rows[0]["md5hash"]]
     assert dropped["problem"].tolist() == ["missing"]
     assert mlflow.get_run(run_id).data.tags["skindiff.demo_data"] == "false"
-
-
-def test_main_builds_one_parent_per_scenario_and_seed(tracking: str) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        run(["main", "--scenarios", "i,iii", "--seeds", "0,5"])
-    assert exit_info.value.code == 0
-    runs = mlflow.search_runs([tracking], output_format="list")
-    by_id = {r.info.run_id: r for r in runs}
-    (top,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    parents = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == top.info.run_id]
-    assert sorted(r.info.run_name for r in parents) == [
-        "i/seed-0",
-        "i/seed-5",
-        "iii/seed-0",
-        "iii/seed-5",
-    ]
-    children = [r for r in runs if r.data.tags.get(ENTRY_POINT) == "prepare"]
-    assert len(children) == 4 and len(runs) == 9
-    for child in children:
-        parent = by_id[child.data.tags["mlflow.parentRunId"]]
-        assert child.info.run_name == f"{parent.info.run_name}/prepare"
-        assert child.data.params["scenario"] == parent.data.params["scenario"]
-        assert child.data.params["seed"] == parent.data.params["seed"]
-        assert child.info.status == "FINISHED"

@@ -12,7 +12,6 @@ import logging
 import sys
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +22,17 @@ import typer.main
 from skindiff.data.fitzpatrick import PAPER_SEEDS
 from skindiff.data.prepare import PrepareConfig
 from skindiff.errors import SkindiffError
+from skindiff.options import (
+    DATA,
+    GENERATE,
+    LORA,
+    MODEL,
+    TEXTUAL_INVERSION,
+    OptionGroup,
+    build_config,
+    comma_list,
+    int_list,
+)
 
 app = typer.Typer(
     help="Diffusion-based augmentation of under-represented skin types, tracked with MLflow.\n\n"
@@ -59,44 +69,6 @@ class Switch(StrEnum):
     false = "false"
 
 
-@dataclass(frozen=True)
-class ModelOptions:
-    """Options every diffusion stage shares."""
-
-    base_model: str = "tiny"
-    resolution: int = 0
-    mixed_precision: str = "auto"
-
-
-@dataclass(frozen=True)
-class OptionGroup:
-    """The fields of one config dataclass as options named `prefix + field`. Fields in `shared`
-    take the value of the unprefixed option of that name; fields in `omit` keep their default."""
-
-    config: type
-    prefix: str = ""
-    shared: tuple[str, ...] = ()
-    omit: tuple[str, ...] = ()
-
-
-DATA = OptionGroup(PrepareConfig)
-MODEL = OptionGroup(ModelOptions)
-# Fields a diffusion config takes from the data and model options.
-FROM_DATA_AND_MODEL = ("seed", "conditions", "base_model", "resolution", "mixed_precision")
-
-
-def comma_list(text: str) -> tuple[str, ...]:
-    """'a, b,c' -> ('a', 'b', 'c')."""
-    return tuple(item.strip() for item in text.split(",") if item.strip())
-
-
-def int_list(text: str, name: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(item) for item in comma_list(text))
-    except ValueError:
-        raise SkindiffError(f"{name} must be a comma list of integers, got {text!r}") from None
-
-
 def _cli_value(kind: Any, value: Any) -> tuple[Any, Any]:
     """(annotation typer understands, default) for a config field type and default."""
     if kind is bool:
@@ -106,23 +78,13 @@ def _cli_value(kind: Any, value: Any) -> tuple[Any, Any]:
     return kind, value
 
 
-def _from_cli(kind: Any, name: str, value: Any) -> Any:
-    if kind is bool:
-        return value == Switch.true
-    if typing.get_origin(kind) is tuple:
-        return int_list(value, name) if typing.get_args(kind)[0] is int else comma_list(value)
-    return value
-
-
 def _parameters(groups: Sequence[OptionGroup]) -> list[inspect.Parameter]:
     params: dict[str, inspect.Parameter] = {}
     for group in groups:
-        hints = typing.get_type_hints(group.config)
-        for field in fields(group.config):
-            name = group.prefix + field.name
-            if field.name in group.shared or field.name in group.omit or name in params:
+        for name, field_kind, field_default in group.option_fields():
+            if name in params:
                 continue
-            kind, default = _cli_value(hints[field.name], field.default)
+            kind, default = _cli_value(field_kind, field_default)
             option = typer.Option(help=HELP.get(name, ""), show_default=True)
             params[name] = inspect.Parameter(
                 name,
@@ -131,18 +93,6 @@ def _parameters(groups: Sequence[OptionGroup]) -> list[inspect.Parameter]:
                 annotation=Annotated[kind, option],
             )
     return list(params.values())
-
-
-def build_config(group: OptionGroup, options: dict[str, Any]) -> Any:
-    """The config of `group` from parsed options (shared fields from the unprefixed ones)."""
-    hints = typing.get_type_hints(group.config)
-    values = {}
-    for field in fields(group.config):
-        if field.name in group.omit:
-            continue
-        name = field.name if field.name in group.shared else group.prefix + field.name
-        values[field.name] = _from_cli(hints[field.name], name, options[name])
-    return group.config(**values)
 
 
 def stage_command(name: str, groups: Sequence[OptionGroup], extra: Sequence = ()) -> Callable:
@@ -177,9 +127,85 @@ def prepare(data: PrepareConfig) -> None:
     typer.echo(f"prepare run {run_id}: splits/train.csv, splits/val.csv, splits/test.csv logged")
 
 
+def _run_id_option(name: str, stage: str, options: str) -> tuple:
+    help_text = (
+        f"Id of a finished {stage} run to use. Empty: find a finished {stage} run with the "
+        f"same inputs and {options}, or run it first."
+    )
+    return name, Annotated[str, typer.Option(help=help_text)], ""
+
+
+PREPARE_RUN = _run_id_option("prepare_run_id", "prepare", "data options")
+TI_RUN = _run_id_option("ti_run_id", "textual_inversion", "ti_ options")
+LORA_RUN = _run_id_option("lora_run_id", "lora", "lora_ options")
+
+
+@stage_command("textual_inversion", [DATA, MODEL, TEXTUAL_INVERSION], extra=[PREPARE_RUN])
+def textual_inversion(data, model, config, prepare_run_id: str) -> None:
+    """Learn one Textual Inversion token per condition on the training split (MLflow run)."""
+    from skindiff.tracking.textual_inversion import run_textual_inversion
+
+    run_id = run_textual_inversion(data, config, prepare_run_id)
+    typer.echo(f"textual_inversion run {run_id}: embeddings/*.safetensors logged")
+
+
+@stage_command(
+    "lora",
+    [DATA, MODEL, TEXTUAL_INVERSION, LORA],
+    extra=[
+        PREPARE_RUN,
+        TI_RUN,
+        (
+            "use_ti",
+            Annotated[Switch, typer.Option(help="false: train without TI tokens (ablation).")],
+            Switch.true,
+        ),
+    ],
+)
+def lora(data, model, ti_config, config, prepare_run_id: str, ti_run_id: str, use_ti) -> None:
+    """Fine-tune the UNet with LoRA, captions naming the TI tokens and skin type (MLflow run)."""
+    from skindiff.tracking.lora import run_lora
+
+    with_ti = use_ti == Switch.true
+    run_id = run_lora(
+        data, config, prepare_run_id, ti_run_id if with_ti else "", ti_config if with_ti else None
+    )
+    typer.echo(f"lora run {run_id}: lora/pytorch_lora_weights.safetensors logged")
+
+
+@stage_command(
+    "generate",
+    [DATA, MODEL, TEXTUAL_INVERSION, LORA, GENERATE],
+    extra=[PREPARE_RUN, TI_RUN, LORA_RUN],
+)
+def generate(
+    data,
+    model,
+    ti_config,
+    lora_config,
+    config,
+    prepare_run_id: str,
+    ti_run_id: str,
+    lora_run_id: str,
+) -> None:
+    """Generate synthetic variants of every training image (img2img by default; MLflow run)."""
+    from skindiff.tracking.generate import run_generate
+
+    run_id = run_generate(
+        data, ti_config, lora_config, config, prepare_run_id, ti_run_id, lora_run_id
+    )
+    typer.echo(f"generate run {run_id}: synthetic/manifest.csv and images logged")
+
+
 @stage_command(
     "main",
-    [OptionGroup(PrepareConfig, omit=("scenario", "seed"))],
+    [
+        OptionGroup(PrepareConfig, omit=("scenario", "seed")),
+        MODEL,
+        TEXTUAL_INVERSION,
+        LORA,
+        GENERATE,
+    ],
     extra=[
         ("scenarios", Annotated[str, typer.Option(help="Comma list of scenarios.")], "i,ii,iii"),
         (
@@ -189,7 +215,7 @@ def prepare(data: PrepareConfig) -> None:
         ),
     ],
 )
-def main(data: PrepareConfig, scenarios: str, seeds: str) -> None:
+def main(data, model, ti_config, lora_config, generate_config, scenarios: str, seeds: str) -> None:
     """Run the whole study for each scenario and seed, one parent MLflow run per pair."""
     from skindiff.tracking.pipeline import run_main
 
@@ -197,13 +223,13 @@ def main(data: PrepareConfig, scenarios: str, seeds: str) -> None:
     unknown = [s for s in chosen if s not in ("i", "ii", "iii")]
     if unknown or not chosen:
         raise SkindiffError(f"scenarios must be a comma list of i, ii, iii, got {scenarios!r}")
-    runs = run_main(chosen, int_list(seeds, "seeds"), replace(data, scenario=chosen[0]))
-    for (scenario, seed), run_id in runs.items():
-        typer.echo(f"scenario {scenario}, seed {seed}: prepare run {run_id}")
+    runs = run_main(chosen, int_list(seeds, "seeds"), data, ti_config, lora_config, generate_config)
+    for (scenario, seed), ids in runs.items():
+        typer.echo(f"scenario {scenario}, seed {seed}: generate run {ids.generate}")
 
 
 # Stage commands that are MLproject entry points, in the order MLproject lists them.
-ENTRY_POINTS = ("main", "prepare")
+ENTRY_POINTS = ("main", "prepare", "textual_inversion", "lora", "generate")
 
 
 @app.command("demo-data")

@@ -1,22 +1,56 @@
-"""The `main` pipeline: one parent run per (scenario, seed), a child run per stage."""
+"""The `main` pipeline: one parent run per (scenario, seed), a child run per stage.
+
+Each stage is found (a finished run with the same key) or run; so a second call re-uses
+everything, and a call after a failure or a kill resumes at the stage that did not finish.
+"""
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import mlflow
 
 from skindiff.data.prepare import PrepareConfig
-from skindiff.tracking.prepare import run_prepare
-from skindiff.tracking.runs import ENTRY_POINT_TAG, flatten_params, stage_run
+from skindiff.diffusion.generate import GenerateConfig
+from skindiff.diffusion.lora import LoraConfig
+from skindiff.diffusion.textual_inversion import TextualInversionConfig
+from skindiff.options import DATA, GENERATE, LORA, TEXTUAL_INVERSION, option_values
+from skindiff.tracking.generate import ensure_generate
+from skindiff.tracking.lora import ensure_lora
+from skindiff.tracking.prepare import ensure_prepare
+from skindiff.tracking.runs import ENTRY_POINT_TAG, stage_run
+from skindiff.tracking.textual_inversion import ensure_textual_inversion
+
+
+@dataclass(frozen=True)
+class PipelineRuns:
+    """Run ids of one (scenario, seed)."""
+
+    parent: str
+    prepare: str
+    textual_inversion: str
+    lora: str
+    generate: str
 
 
 def run_main(
-    scenarios: Sequence[str], seeds: Sequence[int], base: PrepareConfig
-) -> dict[tuple[str, int], str]:
-    """Runs every stage for each scenario and seed; returns the prepare run id of each pair."""
-    prepared: dict[tuple[str, int], str] = {}
+    scenarios: Sequence[str],
+    seeds: Sequence[int],
+    data: PrepareConfig,
+    ti_config: TextualInversionConfig,
+    lora_config: LoraConfig,
+    generate_config: GenerateConfig,
+) -> dict[tuple[str, int], PipelineRuns]:
+    """Runs every stage for each scenario and seed; returns the run ids of each pair."""
     params = {"scenarios": ",".join(scenarios), "seeds": ",".join(map(str, seeds))}
-    params |= {k: v for k, v in flatten_params(base).items() if k not in ("scenario", "seed")}
+    for group, config in (
+        (DATA, data),
+        (TEXTUAL_INVERSION, ti_config),
+        (LORA, lora_config),
+        (GENERATE, generate_config),
+    ):
+        params |= option_values(group, config)
+    del params["scenario"], params["seed"]
+    results = {}
     with stage_run("main", "main", params):
         for scenario in scenarios:
             for seed in seeds:
@@ -24,8 +58,31 @@ def run_main(
                     run_name=f"{scenario}/seed-{seed}",
                     nested=True,
                     tags={ENTRY_POINT_TAG: "main", "skindiff.scenario": scenario},
-                ):
+                ) as parent:
                     mlflow.log_params({"scenario": scenario, "seed": seed})
-                    config = replace(base, scenario=scenario, seed=seed)
-                    prepared[(scenario, seed)] = run_prepare(config)
-    return prepared
+                    results[(scenario, seed)] = _run_pair(
+                        parent.info.run_id,
+                        replace(data, scenario=scenario, seed=seed),
+                        replace(ti_config, seed=seed),
+                        replace(lora_config, seed=seed),
+                        replace(generate_config, seed=seed),
+                    )
+    return results
+
+
+def _run_pair(
+    parent: str,
+    data: PrepareConfig,
+    ti_config: TextualInversionConfig,
+    lora_config: LoraConfig,
+    generate_config: GenerateConfig,
+) -> PipelineRuns:
+    prepare = ensure_prepare(data)
+    ti = ensure_textual_inversion(data, ti_config, prepare) if generate_config.uses_ti else ""
+    lora = (
+        ensure_lora(data, lora_config, prepare, ti if generate_config.uses_ti else "")
+        if generate_config.uses_lora
+        else ""
+    )
+    generate = ensure_generate(data, ti_config, lora_config, generate_config, prepare, ti, lora)
+    return PipelineRuns(parent, prepare, ti, lora, generate)

@@ -21,8 +21,9 @@ from skindiff.data.prepare import (
 )
 from skindiff.data.splits import SPLIT_NAMES
 from skindiff.errors import SkindiffError
+from skindiff.options import DATA, option_values
 from skindiff.tracking.reuse import RUN_KEY_TAG, find_finished_run, run_key
-from skindiff.tracking.runs import flatten_params, stage_run
+from skindiff.tracking.runs import stage_run
 
 DATASET_DIGEST_TAG = "skindiff.dataset_digest"
 
@@ -55,13 +56,13 @@ def count_metrics(prepared: PreparedScenario) -> dict[str, float]:
 def prepare_key(config: PrepareConfig) -> str:
     """Reuse key of a prepare run: its params and the dataset files as they are on disk."""
     source = resolve_dataset(config.metadata_csv, config.image_dir)
-    return run_key("prepare", flatten_params(config), {"source": source_fingerprint(source)})
+    return run_key("prepare", option_values(DATA, config), {"source": source_fingerprint(source)})
 
 
 def run_prepare(config: PrepareConfig) -> str:
     """Runs `prepare` as an MLflow run and returns its run id."""
     run_name = f"{config.scenario}/seed-{config.seed}/prepare"
-    with stage_run("prepare", run_name, flatten_params(config)) as run:
+    with stage_run("prepare", run_name, option_values(DATA, config)) as run:
         mlflow.set_tag(RUN_KEY_TAG, prepare_key(config))
         prepared = prepare_scenario(config)
         source = prepared.source

@@ -1,30 +1,18 @@
 """Every stage is an MLflow run tagged with its entry point, however it was started."""
 
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
-from typing import Any
+from pathlib import Path
 
 import mlflow
+from mlflow.entities import Metric
 
 from skindiff import __version__
+from skindiff.errors import SkindiffError
 
 ENTRY_POINT_TAG = "mlflow.project.entryPoint"
 VERSION_TAG = "skindiff.version"
-
-
-def flatten_params(config: Any) -> dict[str, str]:
-    """A config dataclass (or mapping) as MLflow params: sequences become comma lists."""
-    values = asdict(config) if is_dataclass(config) else dict(config)
-    return {key: _param_text(value) for key, value in values.items()}
-
-
-def _param_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()  # as typed on the command line and in MLproject
-    if isinstance(value, list | tuple):
-        return ",".join(map(str, value))
-    return str(value)
 
 
 @contextmanager
@@ -47,3 +35,38 @@ def stage_run(
         if missing:
             mlflow.log_params(missing)
         yield run
+
+
+def require_stage_run(run_id: str, stage: str) -> mlflow.entities.Run:
+    """The FINISHED run `run_id` of `stage`, or a clear error saying what it is instead."""
+    try:
+        run = mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise SkindiffError(
+            f"{stage} run {run_id!r} not found on {mlflow.get_tracking_uri()}"
+        ) from None
+    found = run.data.tags.get(ENTRY_POINT_TAG)
+    if found != stage:
+        raise SkindiffError(f"run {run_id} is a {found or 'untagged'} run, not a {stage} run")
+    if run.info.status != "FINISHED":
+        raise SkindiffError(f"{stage} run {run_id} is {run.info.status}, not FINISHED")
+    return run
+
+
+def download_run_dir(run_id: str, artifact_path: str, dst: Path) -> Path:
+    """Downloads a run's artifact folder (or file) into `dst` and returns its local path."""
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)
+        )
+    )
+
+
+def log_curve(name: str, values: Sequence[float]) -> None:
+    """A per-step curve (e.g. the training loss) as one metric with steps 0..n-1."""
+    timestamp = int(time.time() * 1000)
+    metrics = [Metric(name, float(v), timestamp, step) for step, v in enumerate(values)]
+    client = mlflow.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    for start in range(0, len(metrics), 1000):  # the REST API takes 1000 metrics a batch
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])

@@ -1,0 +1,194 @@
+"""The generator stages as MLflow runs: chaining, reuse, artifacts, on a real tracking server."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from conftest import REPO
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from skindiff.diffusion.lora import LoraConfig
+
+from skindiff.data.prepare import PrepareConfig
+from skindiff.diffusion.base_model import resolve_base_model
+from skindiff.diffusion.generate import GenerateConfig
+from skindiff.diffusion.prompts import placeholder_token, token_file_name
+from skindiff.diffusion.textual_inversion import TextualInversionConfig
+from skindiff.errors import SkindiffError
+from skindiff.tracking.generate import run_generate
+from skindiff.tracking.pipeline import run_main
+
+ENTRY_POINT = "mlflow.project.entryPoint"
+CONDITIONS = ("folliculitis", "psoriasis")
+# A few steps of everything: the chain and its bookkeeping are under test, not the quality.
+FAST = {
+    "conditions": ",".join(CONDITIONS),
+    "ti_max_train_steps": "2",
+    "ti_train_batch_size": "2",
+    "ti_gradient_accumulation_steps": "1",
+    "lora_max_train_steps": "2",
+    "lora_train_batch_size": "2",
+    "num_per_image": "2",
+    "num_inference_steps": "4",
+    "output_size": "32",
+}
+
+
+def fast_configs(seed: int = 0):
+    data = PrepareConfig(conditions=CONDITIONS, seed=seed)
+    ti = TextualInversionConfig(
+        conditions=CONDITIONS,
+        max_train_steps=2,
+        train_batch_size=2,
+        gradient_accumulation_steps=1,
+        seed=seed,
+    )
+    lora = LoraConfig(max_train_steps=2, train_batch_size=2, seed=seed)
+    generate = GenerateConfig(num_per_image=2, num_inference_steps=4, output_size=32, seed=seed)
+    return data, ti, lora, generate
+
+
+def mlflow_run(entry_point: str, experiment_id: str, cwd: Path, **params: str) -> None:
+    args = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry_point]
+    args += ["--env-manager", "local", "--experiment-id", experiment_id]
+    for key, value in params.items():
+        args += ["-P", f"{key}={value}"]
+    done = subprocess.run(
+        args, cwd=cwd, env=os.environ.copy(), capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def runs_by_stage(experiment_id: str) -> dict[str, list]:
+    runs = mlflow.search_runs([experiment_id], output_format="list")
+    stages: dict[str, list] = {}
+    for run in runs:
+        stages.setdefault(run.data.tags.get(ENTRY_POINT), []).append(run)
+    return stages
+
+
+def test_generate_from_nothing_then_reuse(tracking: str, tmp_path: Path) -> None:
+    mlflow_run("generate", tracking, tmp_path, **FAST)
+    stages = runs_by_stage(tracking)
+    assert {k: len(v) for k, v in stages.items()} == {
+        "generate": 1,
+        "prepare": 1,
+        "textual_inversion": 1,
+        "lora": 1,
+    }
+    (generate,) = stages["generate"]
+    gen_id = generate.info.run_id
+    for stage in ("prepare", "textual_inversion", "lora"):
+        (child,) = stages[stage]
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == gen_id, stage
+    ti_id = stages["textual_inversion"][0].info.run_id
+    lora_id = stages["lora"][0].info.run_id
+    assert generate.data.tags["skindiff.textual_inversion_run_id"] == ti_id
+    assert generate.data.tags["skindiff.lora_run_id"] == lora_id
+
+    # The artifacts are in the formats a stock diffusers pipeline loads.
+    embeddings = mlflow.artifacts.download_artifacts(
+        run_id=ti_id, artifact_path="embeddings", dst_path=str(tmp_path / "ti")
+    )
+    names = sorted(p.name for p in Path(embeddings).iterdir())
+    assert names == sorted(token_file_name(placeholder_token(c)) for c in CONDITIONS)
+    lora_file = mlflow.artifacts.download_artifacts(
+        run_id=lora_id,
+        artifact_path="lora/pytorch_lora_weights.safetensors",
+        dst_path=str(tmp_path / "lora"),
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_base_model("tiny"))
+    for path in Path(embeddings).iterdir():
+        pipe.load_textual_inversion(str(path))
+    pipe.load_lora_weights(lora_file)
+
+    manifest_path = mlflow.artifacts.download_artifacts(
+        run_id=gen_id, artifact_path="synthetic", dst_path=str(tmp_path / "gen")
+    )
+    manifest = pd.read_csv(Path(manifest_path) / "manifest.csv")
+    n_train = generate.data.metrics["n_synthetic"] / 2
+    assert len(manifest) == n_train * 2 == len(list((Path(manifest_path) / "images").iterdir()))
+    for path in manifest["path"]:
+        with Image.open(Path(manifest_path) / path) as image:
+            assert image.size == (32, 32)
+    assert set(manifest["ti_run_id"]) == {ti_id} and set(manifest["lora_run_id"]) == {lora_id}
+    assert set(manifest.loc[manifest["source_group"] == "light", "fitzpatrick_scale"]) <= {5, 6}
+    assert (Path(manifest_path) / "grid.png").is_file()
+
+    # Second call: the upstream runs are found, not run again.
+    mlflow_run("generate", tracking, tmp_path, **FAST)
+    again = runs_by_stage(tracking)
+    assert {k: len(v) for k, v in again.items()} == {
+        "generate": 2,
+        "prepare": 1,
+        "textual_inversion": 1,
+        "lora": 1,
+    }
+    second = next(r for r in again["generate"] if r.info.run_id != gen_id)
+    assert second.data.tags["skindiff.textual_inversion_run_id"] == ti_id
+    assert second.data.tags["skindiff.run_key"] == generate.data.tags["skindiff.run_key"]
+
+
+def test_vanilla_mode_needs_no_adapters(tracking: str) -> None:
+    data, ti, lora, _ = fast_configs()
+    run_id = run_generate(
+        data,
+        ti,
+        lora,
+        GenerateConfig(
+            mode="img2img/vanilla", num_per_image=1, num_inference_steps=4, output_size=32
+        ),
+    )
+    stages = runs_by_stage(tracking)
+    assert set(stages) == {"generate", "prepare"}
+    tags = mlflow.get_run(run_id).data.tags
+    assert tags["skindiff.textual_inversion_run_id"] == "" and tags["skindiff.lora_run_id"] == ""
+
+
+def test_wrong_upstream_run_is_refused(tracking: str) -> None:
+    data, ti, lora, generate = fast_configs()
+    from skindiff.tracking.prepare import run_prepare
+
+    prepare_id = run_prepare(data)
+    with pytest.raises(SkindiffError, match="is a prepare run, not a textual_inversion run"):
+        run_generate(data, ti, lora, generate, prepare_run_id=prepare_id, ti_run_id=prepare_id)
+    failed = [r for r in runs_by_stage(tracking)["generate"]]
+    assert [r.info.status for r in failed] == ["FAILED"]
+
+
+def test_main_twice_makes_no_new_stage_runs(tracking: str) -> None:
+    data, ti, lora, generate = fast_configs()
+    first = run_main(["i", "iii"], [3], data, ti, lora, generate)
+    counts = {k: len(v) for k, v in runs_by_stage(tracking).items()}
+    assert counts == {
+        "main": 3,
+        "prepare": 2,
+        "textual_inversion": 2,
+        "lora": 2,
+        "generate": 2,
+    }
+    second = run_main(["i", "iii"], [3], data, ti, lora, generate)
+    counts = {k: len(v) for k, v in runs_by_stage(tracking).items()}
+    assert counts["main"] == 6
+    assert {k: v for k, v in counts.items() if k != "main"} == {
+        "prepare": 2,
+        "textual_inversion": 2,
+        "lora": 2,
+        "generate": 2,
+    }
+    for pair, runs in first.items():
+        assert (runs.prepare, runs.textual_inversion, runs.lora, runs.generate) == (
+            second[pair].prepare,
+            second[pair].textual_inversion,
+            second[pair].lora,
+            second[pair].generate,
+        )
+        parent = mlflow.get_run(runs.parent)
+        assert parent.info.run_name == f"{pair[0]}/seed-3"
+        for child in (runs.prepare, runs.textual_inversion, runs.lora, runs.generate):
+            assert mlflow.get_run(child).data.tags["mlflow.parentRunId"] == runs.parent
