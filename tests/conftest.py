@@ -1,6 +1,11 @@
 """Shared fixtures: one real MLflow tracking server per session, an isolated cache, demo data."""
 
 import os
+
+# Spinning OpenMP threads make torch ~100x slower when another process (a server, a
+# subprocess) competes for the two cores; set before torch is imported anywhere.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import socket
 import subprocess
 import sys

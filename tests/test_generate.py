@@ -33,7 +33,11 @@ from skindiff.diffusion.prompts import SKIN_TYPE_PHRASES, placeholder_token, tok
 from skindiff.errors import SkindiffError
 
 SMALL = GenerateConfig(
-    mode="img2img/vanilla", num_per_image=2, num_inference_steps=6, output_size=32, batch_size=3
+    mode="img2img/vanilla",
+    num_per_image=2,
+    num_inference_steps=6,
+    output_size=32,
+    generation_batch_size=3,
 )
 TINY_HIDDEN_SIZE = 32  # width of the tiny text encoder's token embeddings
 
@@ -105,8 +109,12 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 
 def pixels(out_dir: Path) -> np.ndarray:
-    manifest = pd.read_csv(out_dir / "manifest.csv")
-    return np.stack([np.asarray(Image.open(out_dir / path), float) for path in manifest["path"]])
+    """The images of a run, in manifest order, as one float array."""
+    arrays = []
+    for path in pd.read_csv(out_dir / "manifest.csv")["path"]:
+        with Image.open(out_dir / path) as image:
+            arrays.append(np.asarray(image, float))
+    return np.stack(arrays)
 
 
 def test_plan_targets_prompts_and_seeds(full_train: pd.DataFrame):
@@ -127,6 +135,11 @@ def test_plan_targets_prompts_and_seeds(full_train: pd.DataFrame):
         f"An image of {label} on" in p for label, p in zip(words.label, words.prompt, strict=True)
     )
     assert words["strength"].isna().all()
+    medium = plan_generation(GenerateConfig(target_fst=(4,)), full_train)
+    assert (
+        medium.loc[medium["source_group"] == "light", ["fitzpatrick_scale", "group"]]
+        == [4, "light"]
+    ).all(axis=None)
     # A row's seeds and targets depend on that row only, not on the rest of the training set.
     subset = plan_generation(GenerateConfig(mode="img2img/ti+lora"), full_train.tail(3))
     pd.testing.assert_frame_equal(subset, plan.tail(15).reset_index(drop=True))
@@ -141,7 +154,7 @@ def test_plan_targets_prompts_and_seeds(full_train: pd.DataFrame):
         ({"strength": 0.1, "num_inference_steps": 5}, "strength x num_inference_steps"),
         ({"num_per_image": 0}, "num_per_image"),
         ({"num_inference_steps": 0}, "num_inference_steps"),
-        ({"batch_size": 0}, "batch_size"),
+        ({"generation_batch_size": 0}, "generation_batch_size"),
         ({"target_fst": (5, 7)}, "target_fst"),
         ({"target_fst": ()}, "target_fst"),
         ({"scheduler": "magic"}, "scheduler"),

@@ -41,6 +41,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def load_rgb(path: Path) -> Image.Image:
     """Decodes an image file (grayscale, palette, RGBA, CMYK, ...) as RGB."""
     with Image.open(path) as image:
+        image.load()  # decode before the file closes; to_rgb returns RGB images as they are
         return to_rgb(image)
 
 

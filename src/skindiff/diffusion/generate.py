@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from skindiff.data.fitzpatrick import DARK_FST
-from skindiff.data.images import to_rgb
+from skindiff.data.images import load_rgb
 from skindiff.diffusion.base_model import base_model_fingerprint, resolve_base_model
 from skindiff.diffusion.device import pick_device, resolve_mixed_precision, weight_dtype
 from skindiff.diffusion.prompts import SKIN_TYPE_PHRASES, placeholder_token, skin_prompt
@@ -96,7 +96,7 @@ class GenerateConfig:
     scheduler: str = "default"
     resolution: int = 0  # 0 = the model's native size
     output_size: int = 256
-    batch_size: int = 8
+    generation_batch_size: int = 8
     target_fst: tuple[int, ...] = DARK_FST  # light sources get one of these, drawn per image
     mixed_precision: str = "auto"
     seed: int = 0
@@ -118,7 +118,12 @@ class GenerateConfig:
                 f"strength x num_inference_steps must give at least one denoising step, got "
                 f"{self.strength} x {self.num_inference_steps}"
             )
-        for name in ("num_per_image", "num_inference_steps", "batch_size", "output_size"):
+        for name in (
+            "num_per_image",
+            "num_inference_steps",
+            "generation_batch_size",
+            "output_size",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.resolution < 0 or self.resolution % 8:
@@ -331,10 +336,7 @@ def _load_pipeline(
 
 def _source_image(path: str, resolution: int) -> Image.Image:
     try:
-        # Not load_rgb: it returns RGB files unloaded, after their file handle is closed.
-        with Image.open(path) as image:
-            image.load()
-            rgb = to_rgb(image)
+        rgb = load_rgb(Path(path))
     except (OSError, SyntaxError, ValueError) as err:
         raise SkindiffError(f"source image {path} cannot be read: {err}") from err
     return rgb.resize((resolution, resolution), Image.Resampling.BICUBIC)
@@ -361,7 +363,7 @@ def generate_synthetic(
     model_dir = resolve_base_model(config.base_model)
     precision = resolve_mixed_precision(config.mixed_precision)
     fingerprint = asdict(config) | {
-        "target_fst": list(config.target_fst),
+        "target_fst": [int(fst) for fst in config.target_fst],
         "mixed_precision": precision,
         "base_model_fingerprint": base_model_fingerprint(model_dir),
         "embeddings": {path.name: _sha256(path) for path in embeddings},
@@ -395,8 +397,8 @@ def _unfinished_batches(
 ) -> list[tuple[pd.DataFrame, set[int]]]:
     """The fixed batches of the plan that lack a complete image, with the rows to (re)write."""
     todo = []
-    for start in range(0, len(plan), config.batch_size):
-        chunk = plan.iloc[start : start + config.batch_size]
+    for start in range(0, len(plan), config.generation_batch_size):
+        chunk = plan.iloc[start : start + config.generation_batch_size]
         missing = {
             i
             for i, path in zip(chunk.index, chunk["path"], strict=True)

@@ -95,14 +95,10 @@ def _check_config(config: TextualInversionConfig) -> None:
     check_loop_settings(config)
     require(config.num_vectors >= 1, f"num_vectors must be at least 1, got {config.num_vectors}")
     require(len(config.conditions) > 0, "conditions is empty")
-    require(
-        len(set(config.conditions)) == len(config.conditions),
-        f"conditions has duplicates: {config.conditions}",
-    )
     tokens = [placeholder_token(c) for c in config.conditions]
     require(
         len(set(tokens)) == len(tokens),
-        f"conditions {config.conditions} map to clashing tokens {tokens}",
+        f"conditions must give distinct tokens; {config.conditions} give {tokens}",
     )
 
 
@@ -110,7 +106,7 @@ def train_textual_inversion(
     config: TextualInversionConfig, train: pd.DataFrame, out_dir: Path, progress: bool = True
 ) -> TextualInversionResult:
     """Learns every condition's token on `train` into `out_dir` (resumes an interrupted run
-    there; returns a finished one without training)."""
+    there; returns a finished one without training). Rows of other conditions are ignored."""
     _check_config(config)
     rows = _training_rows(config, train)
     out_dir = Path(out_dir)

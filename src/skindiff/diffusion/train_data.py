@@ -6,6 +6,7 @@ resumed at draw `d` sees exactly what an uninterrupted run would, whatever the n
 DataLoader workers.
 """
 
+import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from skindiff.data.images import to_rgb
+from skindiff.data.images import load_rgb
 from skindiff.errors import SkindiffError
 
 Transform = Literal["ti", "lora"]
@@ -23,13 +24,20 @@ TRANSFORMS: tuple[Transform, ...] = ("ti", "lora")
 REQUIRED_COLUMNS = ("md5hash", "label", "fitzpatrick_scale", "path")
 
 
-def derived_seed(*keys: int) -> int:
-    """A 63-bit seed for a torch generator, mixed from integer keys (seed, step, ...)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+def derived_seed(stream: str, *keys: int) -> int:
+    """A 63-bit seed for the random stream `stream` (e.g. "order") at integer keys (seed, ...).
+
+    The stream name and the key count are mixed in too: SeedSequence alone maps [s, 3] and
+    [s, 3, 0] to the same state, which would correlate streams that should be independent.
+    """
+    entropy = [zlib.crc32(stream.encode()), len(keys), *(int(k) for k in keys)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(derived_seed(*keys))
+def seeded_generator(
+    stream: str, *keys: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derived_seed(stream, *keys))
 
 
 def check_training_rows(train: pd.DataFrame) -> pd.DataFrame:
@@ -46,14 +54,6 @@ def check_training_rows(train: pd.DataFrame) -> pd.DataFrame:
             "prepare the data again"
         )
     return train.reset_index(drop=True)
-
-
-def _load_image(path: str) -> Image.Image:
-    # Decoded before the file closes: `data.images.load_rgb` returns an RGB file's image
-    # unloaded, which fails on first use once its file is closed.
-    with Image.open(path) as image:
-        image.load()
-        return to_rgb(image)
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -92,17 +92,16 @@ class ManifestImageDataset(Dataset):
     def row_of(self, draw: int) -> int:
         """Row shown at `draw`: epoch `draw // len` is a permutation seeded by (seed, epoch)."""
         epoch, position = divmod(draw, len(self))
-        order = torch.randperm(len(self), generator=seeded_generator(self.seed, epoch))
+        order = torch.randperm(len(self), generator=seeded_generator("order", self.seed, epoch))
         return int(order[position])
 
     def __getitem__(self, draw: int) -> dict:
         if draw < 0:
             raise IndexError(draw)
         row = self.row_of(draw)
-        # Offset keeps augmentation draws independent of the epoch-order generators.
-        generator = seeded_generator(self.seed, 1 << 40, draw)
+        generator = seeded_generator("augment", self.seed, draw)
         return {
-            "pixel_values": self._augment(_load_image(self.paths[row]), generator),
+            "pixel_values": self._augment(load_rgb(Path(self.paths[row])), generator),
             "condition": self.conditions[row],
             "fitzpatrick_scale": self.skin_types[row],
         }

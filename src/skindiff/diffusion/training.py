@@ -69,6 +69,7 @@ def check_loop_settings(config) -> None:
         require(value >= 1, f"{name} must be at least 1, got {value}")
     require(config.learning_rate > 0, f"learning_rate must be positive, got {config.learning_rate}")
     require(config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}")
+    require(config.seed >= 0, f"seed must be >= 0, got {config.seed}")
     resolve_mixed_precision(config.mixed_precision)
 
 
@@ -148,7 +149,11 @@ def load_base_pipeline(base_model: str) -> StableDiffusionPipeline:
         folder, subfolder="tokenizer", model_max_length=MAX_LENGTH
     )
     pipeline = StableDiffusionPipeline.from_pretrained(
-        folder, tokenizer=tokenizer, safety_checker=None, requires_safety_checker=False
+        folder,
+        tokenizer=tokenizer,
+        dtype=torch.float32,  # what trains must be float32, whatever the files hold
+        safety_checker=None,
+        requires_safety_checker=False,
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -219,10 +224,16 @@ def encode_captions(
     return text_encoder(ids.to(device))[0]
 
 
+def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    module.to(device)
+    if module.dtype != dtype:  # casting warns even when nothing changes, so only when needed
+        module.to(dtype=dtype)
+
+
 def freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     module.requires_grad_(False)
-    module.to(device, dtype=dtype)
     module.eval()
+    place(module, device, dtype)
 
 
 # --- the loss -------------------------------------------------------------------------------
@@ -401,15 +412,18 @@ def run_training_loop(
         total = torch.zeros((), device=accelerator.device)
         for micro in range(accumulation):
             generator = seeded_generator(
-                settings.seed, step, micro, accelerator.process_index, device=accelerator.device
+                "step",
+                settings.seed,
+                step,
+                micro,
+                accelerator.process_index,
+                device=accelerator.device,
             )
             # Gradients are averaged across processes only on the last micro-batch.
             syncing = micro == accumulation - 1
-            with (
-                contextlib.nullcontext() if syncing else accelerator.no_sync(model),
-                accelerator.autocast(),
-            ):
-                loss = step_loss(next(batches), generator)
+            with contextlib.nullcontext() if syncing else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    loss = step_loss(next(batches), generator)
                 accelerator.backward(loss / accumulation)
             total += loss.detach().float()
         if settings.max_grad_norm > 0:

@@ -1,0 +1,255 @@
+"""LoRA fine-tuning of the UNet's attention on skin-type captions.
+
+The text encoder is frozen and carries the Textual Inversion tokens; VAE and base UNet are
+frozen too. Each image is captioned "An image of {token} on the skin of {phrase} individual"
+(the condition in words when there are no tokens: the paper's "lora" ablation). The adapter
+is saved in diffusers' format, loadable by a stock pipeline's `load_lora_weights`.
+"""
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig as PeftLoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from skindiff.diffusion.device import resolve_mixed_precision, weight_dtype
+from skindiff.diffusion.prompts import SKIN_TYPE_PHRASES, placeholder_token, skin_prompt
+from skindiff.diffusion.train_data import ManifestImageDataset, check_training_rows
+from skindiff.diffusion.training import (
+    LoopSettings,
+    add_token_embeddings,
+    check_loop_settings,
+    encode_captions,
+    finish_run,
+    freeze,
+    load_base_pipeline,
+    make_accelerator,
+    noise_prediction_loss,
+    noise_scheduler_of,
+    open_run_dir,
+    place,
+    read_losses,
+    replaced_directory,
+    require,
+    resolve_resolution,
+    rows_digest,
+    run_training_loop,
+    seeded_global_rng,
+)
+from skindiff.errors import SkindiffError
+
+LORA_DIR = "lora"
+WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # the name `load_lora_weights` looks for
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Settings of a LoRA run; the defaults are the reference's (DESIGN.md §1)."""
+
+    base_model: str = "tiny"
+    rank: int = 8
+    alpha: int = 8
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    learning_rate: float = 5e-6
+    max_train_steps: int = 3000
+    train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    snr_gamma: float = 0.0  # 0 = off
+    gradient_checkpointing: bool = False
+    resolution: int = 0  # 0 = the model's native size
+    mixed_precision: str = "auto"
+    checkpoint_every: int = 500
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LoraResult:
+    weights_path: Path  # out_dir / "lora" / "pytorch_lora_weights.safetensors"
+    losses: list[float]
+
+
+def _check_config(config: LoraConfig) -> None:
+    check_loop_settings(config)
+    require(config.rank >= 1, f"rank must be at least 1, got {config.rank}")
+    require(config.alpha > 0, f"alpha must be positive, got {config.alpha}")
+    require(len(config.target_modules) > 0, "target_modules is empty")
+    require(config.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {config.max_grad_norm}")
+    require(config.snr_gamma >= 0, f"snr_gamma must be >= 0 (0 = off), got {config.snr_gamma}")
+
+
+def _training_rows(train: pd.DataFrame) -> pd.DataFrame:
+    rows = check_training_rows(train)
+    unknown = sorted(set(rows["fitzpatrick_scale"]) - set(SKIN_TYPE_PHRASES))
+    require(
+        not unknown,
+        f"train has Fitzpatrick skin types without a caption phrase: {unknown} "
+        f"(known: {sorted(SKIN_TYPE_PHRASES)})",
+    )
+    return rows
+
+
+def read_embeddings(embeddings_dir: Path) -> dict[str, torch.Tensor]:
+    """`{token: tensor}` of every diffusers-format *.safetensors file in `embeddings_dir`."""
+    files = sorted(Path(embeddings_dir).glob("*.safetensors"))
+    require(bool(files), f"embeddings_dir {embeddings_dir} holds no *.safetensors embeddings")
+    embeddings = {}
+    for path in files:
+        state = load_file(path)
+        require(
+            len(state) == 1,
+            f"embeddings_dir: {path.name} is not a diffusers Textual Inversion file "
+            f"(one key = the token), it has {len(state)} keys",
+        )
+        embeddings.update(state)
+    return embeddings
+
+
+def _concepts(rows: pd.DataFrame, embeddings: dict[str, torch.Tensor] | None) -> dict[str, str]:
+    """Condition -> the words that name it in captions: its token, or the condition itself."""
+    conditions = sorted(set(rows["label"]))
+    if embeddings is None:
+        return {condition: condition for condition in conditions}
+    missing = [c for c in conditions if placeholder_token(c) not in embeddings]
+    require(
+        not missing,
+        f"embeddings_dir has no token for the condition(s) {', '.join(missing)} "
+        f"(it has {', '.join(sorted(embeddings))})",
+    )
+    return {condition: placeholder_token(condition) for condition in conditions}
+
+
+def _files_digest(embeddings_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(Path(embeddings_dir).glob("*.safetensors")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def train_lora(
+    config: LoraConfig,
+    train: pd.DataFrame,
+    embeddings_dir: Path | None,
+    out_dir: Path,
+    progress: bool = True,
+) -> LoraResult:
+    """Trains a LoRA adapter of the UNet on `train` into `out_dir` (resumes an interrupted run
+    there; returns a finished one without training). `embeddings_dir`: Textual Inversion
+    tokens to caption with, or None to name conditions in words."""
+    _check_config(config)
+    rows = _training_rows(train)
+    embeddings = None if embeddings_dir is None else read_embeddings(embeddings_dir)
+    concepts = _concepts(rows, embeddings)
+    out_dir = Path(out_dir)
+    identity = {
+        "stage": "lora",
+        "config": asdict(config),
+        "train": rows_digest(rows),
+        "embeddings": None if embeddings_dir is None else _files_digest(embeddings_dir),
+    }
+    if not open_run_dir(out_dir, identity):
+        _train(config, rows, embeddings, concepts, out_dir, progress)
+    return LoraResult(weights_path=out_dir / LORA_DIR / WEIGHTS_FILE, losses=read_losses(out_dir))
+
+
+def _train(
+    config: LoraConfig,
+    rows: pd.DataFrame,
+    embeddings: dict[str, torch.Tensor] | None,
+    concepts: dict[str, str],
+    out_dir: Path,
+    progress: bool,
+) -> None:
+    accelerator = make_accelerator(config.mixed_precision)
+    device = accelerator.device
+    pipeline = load_base_pipeline(config.base_model)
+    resolution = resolve_resolution(pipeline, config.resolution)
+    if embeddings is not None:
+        add_token_embeddings(pipeline, embeddings)
+
+    dtype = weight_dtype(resolve_mixed_precision(config.mixed_precision))
+    freeze(pipeline.vae, device, dtype)
+    freeze(pipeline.text_encoder, device, dtype)
+    unet = pipeline.unet
+    unet.requires_grad_(False)
+    adapter = PeftLoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        init_lora_weights="gaussian",
+        target_modules=list(config.target_modules),
+    )
+    try:
+        # Added on the CPU before moving, so the initial A matrices are the same on any device.
+        with seeded_global_rng(config.seed):
+            unet.add_adapter(adapter)
+    except ValueError as err:
+        raise SkindiffError(f"target_modules {config.target_modules}: {err}") from None
+    place(unet, device, dtype)
+    cast_training_params(unet, dtype=torch.float32)  # the adapter trains in full precision
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(
+        [p for p in unet.parameters() if p.requires_grad],
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+    )
+    prepared_unet, optimizer = accelerator.prepare(unet, optimizer)
+    noise_scheduler = noise_scheduler_of(pipeline)
+
+    def step_loss(batch: dict, generator: torch.Generator) -> torch.Tensor:
+        captions = [
+            skin_prompt(concepts[condition], int(fst))
+            for condition, fst in zip(batch["condition"], batch["fitzpatrick_scale"], strict=True)
+        ]
+        with torch.no_grad():
+            hidden = encode_captions(pipeline, pipeline.text_encoder, captions, device)
+        return noise_prediction_loss(
+            prepared_unet,
+            pipeline.vae,
+            noise_scheduler,
+            batch["pixel_values"],
+            hidden,
+            generator,
+            snr_gamma=config.snr_gamma,
+        )
+
+    losses = run_training_loop(
+        accelerator,
+        prepared_unet,
+        optimizer,
+        ManifestImageDataset(rows, resolution, "lora", config.seed),
+        step_loss,
+        LoopSettings(
+            max_train_steps=config.max_train_steps,
+            train_batch_size=config.train_batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            checkpoint_every=config.checkpoint_every,
+            seed=config.seed,
+            max_grad_norm=config.max_grad_norm,
+        ),
+        out_dir,
+        progress=progress,
+        desc="lora",
+    )
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(prepared_unet)
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(trained))
+        with replaced_directory(out_dir / LORA_DIR) as folder:
+            StableDiffusionPipeline.save_lora_weights(
+                folder,
+                unet_lora_layers=layers,
+                # Carries rank and alpha, so a loader scales by alpha / rank as trained.
+                unet_lora_adapter_metadata=trained.peft_config["default"].to_dict(),
+                weight_name=WEIGHTS_FILE,
+                safe_serialization=True,
+            )
+        finish_run(out_dir, losses)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,224 @@
+"""LoRA fine-tuning on the tiny random model and the demo data (a few steps each)."""
+
+import logging
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file
+
+from skindiff.data.prepare import PrepareConfig, prepare_scenario
+from skindiff.diffusion import lora
+from skindiff.diffusion.base_model import resolve_base_model
+from skindiff.diffusion.lora import LoraConfig, train_lora
+from skindiff.diffusion.prompts import skin_prompt
+from skindiff.diffusion.textual_inversion import TextualInversionConfig, train_textual_inversion
+from skindiff.diffusion.train_data import ManifestImageDataset
+from skindiff.diffusion.training import load_base_pipeline
+from skindiff.errors import SkindiffError
+
+# lr 1e-3 instead of 5e-6: B starts at zero, and a few reference-size steps on random weights
+# would change the output by less than float noise. rank != alpha checks that alpha is saved.
+CONFIG = LoraConfig(
+    rank=4,
+    alpha=8,
+    learning_rate=1e-3,
+    max_train_steps=4,
+    train_batch_size=2,
+    resolution=32,
+    checkpoint_every=2,
+)
+PROMPT = skin_prompt("<psoriasis>", 5)
+
+
+@pytest.fixture(scope="module")
+def train(demo_dataset):
+    return prepare_scenario(PrepareConfig(scenario="i", seed=0)).splits.train
+
+
+@pytest.fixture(scope="module")
+def embeddings_dir(train, tmp_path_factory):
+    config = TextualInversionConfig(max_train_steps=2, train_batch_size=2, resolution=32)
+    out_dir = tmp_path_factory.mktemp("ti") / "run"
+    return train_textual_inversion(config, train, out_dir, progress=False).embeddings_dir
+
+
+@pytest.fixture(scope="module")
+def trained(train, embeddings_dir, tmp_path_factory):
+    """An uninterrupted run, plus the pipeline whose UNet it trained."""
+    pipelines = []
+
+    def keep(base_model: str) -> StableDiffusionPipeline:
+        pipelines.append(load_base_pipeline(base_model))
+        return pipelines[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lora, "load_base_pipeline", keep)
+        out_dir = tmp_path_factory.mktemp("lora") / "run"
+        result = train_lora(CONFIG, train, embeddings_dir, out_dir, progress=False)
+    return result, pipelines[0]
+
+
+def stock_pipeline(embeddings_dir) -> StableDiffusionPipeline:
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        resolve_base_model("tiny"), safety_checker=None, requires_safety_checker=False
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.load_textual_inversion(sorted(str(p) for p in embeddings_dir.iterdir()))
+    return pipeline
+
+
+def sample(pipeline: StableDiffusionPipeline) -> np.ndarray:
+    return pipeline(
+        PROMPT,
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+
+
+def test_lora_images_are_random_square_crops_of_the_resized_image(train, tmp_path):
+    wide = tmp_path / "wide.png"
+    gradient = np.tile(np.linspace(0, 255, 96, dtype=np.uint8), (48, 1))
+    Image.fromarray(np.stack([gradient] * 3, axis=-1)).save(wide)
+    rows = train.iloc[:1].assign(path=str(wide), fitzpatrick_scale=5)
+    images = ManifestImageDataset(rows, 32, "lora", seed=0)
+    crops = [images[d]["pixel_values"] for d in range(20)]
+    assert crops[0].shape == (3, 32, 32)  # 96x48 -> 64x32 -> a 32x32 crop
+    assert len({tuple(c[0, 0, [0, -1]].tolist()) for c in crops}) > 2  # crops at many offsets
+    assert images[3]["fitzpatrick_scale"] == 5
+
+
+def test_lora_loads_into_a_stock_pipeline_changes_output_and_unloads_to_the_base(
+    trained, embeddings_dir
+):
+    result, _ = trained
+    assert result.weights_path.name == "pytorch_lora_weights.safetensors"
+    assert len(result.losses) == CONFIG.max_train_steps
+    pipeline = stock_pipeline(embeddings_dir)
+    base = sample(pipeline)
+
+    pipeline.load_lora_weights(result.weights_path.parent)
+    adapter = pipeline.unet.peft_config[pipeline.get_active_adapters()[0]]
+    assert (adapter.r, adapter.lora_alpha) == (CONFIG.rank, CONFIG.alpha)
+    assert np.abs(sample(pipeline) - base).max() > 1e-3
+
+    pipeline.unload_lora_weights()
+    np.testing.assert_array_equal(sample(pipeline), base)
+
+
+def test_training_leaves_the_base_unet_weights_untouched(trained):
+    _, pipeline = trained
+    fresh = UNet2DConditionModel.from_pretrained(resolve_base_model("tiny"), subfolder="unet")
+    trained_state = pipeline.unet.state_dict()
+    base = {n.replace(".base_layer", ""): p for n, p in trained_state.items() if "lora_" not in n}
+    fresh_state = fresh.state_dict()
+    assert base.keys() == fresh_state.keys()
+    assert all(torch.equal(base[name], fresh_state[name]) for name in fresh_state)
+    ups = [p for n, p in trained_state.items() if "lora_B" in n]
+    assert ups and all(p.abs().max() > 0 for p in ups)  # the adapter did train
+
+
+def test_run_interrupted_in_optimizer_step_3_resumes_from_step_2_checkpoint_to_same_weights(
+    trained, train, embeddings_dir, tmp_path, monkeypatch, caplog
+):
+    """A run that dies (here: an exception) during its 3rd optimizer step, with checkpoints
+    every 2 steps, resumes from step-2 and ends with the uninterrupted run's weights and loss
+    curve, bit for bit. (Textual Inversion's test covers a real SIGKILL.)"""
+    result, _ = trained
+    out_dir = tmp_path / "run"
+    step, calls = torch.optim.AdamW.step, []
+
+    def step_or_crash(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_or_crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_lora(CONFIG, train, embeddings_dir, out_dir, progress=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    checkpoint = out_dir / "checkpoints" / "step-2"
+    assert sorted(p.name for p in checkpoint.parent.glob("step-*")) == ["step-2"]
+    assert not list(checkpoint.glob("model*"))  # only the adapter, not the whole UNet
+
+    with caplog.at_level(logging.INFO, logger="skindiff.diffusion.training"):
+        resumed = train_lora(CONFIG, train, embeddings_dir, out_dir, progress=False)
+    assert "resuming from checkpoint step-2" in caplog.text
+    assert resumed.losses == result.losses
+    first, second = load_file(result.weights_path), load_file(resumed.weights_path)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(trained, train, embeddings_dir, tmp_path):
+    result, _ = trained
+    config = replace(CONFIG, gradient_checkpointing=True)
+    checkpointed = train_lora(config, train, embeddings_dir, tmp_path, progress=False)
+    np.testing.assert_allclose(checkpointed.losses, result.losses, rtol=1e-5)
+    first, second = load_file(result.weights_path), load_file(checkpointed.weights_path)
+    assert all(torch.allclose(first[key], second[key], atol=1e-6) for key in first)
+
+
+def test_snr_gamma_reweights_the_loss(trained, train, embeddings_dir, tmp_path):
+    result, _ = trained
+    # A gamma below the schedule's smallest SNR (about 0.005) down-weights every sample
+    # (gamma / snr < 1); same batches, noise and timesteps, so the first loss must shrink.
+    config = replace(CONFIG, snr_gamma=1e-3)
+    weighted = train_lora(config, train, embeddings_dir, tmp_path, progress=False)
+    assert all(np.isfinite(weighted.losses))
+    assert weighted.losses[0] < 0.5 * result.losses[0]
+
+
+def test_without_embeddings_conditions_are_named_in_words(train, tmp_path, monkeypatch):
+    captions = []
+
+    def recording_prompt(concept: str, fitzpatrick_scale: int) -> str:
+        captions.append((concept, fitzpatrick_scale))
+        return skin_prompt(concept, fitzpatrick_scale)
+
+    monkeypatch.setattr(lora, "skin_prompt", recording_prompt)
+    result = train_lora(replace(CONFIG, max_train_steps=1), train, None, tmp_path, progress=False)
+    assert result.weights_path.is_file()
+    assert {concept for concept, _ in captions} <= set(train["label"])
+    assert {fst for _, fst in captions} <= {1, 2, 5, 6}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rank": 0}, "rank"),
+        ({"snr_gamma": -1.0}, "snr_gamma"),
+        ({"target_modules": ()}, "target_modules"),
+        ({"checkpoint_every": 0}, "checkpoint_every"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_bad_settings_raise_one_clear_error(train, tmp_path, change, message):
+    with pytest.raises(SkindiffError, match=message):
+        train_lora(replace(CONFIG, **change), train, None, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_inputs_are_refused(train, embeddings_dir, tmp_path):
+    with pytest.raises(SkindiffError, match="empty"):
+        train_lora(CONFIG, train.iloc[:0], None, tmp_path / "a")
+    with pytest.raises(SkindiffError, match=r"no \*\.safetensors"):
+        train_lora(CONFIG, train, tmp_path, tmp_path / "b")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "psoriasis.safetensors").write_bytes(
+        (embeddings_dir / "psoriasis.safetensors").read_bytes()
+    )
+    with pytest.raises(SkindiffError, match="no token for the condition"):
+        train_lora(CONFIG, train, partial, tmp_path / "c")
+    with pytest.raises(SkindiffError, match="Fitzpatrick"):
+        train_lora(CONFIG, train.assign(fitzpatrick_scale=-1), None, tmp_path / "d")
+    with pytest.raises(SkindiffError, match="target_modules"):
+        train_lora(replace(CONFIG, target_modules=("no_such_layer",)), train, None, tmp_path / "e")

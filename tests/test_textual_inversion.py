@@ -1,0 +1,258 @@
+"""Textual Inversion on the tiny random model and the demo data (a few steps each)."""
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+from transformers import CLIPTextModel
+
+from skindiff.data.prepare import PrepareConfig, prepare_scenario
+from skindiff.diffusion import textual_inversion
+from skindiff.diffusion.base_model import resolve_base_model
+from skindiff.diffusion.prompts import token_file_name
+from skindiff.diffusion.textual_inversion import (
+    TextualInversionConfig,
+    train_textual_inversion,
+)
+from skindiff.diffusion.train_data import ManifestImageDataset
+from skindiff.diffusion.training import load_base_pipeline
+from skindiff.errors import SkindiffError
+
+# Small and quick, with a learning rate that moves the tokens measurably in 6 steps.
+SETTINGS = {
+    "max_train_steps": 6,
+    "train_batch_size": 2,
+    "gradient_accumulation_steps": 2,
+    "learning_rate": 5e-3,
+    "resolution": 32,
+    "checkpoint_every": 2,
+}
+CONFIG = TextualInversionConfig(**SETTINGS)
+PROMPT = "a photo of a <psoriasis>"
+
+
+@pytest.fixture(scope="module")
+def train(demo_dataset):
+    return prepare_scenario(PrepareConfig(scenario="i", seed=0)).splits.train
+
+
+@pytest.fixture(scope="module")
+def trained(train, tmp_path_factory):
+    """An uninterrupted run, plus the pipeline it trained (to inspect the embedding matrix)."""
+    pipelines = []
+
+    def keep(base_model: str) -> StableDiffusionPipeline:
+        pipelines.append(load_base_pipeline(base_model))
+        return pipelines[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(textual_inversion, "load_base_pipeline", keep)
+        result = train_textual_inversion(
+            CONFIG, train, tmp_path_factory.mktemp("ti") / "run", progress=False
+        )
+    return result, pipelines[0]
+
+
+def stock_pipeline() -> StableDiffusionPipeline:
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        resolve_base_model("tiny"), safety_checker=None, requires_safety_checker=False
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def sample(pipeline: StableDiffusionPipeline, prompt: str) -> np.ndarray:
+    return pipeline(
+        prompt,
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+
+
+def saved_embeddings(result) -> dict[str, torch.Tensor]:
+    return {
+        token: load_file(result.embeddings_dir / token_file_name(token))[token]
+        for token in result.tokens.values()
+    }
+
+
+def test_ti_images_visit_every_row_each_epoch_flipped_at_random_and_reproducibly(train):
+    images = ManifestImageDataset(train, 32, "ti", seed=0)
+    n = len(images)
+    assert sorted(images.row_of(d) for d in range(n)) == list(range(n))
+    assert [images.row_of(d) for d in range(n)] != [images.row_of(d) for d in range(n, 2 * n)]
+
+    row = images.row_of(0)
+    draws = [d for d in range(8 * n) if images.row_of(d) == row]
+    pixels = [images[d]["pixel_values"] for d in draws]
+    assert pixels[0].shape == (3, 32, 32)
+    assert min(float(p.min()) for p in pixels) >= -1
+    assert max(float(p.max()) for p in pixels) <= 1
+    flipped = [not torch.equal(p, pixels[0]) for p in pixels]
+    assert any(flipped) and not all(flipped[1:])
+    assert all(
+        torch.equal(p, pixels[0].flip(-1)) for p, f in zip(pixels, flipped, strict=True) if f
+    )
+    again = ManifestImageDataset(train, 32, "ti", seed=0)
+    assert torch.equal(again[draws[1]]["pixel_values"], pixels[1])
+    assert images[0]["condition"] == train["label"].iloc[row]
+
+
+def test_only_the_new_token_rows_of_the_embedding_matrix_change(trained):
+    result, pipeline = trained
+    matrix = pipeline.text_encoder.get_input_embeddings().weight.detach()
+    base = CLIPTextModel.from_pretrained(resolve_base_model("tiny"), subfolder="text_encoder")
+    base_matrix = base.get_input_embeddings().weight.detach()
+    vocab = len(base_matrix)
+    assert len(matrix) == vocab + len(result.tokens)
+    assert torch.equal(matrix[:vocab], base_matrix)  # bit-identical, not merely close
+
+    initial = base_matrix[pipeline.tokenizer.convert_tokens_to_ids("skin</w>")]
+    saved = saved_embeddings(result)
+    for token in result.tokens.values():
+        row = pipeline.tokenizer.convert_tokens_to_ids(token)
+        assert row >= vocab
+        assert torch.equal(saved[token], matrix[row : row + 1])
+        assert (matrix[row] - initial).abs().max() > 1e-3
+    assert len(result.losses) == CONFIG.max_train_steps
+    assert result.validation_images is not None and result.validation_images.is_file()
+
+
+def test_saved_embeddings_load_into_a_stock_pipeline_and_change_its_output(trained):
+    result, _ = trained
+    learned = stock_pipeline()
+    learned.load_textual_inversion(sorted(str(p) for p in result.embeddings_dir.iterdir()))
+    assert set(result.tokens.values()) <= set(learned.tokenizer.get_vocab())
+
+    untrained = stock_pipeline()
+    text_encoder, tokenizer = untrained.text_encoder, untrained.tokenizer
+    initial = text_encoder.get_input_embeddings().weight[
+        tokenizer.convert_tokens_to_ids("skin</w>")
+    ]
+    untrained.load_textual_inversion({"<psoriasis>": initial.detach()[None]})
+
+    assert np.abs(sample(learned, PROMPT) - sample(untrained, PROMPT)).max() > 1e-3
+
+
+def test_same_seed_gives_bit_identical_embeddings(trained, train, tmp_path):
+    result, _ = trained
+    again = train_textual_inversion(CONFIG, train, tmp_path / "again", progress=False)
+    assert again.losses == result.losses
+    first, second = saved_embeddings(result), saved_embeddings(again)
+    assert all(torch.equal(first[token], second[token]) for token in first)
+
+
+KILLED_RUN = """
+import json, os, signal, sys
+from pathlib import Path
+import torch
+from skindiff.data.prepare import PrepareConfig, prepare_scenario
+from skindiff.diffusion.textual_inversion import TextualInversionConfig, train_textual_inversion
+
+out_dir, kill_at, settings = Path(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+step, calls = torch.optim.AdamW.step, []
+
+def step_or_die(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self, *args, **kwargs)
+
+torch.optim.AdamW.step = step_or_die
+train = prepare_scenario(PrepareConfig(scenario="i", seed=0)).splits.train
+train_textual_inversion(TextualInversionConfig(**settings), train, out_dir, progress=False)
+"""
+
+
+def test_run_sigkilled_in_optimizer_step_5_resumes_from_step_4_checkpoint_to_same_embeddings(
+    trained, train, tmp_path, caplog
+):
+    """A process SIGKILLed during its 5th optimizer step (checkpoints every 2 steps) leaves
+    checkpoint step-4; a new call resumes from it and ends with the embeddings and loss curve
+    of the uninterrupted run, bit for bit."""
+    result, _ = trained
+    out_dir = tmp_path / "run"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(out_dir), "5", json.dumps(SETTINGS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [p.name for p in (out_dir / "checkpoints").glob("step-*")] == ["step-4"]
+    assert not (out_dir / "done").exists()
+
+    with caplog.at_level(logging.INFO, logger="skindiff.diffusion.training"):
+        resumed = train_textual_inversion(CONFIG, train, out_dir, progress=False)
+    assert "resuming from checkpoint step-4" in caplog.text
+    assert resumed.losses == result.losses
+    first, second = saved_embeddings(result), saved_embeddings(resumed)
+    assert all(torch.equal(first[token], second[token]) for token in first)
+    assert not (out_dir / "checkpoints").exists()  # dropped once the run is done
+
+
+def test_finished_out_dir_is_returned_without_training(trained, train, monkeypatch):
+    result, _ = trained
+
+    def no_loading(base_model):
+        raise AssertionError("a finished run loaded the model again")
+
+    monkeypatch.setattr(textual_inversion, "load_base_pipeline", no_loading)
+    started = time.monotonic()
+    again = train_textual_inversion(CONFIG, train, result.embeddings_dir.parent, progress=False)
+    assert time.monotonic() - started < 5
+    assert again == result
+
+
+def test_multi_vector_tokens_load_with_the_stock_loader(train, tmp_path):
+    config = replace(CONFIG, num_vectors=2, max_train_steps=2, conditions=("psoriasis",))
+    result = train_textual_inversion(config, train, tmp_path, progress=False)
+    saved = load_file(result.embeddings_dir / "psoriasis.safetensors")
+    assert list(saved) == ["<psoriasis>"] and saved["<psoriasis>"].shape[0] == 2
+
+    pipeline = stock_pipeline()
+    pipeline.load_textual_inversion(str(result.embeddings_dir / "psoriasis.safetensors"))
+    assert pipeline.maybe_convert_prompt(PROMPT, pipeline.tokenizer) == PROMPT + " <psoriasis>_1"
+    assert sample(pipeline, PROMPT).shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_vectors": 0}, "num_vectors"),
+        ({"max_train_steps": 0}, "max_train_steps"),
+        ({"learning_rate": -1.0}, "learning_rate"),
+        ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"conditions": ()}, "conditions"),
+        ({"conditions": ("psoriasis", "unknown rash")}, "unknown rash"),
+    ],
+)
+def test_bad_settings_raise_one_clear_error(train, tmp_path, change, message):
+    with pytest.raises(SkindiffError, match=message):
+        train_textual_inversion(replace(CONFIG, **change), train, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_training_sets_and_reused_out_dirs_are_refused(trained, train, tmp_path):
+    with pytest.raises(SkindiffError, match="empty"):
+        train_textual_inversion(CONFIG, train.iloc[:0], tmp_path / "a")
+    with pytest.raises(SkindiffError, match="psoriasis"):
+        train_textual_inversion(CONFIG, train[train["label"] != "psoriasis"], tmp_path / "b")
+    with pytest.raises(SkindiffError, match="initializer_word"):
+        bad = replace(CONFIG, initializer_word="skin lesion")
+        train_textual_inversion(bad, train, tmp_path / "c")
+    result, _ = trained
+    with pytest.raises(SkindiffError, match=r"other settings \(config.seed\)"):
+        train_textual_inversion(replace(CONFIG, seed=1), train, result.embeddings_dir.parent)
