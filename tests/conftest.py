@@ -5,6 +5,8 @@ import os
 # Spinning OpenMP threads make torch ~100x slower when another process (a server, a
 # subprocess) competes for the two cores; set before torch is imported anywhere.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Nothing may download in a test: the model hub client answers from its cache or fails at once.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import socket
 import subprocess

@@ -1,9 +1,9 @@
 """The MLproject file and the CLI agree: same entry points, parameters and defaults."""
 
 import yaml
-from conftest import REPO
 from typer.main import get_command
 
+from conftest import REPO
 from skindiff.cli import ENTRY_POINTS, app, render_mlproject
 
 

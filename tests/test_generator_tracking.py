@@ -8,14 +8,14 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from conftest import REPO
 from diffusers import StableDiffusionPipeline
 from PIL import Image
-from skindiff.diffusion.lora import LoraConfig
 
+from conftest import REPO
 from skindiff.data.prepare import PrepareConfig
 from skindiff.diffusion.base_model import resolve_base_model
 from skindiff.diffusion.generate import GenerateConfig
+from skindiff.diffusion.lora import LoraConfig
 from skindiff.diffusion.prompts import placeholder_token, token_file_name
 from skindiff.diffusion.textual_inversion import TextualInversionConfig
 from skindiff.errors import SkindiffError
@@ -192,3 +192,19 @@ def test_main_twice_makes_no_new_stage_runs(tracking: str) -> None:
         assert parent.info.run_name == f"{pair[0]}/seed-3"
         for child in (runs.prepare, runs.textual_inversion, runs.lora, runs.generate):
             assert mlflow.get_run(child).data.tags["mlflow.parentRunId"] == runs.parent
+
+
+def test_stage_entry_points_chain_by_run_id(tracking: str, tmp_path: Path) -> None:
+    ti_params = {k: v for k, v in FAST.items() if k.startswith("ti_") or k == "conditions"}
+    mlflow_run("textual_inversion", tracking, tmp_path, **ti_params)
+    (ti_run,) = runs_by_stage(tracking)["textual_inversion"]
+    assert ti_run.info.status == "FINISHED" and ti_run.data.metrics["loss"] > 0
+    assert len(mlflow.MlflowClient().get_metric_history(ti_run.info.run_id, "loss")) == 2
+
+    lora_params = {k: v for k, v in FAST.items() if k.startswith("lora_") or k == "conditions"}
+    mlflow_run("lora", tracking, tmp_path, ti_run_id=ti_run.info.run_id, **lora_params)
+    stages = runs_by_stage(tracking)
+    assert len(stages["textual_inversion"]) == 1  # the given run was used, none trained
+    (lora_run,) = stages["lora"]
+    assert lora_run.data.tags["skindiff.textual_inversion_run_id"] == ti_run.info.run_id
+    assert lora_run.data.tags["mlflow.project.entryPoint"] == "lora"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from conftest import REPO, cohort_rows, write_dataset
 from mlflow.tracking import MlflowClient
 
+from conftest import REPO, cohort_rows, write_dataset
 from skindiff.data.prepare import PrepareConfig, content_digest, prepare_scenario
 from skindiff.data.splits import MANIFEST_COLUMNS, SPLIT_NAMES
 from skindiff.tracking.prepare import run_prepare

@@ -5,8 +5,8 @@ Metadata only: the images are not available here, so no image is touched.
 
 import pandas as pd
 import pytest
-from conftest import REAL_METADATA
 
+from conftest import REAL_METADATA
 from skindiff.data.cohort import CohortSpec, count_table, select_cohort
 from skindiff.data.fitzpatrick import CONDITIONS, PAPER_SEEDS
 from skindiff.data.metadata import read_metadata

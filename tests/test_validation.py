@@ -6,9 +6,9 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from conftest import cohort_rows, write_dataset
 from PIL import Image
 
+from conftest import cohort_rows, write_dataset
 from skindiff.cli import run
 from skindiff.data.images import check_images, load_rgb, resolve_image_path
 from skindiff.data.metadata import read_metadata

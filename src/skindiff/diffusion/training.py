@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pandas as pd
@@ -295,6 +295,13 @@ class LoopSettings:
     checkpoint_every: int
     seed: int
     max_grad_norm: float = 0.0  # 0 = no clipping
+
+    @classmethod
+    def of(cls, config: object) -> "LoopSettings":
+        """The loop settings of a stage config with fields of the same names."""
+        return cls(
+            **{f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
+        )
 
 
 StepLoss = Callable[[dict, torch.Generator], torch.Tensor]
