@@ -129,3 +129,58 @@ def cohort_rows(per_cell: int = 10, conditions: tuple[str, ...] = ("a", "b")) ->
         for fst in (1, 2, 5, 6)
         for k in range(per_cell)
     ]
+
+
+ENTRY_POINT = "mlflow.project.entryPoint"
+CONDITIONS = ("folliculitis", "psoriasis")
+# A few steps of everything: the chain and its bookkeeping are under test, not the quality.
+FAST = {
+    "conditions": ",".join(CONDITIONS),
+    "ti_max_train_steps": "2",
+    "ti_train_batch_size": "2",
+    "ti_gradient_accumulation_steps": "1",
+    "lora_max_train_steps": "2",
+    "lora_train_batch_size": "2",
+    "num_per_image": "2",
+    "num_inference_steps": "4",
+    "output_size": "32",
+}
+
+
+def fast_configs(seed: int = 0) -> tuple:
+    """(data, textual inversion, lora, generate) configs of a few steps each."""
+    from skindiff.data.prepare import PrepareConfig
+    from skindiff.diffusion.generate import GenerateConfig
+    from skindiff.diffusion.lora import LoraConfig
+    from skindiff.diffusion.textual_inversion import TextualInversionConfig
+
+    data = PrepareConfig(conditions=CONDITIONS, seed=seed)
+    ti = TextualInversionConfig(
+        conditions=CONDITIONS,
+        max_train_steps=2,
+        train_batch_size=2,
+        gradient_accumulation_steps=1,
+        seed=seed,
+    )
+    lora = LoraConfig(max_train_steps=2, train_batch_size=2, seed=seed)
+    generate = GenerateConfig(num_per_image=2, num_inference_steps=4, output_size=32, seed=seed)
+    return data, ti, lora, generate
+
+
+def mlflow_run(entry_point: str, experiment_id: str, cwd: Path, **params: str) -> None:
+    args = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry_point]
+    args += ["--env-manager", "local", "--experiment-id", experiment_id]
+    for key, value in params.items():
+        args += ["-P", f"{key}={value}"]
+    done = subprocess.run(
+        args, cwd=cwd, env=os.environ.copy(), capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def runs_by_stage(experiment_id: str) -> dict[str, list]:
+    runs = mlflow.search_runs([experiment_id], output_format="list")
+    stages: dict[str, list] = {}
+    for run in runs:
+        stages.setdefault(run.data.tags.get(ENTRY_POINT), []).append(run)
+    return stages

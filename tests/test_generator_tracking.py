@@ -1,8 +1,5 @@
 """The generator stages as MLflow runs: chaining, reuse, artifacts, on a real tracking server."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -11,64 +8,13 @@ import pytest
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from conftest import REPO
-from skindiff.data.prepare import PrepareConfig
+from conftest import CONDITIONS, FAST, fast_configs, mlflow_run, runs_by_stage
 from skindiff.diffusion.base_model import resolve_base_model
 from skindiff.diffusion.generate import GenerateConfig
-from skindiff.diffusion.lora import LoraConfig
 from skindiff.diffusion.prompts import placeholder_token, token_file_name
-from skindiff.diffusion.textual_inversion import TextualInversionConfig
 from skindiff.errors import SkindiffError
 from skindiff.tracking.generate import run_generate
 from skindiff.tracking.pipeline import run_main
-
-ENTRY_POINT = "mlflow.project.entryPoint"
-CONDITIONS = ("folliculitis", "psoriasis")
-# A few steps of everything: the chain and its bookkeeping are under test, not the quality.
-FAST = {
-    "conditions": ",".join(CONDITIONS),
-    "ti_max_train_steps": "2",
-    "ti_train_batch_size": "2",
-    "ti_gradient_accumulation_steps": "1",
-    "lora_max_train_steps": "2",
-    "lora_train_batch_size": "2",
-    "num_per_image": "2",
-    "num_inference_steps": "4",
-    "output_size": "32",
-}
-
-
-def fast_configs(seed: int = 0):
-    data = PrepareConfig(conditions=CONDITIONS, seed=seed)
-    ti = TextualInversionConfig(
-        conditions=CONDITIONS,
-        max_train_steps=2,
-        train_batch_size=2,
-        gradient_accumulation_steps=1,
-        seed=seed,
-    )
-    lora = LoraConfig(max_train_steps=2, train_batch_size=2, seed=seed)
-    generate = GenerateConfig(num_per_image=2, num_inference_steps=4, output_size=32, seed=seed)
-    return data, ti, lora, generate
-
-
-def mlflow_run(entry_point: str, experiment_id: str, cwd: Path, **params: str) -> None:
-    args = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry_point]
-    args += ["--env-manager", "local", "--experiment-id", experiment_id]
-    for key, value in params.items():
-        args += ["-P", f"{key}={value}"]
-    done = subprocess.run(
-        args, cwd=cwd, env=os.environ.copy(), capture_output=True, text=True, timeout=900
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-
-
-def runs_by_stage(experiment_id: str) -> dict[str, list]:
-    runs = mlflow.search_runs([experiment_id], output_format="list")
-    stages: dict[str, list] = {}
-    for run in runs:
-        stages.setdefault(run.data.tags.get(ENTRY_POINT), []).append(run)
-    return stages
 
 
 def test_generate_from_nothing_then_reuse(tracking: str, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from skindiff.data.fitzpatrick import PAPER_SEEDS
 from skindiff.data.prepare import PrepareConfig
 from skindiff.errors import SkindiffError
 from skindiff.options import (
+    CLASSIFIER,
     DATA,
     GENERATE,
     LORA,
@@ -43,9 +44,10 @@ app = typer.Typer(
 )
 
 HELP = {
-    "metadata_csv": "Fitzpatrick17k-format metadata CSV. Empty: the embedded demo dataset.",
+    "metadata_csv": "Fitzpatrick17k-format metadata CSV. Empty: the embedded demo dataset "
+    "(evaluate: not used).",
     "image_dir": "Folder of the images (<md5hash>.jpg, or the CSV's `path` column relative to "
-    "it). Empty: the embedded demo dataset.",
+    "it). Empty: the embedded demo dataset (evaluate: not used).",
     "scenario": "i: train on light+dark; ii: light + the dark flexible subset; iii: light only.",
     "seed": "Repeat seed: picks the flexible subsets and seeds every stage.",
     "val_fraction": "Share of each (condition, skin group) of the training set held out for "
@@ -61,6 +63,15 @@ HELP = {
     "stabilityai/stable-diffusion-2-1-base.",
     "resolution": "Training and img2img resolution in pixels; 0 = the model's native size.",
     "mixed_precision": "auto (fp16 on a GPU, full on a CPU), no, fp16 or bf16.",
+    "arch": "Classifier: vgg16, resnet18, vit_b_16 or tiny (a small CNN for CPU runs).",
+    "weights": "imagenet (from the local torch cache, never downloaded), none, or a "
+    "checkpoint file.",
+    "finetune": "head: frozen backbone, new head (reference); full: train everything.",
+    "train_type": "real, syn or real+syn: the images the classifier trains on.",
+    "model_uri": "Classifier to evaluate: runs:/<run id>/model or models:/<name>@<alias>.",
+    "manifest": "Split manifest CSV (columns md5hash, label, fitzpatrick_scale, path), a path "
+    "or an artifact URI such as runs:/<prepare run>/splits/test.csv.",
+    "name": "Prefix of the metric names (test -> test_accuracy, ...).",
 }
 
 
@@ -138,6 +149,7 @@ def _run_id_option(name: str, stage: str, options: str) -> tuple:
 PREPARE_RUN = _run_id_option("prepare_run_id", "prepare", "data options")
 TI_RUN = _run_id_option("ti_run_id", "textual_inversion", "ti_ options")
 LORA_RUN = _run_id_option("lora_run_id", "lora", "lora_ options")
+GENERATE_RUN = _run_id_option("generate_run_id", "generate", "generator options")
 
 
 @stage_command("textual_inversion", [DATA, MODEL, TEXTUAL_INVERSION], extra=[PREPARE_RUN])
@@ -198,6 +210,47 @@ def generate(
 
 
 @stage_command(
+    "train_classifier",
+    [DATA, MODEL, TEXTUAL_INVERSION, LORA, GENERATE, CLASSIFIER],
+    extra=[PREPARE_RUN, GENERATE_RUN],
+)
+def train_classifier(
+    data,
+    model,
+    ti_config,
+    lora_config,
+    generate_config,
+    config,
+    prepare_run_id: str,
+    generate_run_id: str,
+) -> None:
+    """Train a classifier on real, synthetic or real+synthetic images; model selection on the
+    validation split, the test split scored once (MLflow run)."""
+    from skindiff.tracking.train_classifier import run_train_classifier
+
+    run_id = run_train_classifier(
+        data, config, ti_config, lora_config, generate_config, prepare_run_id, generate_run_id
+    )
+    typer.echo(f"train_classifier run {run_id}: metrics, predictions/test.csv and model logged")
+
+
+def _evaluate_group() -> OptionGroup:
+    from skindiff.tracking.evaluate import EvaluateConfig
+
+    return OptionGroup(EvaluateConfig)
+
+
+@stage_command("evaluate", [_evaluate_group()])
+def evaluate(config) -> None:
+    """Evaluate a logged classifier (runs:/<id>/model or models:/...) on a split manifest or
+    on a metadata CSV + image folder, logging the same metrics as training (MLflow run)."""
+    from skindiff.tracking.evaluate import run_evaluate
+
+    run_id = run_evaluate(config)
+    typer.echo(f"evaluate run {run_id}: metrics and predictions/{config.name}.csv logged")
+
+
+@stage_command(
     "main",
     [
         OptionGroup(PrepareConfig, omit=("scenario", "seed")),
@@ -229,7 +282,15 @@ def main(data, model, ti_config, lora_config, generate_config, scenarios: str, s
 
 
 # Stage commands that are MLproject entry points, in the order MLproject lists them.
-ENTRY_POINTS = ("main", "prepare", "textual_inversion", "lora", "generate")
+ENTRY_POINTS = (
+    "main",
+    "prepare",
+    "textual_inversion",
+    "lora",
+    "generate",
+    "train_classifier",
+    "evaluate",
+)
 
 
 @app.command("demo-data")

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from skindiff.classify.train import ClassifierConfig
 from skindiff.data.prepare import PrepareConfig
 from skindiff.diffusion.generate import GenerateConfig
 from skindiff.diffusion.lora import LoraConfig
@@ -52,6 +53,7 @@ MODEL = OptionGroup(ModelOptions)
 TEXTUAL_INVERSION = OptionGroup(TextualInversionConfig, "ti_", shared=_SHARED)
 LORA = OptionGroup(LoraConfig, "lora_", shared=_SHARED[:1] + _SHARED[2:])
 GENERATE = OptionGroup(GenerateConfig, shared=_SHARED[:1] + _SHARED[2:])
+CLASSIFIER = OptionGroup(ClassifierConfig, shared=("seed",))
 
 
 def comma_list(text: str) -> tuple[str, ...]:

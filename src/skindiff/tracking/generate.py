@@ -131,3 +131,25 @@ def ensure_generate(
     return run_generate(
         data, ti_config, lora_config, config, prepare_run_id, ti_run_id, lora_run_id
     )
+
+
+def ensure_generator_chain(
+    data: PrepareConfig,
+    ti_config: TextualInversionConfig,
+    lora_config: LoraConfig,
+    config: GenerateConfig,
+    prepare_run_id: str,
+) -> tuple[str, str, str]:
+    """(textual_inversion, lora, generate) run ids for `config.mode`, each found or run."""
+    ti = ensure_textual_inversion(data, ti_config, prepare_run_id) if config.uses_ti else ""
+    lora = ensure_lora(data, lora_config, prepare_run_id, ti) if config.uses_lora else ""
+    generate = ensure_generate(data, ti_config, lora_config, config, prepare_run_id, ti, lora)
+    return ti, lora, generate
+
+
+def load_synthetic(generate_run_id: str, dst: Path) -> pd.DataFrame:
+    """A generate run's manifest with its images downloaded under `dst` (absolute paths)."""
+    require_stage_run(generate_run_id, STAGE)
+    folder = download_run_dir(generate_run_id, "synthetic", dst)
+    manifest = pd.read_csv(folder / "manifest.csv", keep_default_na=False)
+    return manifest.assign(path=[str(folder / p) for p in manifest["path"]])

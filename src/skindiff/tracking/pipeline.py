@@ -14,11 +14,9 @@ from skindiff.diffusion.generate import GenerateConfig
 from skindiff.diffusion.lora import LoraConfig
 from skindiff.diffusion.textual_inversion import TextualInversionConfig
 from skindiff.options import DATA, GENERATE, LORA, TEXTUAL_INVERSION, option_values
-from skindiff.tracking.generate import ensure_generate
-from skindiff.tracking.lora import ensure_lora
+from skindiff.tracking.generate import ensure_generator_chain
 from skindiff.tracking.prepare import ensure_prepare
 from skindiff.tracking.runs import ENTRY_POINT_TAG, stage_run
-from skindiff.tracking.textual_inversion import ensure_textual_inversion
 
 
 @dataclass(frozen=True)
@@ -78,11 +76,7 @@ def _run_pair(
     generate_config: GenerateConfig,
 ) -> PipelineRuns:
     prepare = ensure_prepare(data)
-    ti = ensure_textual_inversion(data, ti_config, prepare) if generate_config.uses_ti else ""
-    lora = (
-        ensure_lora(data, lora_config, prepare, ti if generate_config.uses_ti else "")
-        if generate_config.uses_lora
-        else ""
+    ti, lora, generate = ensure_generator_chain(
+        data, ti_config, lora_config, generate_config, prepare
     )
-    generate = ensure_generate(data, ti_config, lora_config, generate_config, prepare, ti, lora)
     return PipelineRuns(parent, prepare, ti, lora, generate)

@@ -1,0 +1,162 @@
+"""Classifier networks: torchvision's VGG-16, ResNet-18 and ViT-B/16, and a tiny CNN for tests.
+
+Every network gets the reference code's new head in place of its last layer:
+Linear(in, 256)-ReLU-Dropout(0.4)-Linear(256, num_classes). The head returns logits and training
+uses CrossEntropyLoss, which equals the reference's LogSoftmax + NLLLoss.
+
+With finetune="head" the backbone's parameters are frozen, but its BatchNorm layers (ResNet-18,
+tiny) still update their running statistics in train mode, as in torchvision's usual
+fine-tuning recipe; VGG-16, the reference's network, has none.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torchvision import models
+
+from skindiff.errors import SkindiffError
+
+ARCHS = ("vgg16", "resnet18", "vit_b_16", "tiny")
+FINETUNES = ("head", "full")
+# Architectures whose input size is fixed by their position embeddings.
+FIXED_INPUT_SIZE = {"vit_b_16": 224}
+HEAD_HIDDEN = 256
+HEAD_DROPOUT = 0.4
+
+# The module each architecture's new head replaces.
+_LAST_LAYER = {"vgg16": "classifier.6", "resnet18": "fc", "vit_b_16": "heads.head", "tiny": "fc"}
+_TORCHVISION: dict[str, tuple[Callable[[], nn.Module], models.WeightsEnum]] = {
+    "vgg16": (models.vgg16, models.VGG16_Weights.IMAGENET1K_V1),
+    "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
+    "vit_b_16": (models.vit_b_16, models.ViT_B_16_Weights.IMAGENET1K_V1),
+}
+
+
+class TinyCNN(nn.Module):
+    """Four conv-BN-ReLU-max-pool blocks, global pooling and a linear layer `fc`: learns the demo
+    data in seconds on a CPU, which is all the tests need. Convolutions run at full resolution
+    before each pooling; strided convolutions instead learned the demo's thin patterns poorly."""
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        for c_in, c_out in ((3, 16), (16, 32), (32, 64), (64, 128)):
+            blocks += [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+        self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def build_classifier(
+    arch: str, num_classes: int, weights: str = "none", finetune: str = "head"
+) -> nn.Module:
+    """A classifier with the reference head for `num_classes` classes.
+
+    weights: "none" (random init), "imagenet" (torchvision's IMAGENET1K_V1, read from the local
+    torch hub cache only) or the path of a local state_dict (.pt, .pth or .safetensors) either of
+    the plain architecture (ImageNet-shaped last layer) or of a classifier built here.
+    finetune: "head" freezes everything but the new head (the reference); "full" trains all.
+    """
+    if arch not in ARCHS:
+        raise SkindiffError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    if finetune not in FINETUNES:
+        raise SkindiffError(f"finetune must be one of {', '.join(FINETUNES)}, got {finetune!r}")
+    if num_classes < 2:
+        raise SkindiffError(f"num_classes must be at least 2, got {num_classes}")
+    state, source = _requested_state(arch, weights)
+    model = TinyCNN() if arch == "tiny" else _TORCHVISION[arch][0]()
+    # A state_dict of the plain architecture loads before the head is swapped, one of a
+    # classifier built here after.
+    plain = state is not None and state.keys() == model.state_dict().keys()
+    if plain:
+        _load(model, state, source, arch)
+    if finetune == "head":
+        model.requires_grad_(False)
+    last = model.get_submodule(_LAST_LAYER[arch])
+    head = nn.Sequential(
+        nn.Linear(last.in_features, HEAD_HIDDEN),
+        nn.ReLU(inplace=True),
+        nn.Dropout(HEAD_DROPOUT),
+        nn.Linear(HEAD_HIDDEN, num_classes),
+    )
+    model.set_submodule(_LAST_LAYER[arch], head)
+    if state is not None and not plain:
+        _load(model, state, source, arch)
+    return model
+
+
+def _requested_state(arch: str, weights: str) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """(state_dict, where it came from) for `weights`; (None, "") for random init."""
+    if weights == "none":
+        return None, ""
+    if not weights.strip():
+        raise SkindiffError("weights must be 'none', 'imagenet' or a checkpoint path, got ''")
+    if weights != "imagenet":
+        return _read_state_dict(Path(weights).expanduser()), weights
+    if arch not in _TORCHVISION:
+        raise SkindiffError(
+            f"weights='imagenet': arch {arch!r} has no ImageNet weights; "
+            "use weights='none' or the path of a checkpoint"
+        )
+    url = _TORCHVISION[arch][1].url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if not path.is_file():
+        # Never download: the user puts the file there (or sets TORCH_HOME to where it is).
+        raise SkindiffError(
+            f"weights='imagenet' for {arch} needs {path.name} in the torch hub cache: "
+            f"download {url} and put it at {path}"
+        )
+    return _read_state_dict(path), str(path)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file or of a torch-saved state_dict (.pt, .pth)."""
+    if not path.is_file():
+        raise SkindiffError(f"weights: checkpoint file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and safetensors errors have no common base class
+        raise SkindiffError(f"weights: cannot read {path} as a state_dict: {err}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SkindiffError(f"weights: {path} holds no state_dict (a mapping of names to tensors)")
+    return state
+
+
+def _load(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
+    """load_state_dict, with a one-line description of what does not fit instead of torch's."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = [
+        f"{len(found)} {what} (e.g. {found[0]})"
+        for what, found in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", reshaped),
+        )
+        if found
+    ]
+    if problems:
+        raise SkindiffError(
+            f"weights: {source} fits neither {arch} nor this classifier: {'; '.join(problems)}"
+        )
+    model.load_state_dict(state)

@@ -1,0 +1,135 @@
+"""train_classifier and evaluate as MLflow runs, through `mlflow run` on a real server."""
+
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+from conftest import CONDITIONS, fast_configs, mlflow_run, runs_by_stage
+from skindiff.errors import SkindiffError
+from skindiff.tracking.evaluate import EvaluateConfig, run_evaluate
+from skindiff.tracking.generate import run_generate
+from skindiff.tracking.prepare import run_prepare
+
+CLASSIFIER = {
+    "conditions": ",".join(CONDITIONS),
+    "arch": "tiny",
+    "epochs": "3",
+    "batch_size": "32",
+    "image_size": "64",
+}
+
+
+@pytest.fixture()
+def upstream(tracking: str) -> dict[str, str]:
+    """A prepare and a (small) generate run of the two-condition demo setting."""
+    data, ti, lora, generate = fast_configs()
+    prepare = run_prepare(data)
+    return {
+        "prepare_run_id": prepare,
+        "generate_run_id": run_generate(data, ti, lora, generate, prepare_run_id=prepare),
+    }
+
+
+def logged_predictions(run_id: str, tmp_path: Path) -> pd.DataFrame:
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="predictions/test.csv", dst_path=str(tmp_path / run_id)
+    )
+    return pd.read_csv(path)
+
+
+@pytest.mark.parametrize("train_type", ["real", "syn", "real+syn"])
+def test_train_types_end_to_end(
+    tracking: str, upstream: dict[str, str], tmp_path: Path, train_type: str
+) -> None:
+    mlflow_run(
+        "train_classifier", tracking, tmp_path, train_type=train_type, **CLASSIFIER, **upstream
+    )
+    (run,) = runs_by_stage(tracking)["train_classifier"]
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    synthetic = metrics["n_train_synthetic"]
+    real = metrics["n_train_real"]
+    assert (real > 0) == (train_type != "syn") and (synthetic > 0) == (train_type != "real")
+    if train_type != "real":
+        assert run.data.tags["skindiff.generate_run_id"] == upstream["generate_run_id"]
+
+    predictions = logged_predictions(run.info.run_id, tmp_path)
+    assert list(predictions.columns) == [
+        "md5hash",
+        "label",
+        "predicted",
+        "fitzpatrick_scale",
+        "group",
+    ]
+    y, p = predictions["label"], predictions["predicted"]
+    macro = {"average": "macro", "zero_division": 0, "labels": list(CONDITIONS)}
+    assert metrics["test_accuracy"] == pytest.approx(accuracy_score(y, p))
+    assert metrics["test_precision_macro"] == pytest.approx(precision_score(y, p, **macro))
+    assert metrics["test_recall_macro"] == pytest.approx(recall_score(y, p, **macro))
+    assert metrics["test_f1_macro"] == pytest.approx(f1_score(y, p, **macro))
+    dark = predictions[predictions["group"] == "dark"]
+    assert metrics["test_accuracy_dark"] == pytest.approx(
+        accuracy_score(dark["label"], dark["predicted"])
+    )
+    assert 1 <= metrics["best_epoch"] <= 3
+    info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model")
+    assert info.signature is not None and info.metadata["labels"] == list(CONDITIONS)
+
+    # The logged model, evaluated again on the same test manifest, scores the same.
+    evaluate_id = run_evaluate(
+        EvaluateConfig(
+            model_uri=f"runs:/{run.info.run_id}/model",
+            manifest=f"runs:/{upstream['prepare_run_id']}/splits/test.csv",
+        )
+    )
+    again = mlflow.get_run(evaluate_id).data.metrics
+    assert again["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert again["test_f1_macro"] == pytest.approx(metrics["test_f1_macro"])
+    assert mlflow.get_run(evaluate_id).data.tags["mlflow.project.entryPoint"] == "evaluate"
+
+
+def test_evaluate_on_an_external_metadata_csv(
+    tracking: str, upstream: dict[str, str], demo_dataset, tmp_path: Path
+) -> None:
+    mlflow_run(
+        "train_classifier",
+        tracking,
+        tmp_path,
+        **CLASSIFIER,
+        prepare_run_id=upstream["prepare_run_id"],
+    )
+    (trained,) = runs_by_stage(tracking)["train_classifier"]
+    evaluate_id = run_evaluate(
+        EvaluateConfig(
+            model_uri=f"runs:/{trained.info.run_id}/model",
+            metadata_csv=str(demo_dataset.metadata_csv),
+            image_dir=str(demo_dataset.image_dir),
+            name="external",
+        )
+    )
+    run = mlflow.get_run(evaluate_id)
+    predictions = pd.read_csv(
+        mlflow.artifacts.download_artifacts(
+            run_id=evaluate_id,
+            artifact_path="predictions/external.csv",
+            dst_path=str(tmp_path / "e"),
+        )
+    )
+    # The whole cohort of the model's two conditions (FST 1, 2, 5, 6) of the demo data.
+    assert len(predictions) == 2 * (8 + 12 + 8 + 6)
+    assert set(predictions["label"]) == set(CONDITIONS)
+    assert run.data.metrics["external_accuracy"] == pytest.approx(
+        accuracy_score(predictions["label"], predictions["predicted"])
+    )
+
+
+def test_evaluate_refuses_what_is_not_a_classifier(tracking: str, upstream: dict) -> None:
+    with pytest.raises(SkindiffError, match="model_uri 'runs:/0123456789abcdef/model'"):
+        run_evaluate(EvaluateConfig(model_uri="runs:/0123456789abcdef/model", manifest="x.csv"))
+    with pytest.raises(SkindiffError, match="either manifest, or metadata_csv"):
+        EvaluateConfig(model_uri="runs:/x/model")
+    with pytest.raises(SkindiffError, match="model_uri is empty"):
+        EvaluateConfig(manifest="x.csv")
