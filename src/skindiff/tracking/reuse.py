@@ -4,7 +4,9 @@ The key of a stage run is the SHA-256 of
 - the stage name and its params (canonical text, as logged),
 - the content digests of its inputs (the training split's images and labels, the upstream
   runs' keys, the base model's fingerprint),
-- the code version: a digest of the skindiff package's source files.
+- the code version: a digest of the source files of the science packages the stage runs
+  (`data` for prepare, `data` + `diffusion` for the generator stages, those + `classify` for
+  classifiers), so editing the classifier does not invalidate trained generators.
 A FINISHED run carrying the same key (tag `skindiff.run_key`) in the experiment is re-used
 instead of recomputed, and the key names the work folder under the cache, so a stage killed
 mid-way resumes from its checkpoints when started again with the same key.
@@ -23,23 +25,36 @@ import skindiff
 from skindiff.paths import cache_dir
 
 RUN_KEY_TAG = "skindiff.run_key"
-CODE_VERSION_TAG = "skindiff.code_version"
+
+
+# The science packages whose code decides each stage's results.
+STAGE_CODE = {
+    "prepare": ("data",),
+    "textual_inversion": ("data", "diffusion"),
+    "lora": ("data", "diffusion"),
+    "generate": ("data", "diffusion"),
+    "train_classifier": ("data", "diffusion", "classify"),
+}
 
 
 @cache
-def code_version() -> str:
-    """Digest of the package's Python sources: any code change gives new keys."""
-    package = Path(skindiff.__file__).parent
+def code_version(packages: tuple[str, ...]) -> str:
+    """Digest of the Python sources of skindiff's `packages` and of the top-level modules they
+    import: a change to them gives new keys."""
+    root = Path(skindiff.__file__).parent
+    files = [root / "errors.py", root / "paths.py"]
+    files += [path for name in packages for path in (root / name).rglob("*.py")]
     digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode())
+    for path in sorted(files):
+        digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
 def run_key(stage: str, params: Mapping[str, str], inputs: Mapping[str, str]) -> str:
     """The reuse key of a stage run (see the module docstring)."""
-    payload = {"stage": stage, "params": params, "inputs": inputs, "code": code_version()}
+    code = code_version(STAGE_CODE[stage])
+    payload = {"stage": stage, "params": params, "inputs": inputs, "code": code}
     text = json.dumps(payload, sort_keys=True, default=dict)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
