@@ -1,5 +1,6 @@
 """Shared fixtures: one real MLflow tracking server per session, an isolated cache, demo data."""
 
+import contextlib
 import os
 
 # Spinning OpenMP threads make torch ~100x slower when another process (a server, a
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -184,3 +186,33 @@ def runs_by_stage(experiment_id: str) -> dict[str, list]:
     for run in runs:
         stages.setdefault(run.data.tags.get(ENTRY_POINT), []).append(run)
     return stages
+
+
+@contextlib.contextmanager
+def keeping_base_pipeline(module) -> Iterator[list]:
+    """Makes `module.load_base_pipeline` keep what it loads, so a test can inspect the pipeline
+    a trainer used."""
+    from skindiff.diffusion.training import load_base_pipeline
+
+    pipelines: list = []
+
+    def keep(base_model: str):
+        pipelines.append(load_base_pipeline(base_model))
+        return pipelines[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "load_base_pipeline", keep)
+        yield pipelines
+
+
+def stock_tiny_pipeline():
+    """A fresh stock diffusers pipeline of the built-in tiny model, no progress bars."""
+    from diffusers import StableDiffusionPipeline
+
+    from skindiff.diffusion.base_model import resolve_base_model
+
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        resolve_base_model("tiny"), safety_checker=None, requires_safety_checker=False
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -10,6 +10,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import keeping_base_pipeline, stock_tiny_pipeline
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.diffusion import lora
 from skindiff.diffusion.base_model import resolve_base_model
@@ -17,7 +18,6 @@ from skindiff.diffusion.lora import LoraConfig, train_lora
 from skindiff.diffusion.prompts import skin_prompt
 from skindiff.diffusion.textual_inversion import TextualInversionConfig, train_textual_inversion
 from skindiff.diffusion.train_data import ManifestImageDataset
-from skindiff.diffusion.training import load_base_pipeline
 from skindiff.errors import SkindiffError
 
 # lr 1e-3 instead of 5e-6: B starts at zero, and a few reference-size steps on random weights
@@ -49,24 +49,14 @@ def embeddings_dir(train, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(train, embeddings_dir, tmp_path_factory):
     """An uninterrupted run, plus the pipeline whose UNet it trained."""
-    pipelines = []
-
-    def keep(base_model: str) -> StableDiffusionPipeline:
-        pipelines.append(load_base_pipeline(base_model))
-        return pipelines[-1]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(lora, "load_base_pipeline", keep)
+    with keeping_base_pipeline(lora) as pipelines:
         out_dir = tmp_path_factory.mktemp("lora") / "run"
         result = train_lora(CONFIG, train, embeddings_dir, out_dir, progress=False)
     return result, pipelines[0]
 
 
 def stock_pipeline(embeddings_dir) -> StableDiffusionPipeline:
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        resolve_base_model("tiny"), safety_checker=None, requires_safety_checker=False
-    )
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = stock_tiny_pipeline()
     pipeline.load_textual_inversion(sorted(str(p) for p in embeddings_dir.iterdir()))
     return pipeline
 

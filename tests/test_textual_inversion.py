@@ -15,6 +15,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
+from conftest import keeping_base_pipeline, stock_tiny_pipeline
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.diffusion import textual_inversion
 from skindiff.diffusion.base_model import resolve_base_model
@@ -24,7 +25,6 @@ from skindiff.diffusion.textual_inversion import (
     train_textual_inversion,
 )
 from skindiff.diffusion.train_data import ManifestImageDataset
-from skindiff.diffusion.training import load_base_pipeline
 from skindiff.errors import SkindiffError
 
 # Small and quick, with a learning rate that moves the tokens measurably in 6 steps.
@@ -48,26 +48,11 @@ def train(demo_dataset):
 @pytest.fixture(scope="module")
 def trained(train, tmp_path_factory):
     """An uninterrupted run, plus the pipeline it trained (to inspect the embedding matrix)."""
-    pipelines = []
-
-    def keep(base_model: str) -> StableDiffusionPipeline:
-        pipelines.append(load_base_pipeline(base_model))
-        return pipelines[-1]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(textual_inversion, "load_base_pipeline", keep)
+    with keeping_base_pipeline(textual_inversion) as pipelines:
         result = train_textual_inversion(
             CONFIG, train, tmp_path_factory.mktemp("ti") / "run", progress=False
         )
     return result, pipelines[0]
-
-
-def stock_pipeline() -> StableDiffusionPipeline:
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        resolve_base_model("tiny"), safety_checker=None, requires_safety_checker=False
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 def sample(pipeline: StableDiffusionPipeline, prompt: str) -> np.ndarray:
@@ -132,11 +117,11 @@ def test_only_the_new_token_rows_of_the_embedding_matrix_change(trained):
 
 def test_saved_embeddings_load_into_a_stock_pipeline_and_change_its_output(trained):
     result, _ = trained
-    learned = stock_pipeline()
+    learned = stock_tiny_pipeline()
     learned.load_textual_inversion(sorted(str(p) for p in result.embeddings_dir.iterdir()))
     assert set(result.tokens.values()) <= set(learned.tokenizer.get_vocab())
 
-    untrained = stock_pipeline()
+    untrained = stock_tiny_pipeline()
     text_encoder, tokenizer = untrained.text_encoder, untrained.tokenizer
     initial = text_encoder.get_input_embeddings().weight[
         tokenizer.convert_tokens_to_ids("skin</w>")
@@ -222,7 +207,7 @@ def test_multi_vector_tokens_load_with_the_stock_loader(train, tmp_path):
     saved = load_file(result.embeddings_dir / "psoriasis.safetensors")
     assert list(saved) == ["<psoriasis>"] and saved["<psoriasis>"].shape[0] == 2
 
-    pipeline = stock_pipeline()
+    pipeline = stock_tiny_pipeline()
     pipeline.load_textual_inversion(str(result.embeddings_dir / "psoriasis.safetensors"))
     assert pipeline.maybe_convert_prompt(PROMPT, pipeline.tokenizer) == PROMPT + " <psoriasis>_1"
     assert sample(pipeline, PROMPT).shape == (1, 32, 32, 3)
