@@ -23,3 +23,10 @@ def test_every_entry_point_has_a_script_and_all_options() -> None:
         assert set(entry["parameters"]) == options, name
         for param in options:
             assert f"--{param.replace('_', '-')} {{{param}}}" in entry["command"], (name, param)
+
+
+def test_every_option_is_explained() -> None:
+    for name, command in get_command(app).commands.items():
+        for param in command.params:
+            if param.name != "help" and getattr(param, "help", None) is not None:
+                assert param.help.strip(), (name, param.name)

@@ -72,6 +72,43 @@ HELP = {
     "manifest": "Split manifest CSV (columns md5hash, label, fitzpatrick_scale, path), a path "
     "or an artifact URI such as runs:/<prepare run>/splits/test.csv.",
     "name": "Prefix of the metric names (test -> test_accuracy, ...).",
+    "batch_size": "Classifier: images per batch (evaluate: per inference batch).",
+    "epochs": "Classifier: training epochs; the best is chosen on the validation split.",
+    "learning_rate": "Classifier: Adam learning rate (StepLR divides it by 10 every epochs // 3).",
+    "image_size": "Classifier: input crop in pixels (ViT-B-16 needs 224).",
+    "ti_num_vectors": "Textual Inversion: embedding vectors per token.",
+    "ti_initializer_word": "Textual Inversion: the word whose embedding starts every token.",
+    "ti_max_train_steps": "Textual Inversion: optimizer steps (all conditions' tokens together).",
+    "ti_train_batch_size": "Textual Inversion: images per micro-batch.",
+    "ti_gradient_accumulation_steps": "Textual Inversion: micro-batches per optimizer step.",
+    "ti_learning_rate": "Textual Inversion: AdamW learning rate before scaling.",
+    "ti_scale_lr": "true: multiply the learning rate by batch x accumulation (reference).",
+    "ti_weight_decay": "Textual Inversion: AdamW weight decay.",
+    "ti_checkpoint_every": "Textual Inversion: steps between resumable checkpoints.",
+    "lora_rank": "LoRA: rank of the adapter matrices.",
+    "lora_alpha": "LoRA: scaling alpha (the update is scaled by alpha / rank).",
+    "lora_target_modules": "LoRA: comma list of UNet attention modules to adapt.",
+    "lora_learning_rate": "LoRA: AdamW learning rate.",
+    "lora_max_train_steps": "LoRA: optimizer steps.",
+    "lora_train_batch_size": "LoRA: images per micro-batch.",
+    "lora_gradient_accumulation_steps": "LoRA: micro-batches per optimizer step.",
+    "lora_weight_decay": "LoRA: AdamW weight decay.",
+    "lora_max_grad_norm": "LoRA: gradient clipping norm (0 = none).",
+    "lora_snr_gamma": "LoRA: Min-SNR loss weighting gamma (0 = off; 5 is common).",
+    "lora_gradient_checkpointing": "true: trade compute for memory in the UNet.",
+    "lora_checkpoint_every": "LoRA: steps between resumable checkpoints.",
+    "mode": "pipeline/adapters: img2img/ti+lora (the paper's method), img2img/ti, "
+    "img2img/lora, img2img/vanilla, txt2img/ti, txt2img/vanilla.",
+    "num_per_image": "Synthetic images per training image.",
+    "strength": "img2img: how far from the source image (0-1; 0.5 = half the steps).",
+    "guidance_scale": "Classifier-free guidance scale.",
+    "num_inference_steps": "Scheduler steps (img2img runs strength x this many).",
+    "scheduler": "default (the model's own: PNDM for SD 2.1 base), pndm, ddim, dpm++, euler, "
+    "euler-a.",
+    "output_size": "Side of the saved synthetic images in pixels.",
+    "generation_batch_size": "Images per pipeline call.",
+    "target_fst": "Comma list of skin types a light source image is moved to (one drawn per "
+    "image); dark sources keep their own.",
 }
 
 
