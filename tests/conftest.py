@@ -216,3 +216,17 @@ def stock_tiny_pipeline():
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def sample_image(pipeline, prompt: str):
+    """A few-step 32 px sample with a fixed seed, as a numpy array: for comparing outputs."""
+    import torch
+
+    return pipeline(
+        prompt,
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images

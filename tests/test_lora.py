@@ -10,7 +10,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import keeping_base_pipeline, stock_tiny_pipeline
+from conftest import keeping_base_pipeline, sample_image, stock_tiny_pipeline
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.diffusion import lora
 from skindiff.diffusion.base_model import resolve_base_model
@@ -61,17 +61,6 @@ def stock_pipeline(embeddings_dir) -> StableDiffusionPipeline:
     return pipeline
 
 
-def sample(pipeline: StableDiffusionPipeline) -> np.ndarray:
-    return pipeline(
-        PROMPT,
-        num_inference_steps=3,
-        height=32,
-        width=32,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
-
-
 def test_lora_images_are_random_square_crops_of_the_resized_image(train, tmp_path):
     wide = tmp_path / "wide.png"
     gradient = np.tile(np.linspace(0, 255, 96, dtype=np.uint8), (48, 1))
@@ -91,15 +80,15 @@ def test_lora_loads_into_a_stock_pipeline_changes_output_and_unloads_to_the_base
     assert result.weights_path.name == "pytorch_lora_weights.safetensors"
     assert len(result.losses) == CONFIG.max_train_steps
     pipeline = stock_pipeline(embeddings_dir)
-    base = sample(pipeline)
+    base = sample_image(pipeline, PROMPT)
 
     pipeline.load_lora_weights(result.weights_path.parent)
     adapter = pipeline.unet.peft_config[pipeline.get_active_adapters()[0]]
     assert (adapter.r, adapter.lora_alpha) == (CONFIG.rank, CONFIG.alpha)
-    assert np.abs(sample(pipeline) - base).max() > 1e-3
+    assert np.abs(sample_image(pipeline, PROMPT) - base).max() > 1e-3
 
     pipeline.unload_lora_weights()
-    np.testing.assert_array_equal(sample(pipeline), base)
+    np.testing.assert_array_equal(sample_image(pipeline, PROMPT), base)
 
 
 def test_training_leaves_the_base_unet_weights_untouched(trained):

@@ -11,11 +11,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
-from conftest import keeping_base_pipeline, stock_tiny_pipeline
+from conftest import keeping_base_pipeline, sample_image, stock_tiny_pipeline
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.diffusion import textual_inversion
 from skindiff.diffusion.base_model import resolve_base_model
@@ -53,17 +52,6 @@ def trained(train, tmp_path_factory):
             CONFIG, train, tmp_path_factory.mktemp("ti") / "run", progress=False
         )
     return result, pipelines[0]
-
-
-def sample(pipeline: StableDiffusionPipeline, prompt: str) -> np.ndarray:
-    return pipeline(
-        prompt,
-        num_inference_steps=3,
-        height=32,
-        width=32,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
 
 
 def saved_embeddings(result) -> dict[str, torch.Tensor]:
@@ -128,7 +116,7 @@ def test_saved_embeddings_load_into_a_stock_pipeline_and_change_its_output(train
     ]
     untrained.load_textual_inversion({"<psoriasis>": initial.detach()[None]})
 
-    assert np.abs(sample(learned, PROMPT) - sample(untrained, PROMPT)).max() > 1e-3
+    assert np.abs(sample_image(learned, PROMPT) - sample_image(untrained, PROMPT)).max() > 1e-3
 
 
 def test_same_seed_gives_bit_identical_embeddings(trained, train, tmp_path):
@@ -210,7 +198,7 @@ def test_multi_vector_tokens_load_with_the_stock_loader(train, tmp_path):
     pipeline = stock_tiny_pipeline()
     pipeline.load_textual_inversion(str(result.embeddings_dir / "psoriasis.safetensors"))
     assert pipeline.maybe_convert_prompt(PROMPT, pipeline.tokenizer) == PROMPT + " <psoriasis>_1"
-    assert sample(pipeline, PROMPT).shape == (1, 32, 32, 3)
+    assert sample_image(pipeline, PROMPT).shape == (1, 32, 32, 3)
 
 
 @pytest.mark.parametrize(

@@ -16,16 +16,15 @@ from skindiff.diffusion.generate import GenerateConfig, generate_synthetic
 from skindiff.diffusion.lora import LoraConfig
 from skindiff.diffusion.textual_inversion import TextualInversionConfig
 from skindiff.options import DATA, GENERATE, LORA, TEXTUAL_INVERSION, option_values
-from skindiff.tracking.lora import (
-    TI_RUN_TAG,
-    WEIGHTS_ARTIFACT,
-    check_same_base_model,
-    ensure_lora,
-    upstream_key,
-)
+from skindiff.tracking.lora import TI_RUN_TAG, WEIGHTS_ARTIFACT, ensure_lora, upstream_key
 from skindiff.tracking.prepare import ensure_prepare, load_split
 from skindiff.tracking.reuse import RUN_KEY_TAG, find_finished_run, run_key, work_dir
-from skindiff.tracking.runs import download_run_dir, require_stage_run, stage_run
+from skindiff.tracking.runs import (
+    download_run_dir,
+    fetch_upstream,
+    require_stage_run,
+    stage_run,
+)
 from skindiff.tracking.textual_inversion import (
     PREPARE_RUN_TAG,
     ensure_textual_inversion,
@@ -49,6 +48,28 @@ def generate_key(
     return run_key(STAGE, option_values(GENERATE, config), inputs)
 
 
+def adapter_runs(
+    data: PrepareConfig,
+    ti_config: TextualInversionConfig,
+    lora_config: LoraConfig,
+    config: GenerateConfig,
+    prepare_run_id: str,
+    ti_run_id: str = "",
+    lora_run_id: str = "",
+) -> tuple[str, str]:
+    """(textual_inversion, lora) run ids `config.mode` uses: the given ones, else found or run
+    (nested under the active run); "" for an adapter the mode does not use."""
+    if not config.uses_ti:
+        ti_run_id = ""
+    elif not ti_run_id:
+        ti_run_id = ensure_textual_inversion(data, ti_config, prepare_run_id)
+    if not config.uses_lora:
+        lora_run_id = ""
+    elif not lora_run_id:
+        lora_run_id = ensure_lora(data, lora_config, prepare_run_id, ti_run_id)
+    return ti_run_id, lora_run_id
+
+
 def run_generate(
     data: PrepareConfig,
     ti_config: TextualInversionConfig,
@@ -69,14 +90,8 @@ def run_generate(
     run_name = f"{data.scenario}/seed-{data.seed}/{STAGE}/{config.mode}"
     with stage_run(STAGE, run_name, params) as run:
         prepare_run_id = prepare_run_id or ensure_prepare(data)
-        if config.uses_ti and not ti_run_id:
-            ti_run_id = ensure_textual_inversion(data, ti_config, prepare_run_id)
-        if config.uses_lora and not lora_run_id:
-            ti_for_lora = ti_run_id if config.uses_ti else ""
-            lora_run_id = ensure_lora(data, lora_config, prepare_run_id, ti_for_lora)
-        ti_run_id, lora_run_id = (
-            ti_run_id if config.uses_ti else "",
-            lora_run_id if config.uses_lora else "",
+        ti_run_id, lora_run_id = adapter_runs(
+            data, ti_config, lora_config, config, prepare_run_id, ti_run_id, lora_run_id
         )
         train = load_split(prepare_run_id, "train")
         key = generate_key(config, train, ti_run_id, lora_run_id)
@@ -92,13 +107,13 @@ def run_generate(
         with tempfile.TemporaryDirectory() as tmp:
             embeddings = lora_weights = None
             if ti_run_id:
-                require_stage_run(ti_run_id, "textual_inversion")
-                check_same_base_model(ti_run_id, config.base_model)
-                embeddings = download_run_dir(ti_run_id, "embeddings", Path(tmp))
+                embeddings = fetch_upstream(
+                    ti_run_id, "textual_inversion", "embeddings", config.base_model, Path(tmp)
+                )
             if lora_run_id:
-                require_stage_run(lora_run_id, "lora")
-                check_same_base_model(lora_run_id, config.base_model)
-                lora_weights = download_run_dir(lora_run_id, WEIGHTS_ARTIFACT, Path(tmp))
+                lora_weights = fetch_upstream(
+                    lora_run_id, "lora", WEIGHTS_ARTIFACT, config.base_model, Path(tmp)
+                )
             manifest = generate_synthetic(config, train, out_dir, embeddings, lora_weights)
         manifest = manifest.assign(
             prepare_run_id=prepare_run_id, ti_run_id=ti_run_id, lora_run_id=lora_run_id
@@ -141,8 +156,7 @@ def ensure_generator_chain(
     prepare_run_id: str,
 ) -> tuple[str, str, str]:
     """(textual_inversion, lora, generate) run ids for `config.mode`, each found or run."""
-    ti = ensure_textual_inversion(data, ti_config, prepare_run_id) if config.uses_ti else ""
-    lora = ensure_lora(data, lora_config, prepare_run_id, ti) if config.uses_lora else ""
+    ti, lora = adapter_runs(data, ti_config, lora_config, config, prepare_run_id)
     generate = ensure_generate(data, ti_config, lora_config, config, prepare_run_id, ti, lora)
     return ti, lora, generate
 

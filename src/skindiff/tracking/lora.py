@@ -9,11 +9,10 @@ import pandas as pd
 from skindiff.data.prepare import PrepareConfig, content_digest
 from skindiff.diffusion.lora import LoraConfig, train_lora
 from skindiff.diffusion.textual_inversion import TextualInversionConfig
-from skindiff.errors import SkindiffError
 from skindiff.options import DATA, LORA, TEXTUAL_INVERSION, option_values
 from skindiff.tracking.prepare import ensure_prepare, load_split
 from skindiff.tracking.reuse import RUN_KEY_TAG, find_finished_run, run_key, work_dir
-from skindiff.tracking.runs import download_run_dir, log_curve, require_stage_run, stage_run
+from skindiff.tracking.runs import fetch_upstream, log_curve, stage_run
 from skindiff.tracking.textual_inversion import (
     PREPARE_RUN_TAG,
     ensure_textual_inversion,
@@ -40,13 +39,6 @@ def lora_key(config: LoraConfig, train: pd.DataFrame, ti_run_id: str) -> str:
     return run_key(STAGE, option_values(LORA, config), inputs)
 
 
-def check_same_base_model(run_id: str, base_model: str) -> None:
-    """Refuses an upstream run trained on another base model (its tensors would not fit)."""
-    used = mlflow.get_run(run_id).data.params.get("base_model", "").strip("'")
-    if used and used != base_model:
-        raise SkindiffError(f"run {run_id} used base_model {used!r}, this stage {base_model!r}")
-
-
 def run_lora(
     data: PrepareConfig,
     config: LoraConfig,
@@ -71,9 +63,9 @@ def run_lora(
         with tempfile.TemporaryDirectory() as tmp:
             embeddings = None
             if ti_run_id:
-                require_stage_run(ti_run_id, "textual_inversion")
-                check_same_base_model(ti_run_id, config.base_model)
-                embeddings = download_run_dir(ti_run_id, "embeddings", Path(tmp))
+                embeddings = fetch_upstream(
+                    ti_run_id, "textual_inversion", "embeddings", config.base_model, Path(tmp)
+                )
             result = train_lora(config, train, embeddings, work_dir(STAGE, key))
         mlflow.log_artifact(str(result.weights_path), str(Path(WEIGHTS_ARTIFACT).parent))
         log_curve("loss", result.losses)

@@ -53,6 +53,20 @@ def require_stage_run(run_id: str, stage: str) -> mlflow.entities.Run:
     return run
 
 
+def check_same_base_model(run_id: str, base_model: str) -> None:
+    """Refuses an upstream run trained on another base model (its tensors would not fit)."""
+    used = mlflow.get_run(run_id).data.params.get("base_model", "").strip("'")
+    if used and used != base_model:
+        raise SkindiffError(f"run {run_id} used base_model {used!r}, this stage {base_model!r}")
+
+
+def fetch_upstream(run_id: str, stage: str, artifact_path: str, base_model: str, dst: Path) -> Path:
+    """An artifact of a finished upstream `stage` run made with the same base model."""
+    require_stage_run(run_id, stage)
+    check_same_base_model(run_id, base_model)
+    return download_run_dir(run_id, artifact_path, dst)
+
+
 def download_run_dir(run_id: str, artifact_path: str, dst: Path) -> Path:
     """Downloads a run's artifact folder (or file) into `dst` and returns its local path."""
     return Path(
