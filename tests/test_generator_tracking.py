@@ -14,7 +14,6 @@ from skindiff.diffusion.generate import GenerateConfig
 from skindiff.diffusion.prompts import placeholder_token, token_file_name
 from skindiff.errors import SkindiffError
 from skindiff.tracking.generate import run_generate
-from skindiff.tracking.pipeline import run_main
 
 
 def test_generate_from_nothing_then_reuse(tracking: str, tmp_path: Path) -> None:
@@ -105,39 +104,6 @@ def test_wrong_upstream_run_is_refused(tracking: str) -> None:
         run_generate(data, ti, lora, generate, prepare_run_id=prepare_id, ti_run_id=prepare_id)
     failed = [r for r in runs_by_stage(tracking)["generate"]]
     assert [r.info.status for r in failed] == ["FAILED"]
-
-
-def test_main_twice_makes_no_new_stage_runs(tracking: str) -> None:
-    data, ti, lora, generate = fast_configs()
-    first = run_main(["i", "iii"], [3], data, ti, lora, generate)
-    counts = {k: len(v) for k, v in runs_by_stage(tracking).items()}
-    assert counts == {
-        "main": 3,
-        "prepare": 2,
-        "textual_inversion": 2,
-        "lora": 2,
-        "generate": 2,
-    }
-    second = run_main(["i", "iii"], [3], data, ti, lora, generate)
-    counts = {k: len(v) for k, v in runs_by_stage(tracking).items()}
-    assert counts["main"] == 6
-    assert {k: v for k, v in counts.items() if k != "main"} == {
-        "prepare": 2,
-        "textual_inversion": 2,
-        "lora": 2,
-        "generate": 2,
-    }
-    for pair, runs in first.items():
-        assert (runs.prepare, runs.textual_inversion, runs.lora, runs.generate) == (
-            second[pair].prepare,
-            second[pair].textual_inversion,
-            second[pair].lora,
-            second[pair].generate,
-        )
-        parent = mlflow.get_run(runs.parent)
-        assert parent.info.run_name == f"{pair[0]}/seed-3"
-        for child in (runs.prepare, runs.textual_inversion, runs.lora, runs.generate):
-            assert mlflow.get_run(child).data.tags["mlflow.parentRunId"] == runs.parent
 
 
 def test_stage_entry_points_chain_by_run_id(tracking: str, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import logging
 import sys
 import typing
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +20,8 @@ from typing import Annotated, Any
 import typer
 import typer.main
 
+from skindiff.classify.models import PAPER_ARCHS
+from skindiff.classify.train import ClassifierConfig
 from skindiff.data.fitzpatrick import PAPER_SEEDS
 from skindiff.data.prepare import PrepareConfig
 from skindiff.errors import SkindiffError
@@ -107,8 +110,32 @@ HELP = {
     "euler-a.",
     "output_size": "Side of the saved synthetic images in pixels.",
     "generation_batch_size": "Images per pipeline call.",
+    "scenarios": "Comma list of scenarios to run (i, ii, iii).",
+    "seeds": "Comma list of repeat seeds (the paper's: 0,42,123,1111,1234).",
+    "archs": "Comma list of classifier architectures (vgg16, resnet18, vit_b_16, tiny).",
+    "train_types": "Comma list of classifier training sets: real, syn, real+syn.",
+    "frozen_params": "Tuned settings to use unchanged: a tune run id, a frozen_params.yaml "
+    "file, or a generator model URI (models:/skin-diff-generator@champion). Empty: the options "
+    "as given.",
     "target_fst": "Comma list of skin types a light source image is moved to (one drawn per "
     "image); dark sources keep their own.",
+    "experiment": "Experiment (name or id) whose finished main and ablation runs to report. "
+    "Empty: the current one (MLFLOW_EXPERIMENT_ID / MLFLOW_EXPERIMENT_NAME, else Default).",
+    "output_dir": "Folder for the tables, plots and report.md: new, empty, or an earlier report "
+    "(only its files are replaced).",
+    "n_trials": "Tune: trials this worker runs (every worker of a study adds its own).",
+    "storage": "Tune: Optuna storage URL the workers share: sqlite:///optuna.db (a file in the "
+    "working directory, workers on one machine) or an RDB URL such as "
+    "postgresql://user:password@host/db for workers on several machines.",
+    "study_name": "Tune: name of the Optuna study; workers with the same name and storage share "
+    "it, and a later call continues it.",
+    "registered_model": "Tune: registered model to add the best trial's generator to (alias "
+    "champion moved when it beats the current one). Empty: do not register.",
+    "search_space": "Tune: YAML file of option name -> {low, high[, log][, step]} or {choices}; "
+    "it replaces the built-in space. Empty: the built-in space around the reference values.",
+    "heartbeat_interval": "Tune: seconds between a running trial's heartbeats.",
+    "grace_period": "Tune: seconds without a heartbeat after which a trial's worker counts as "
+    "dead: the trial is failed and queued again.",
 }
 
 
@@ -222,10 +249,25 @@ def lora(data, model, ti_config, config, prepare_run_id: str, ti_run_id: str, us
     typer.echo(f"lora run {run_id}: lora/pytorch_lora_weights.safetensors logged")
 
 
+GENERATOR_URI = (
+    "generator_uri",
+    Annotated[
+        str,
+        typer.Option(
+            help="A registered generator model (models:/skin-diff-generator@champion, "
+            "runs:/<run id>/generator) to generate with: its embeddings, LoRA weights, base "
+            "model, resolution, mode, strength, guidance scale, steps and scheduler replace "
+            "those options, and no textual_inversion or lora run is used. Empty: the runs."
+        ),
+    ],
+    "",
+)
+
+
 @stage_command(
     "generate",
     [DATA, MODEL, TEXTUAL_INVERSION, LORA, GENERATE],
-    extra=[PREPARE_RUN, TI_RUN, LORA_RUN],
+    extra=[PREPARE_RUN, TI_RUN, LORA_RUN, GENERATOR_URI],
 )
 def generate(
     data,
@@ -236,12 +278,20 @@ def generate(
     prepare_run_id: str,
     ti_run_id: str,
     lora_run_id: str,
+    generator_uri: str,
 ) -> None:
     """Generate synthetic variants of every training image (img2img by default; MLflow run)."""
     from skindiff.tracking.generate import run_generate
 
     run_id = run_generate(
-        data, ti_config, lora_config, config, prepare_run_id, ti_run_id, lora_run_id
+        data,
+        ti_config,
+        lora_config,
+        config,
+        prepare_run_id,
+        ti_run_id,
+        lora_run_id,
+        generator_uri,
     )
     typer.echo(f"generate run {run_id}: synthetic/manifest.csv and images logged")
 
@@ -295,38 +345,150 @@ def evaluate(config) -> None:
         TEXTUAL_INVERSION,
         LORA,
         GENERATE,
+        OptionGroup(ClassifierConfig, shared=("seed",), omit=("arch", "train_type")),
     ],
     extra=[
-        ("scenarios", Annotated[str, typer.Option(help="Comma list of scenarios.")], "i,ii,iii"),
+        ("scenarios", Annotated[str, typer.Option(help=HELP["scenarios"])], "i,ii,iii"),
         (
             "seeds",
-            Annotated[str, typer.Option(help="Comma list of repeat seeds.")],
+            Annotated[str, typer.Option(help=HELP["seeds"])],
             ",".join(map(str, PAPER_SEEDS)),
         ),
+        ("archs", Annotated[str, typer.Option(help=HELP["archs"])], ",".join(PAPER_ARCHS)),
+        (
+            "train_types",
+            Annotated[str, typer.Option(help=HELP["train_types"])],
+            "real,syn,real+syn",
+        ),
+        ("frozen_params", Annotated[str, typer.Option(help=HELP["frozen_params"])], ""),
     ],
 )
-def main(data, model, ti_config, lora_config, generate_config, scenarios: str, seeds: str) -> None:
-    """Run the whole study for each scenario and seed, one parent MLflow run per pair."""
-    from skindiff.tracking.pipeline import run_main
+def main(
+    data,
+    model,
+    ti_config,
+    lora_config,
+    generate_config,
+    classifier_config,
+    scenarios: str,
+    seeds: str,
+    archs: str,
+    train_types: str,
+    frozen_params: str,
+) -> None:
+    """Run the whole study: for each scenario and seed a parent MLflow run with prepare,
+    textual_inversion, lora, generate and one train_classifier per arch x train type as
+    child runs; finished runs with the same inputs are re-used."""
+    from skindiff.tracking.pipeline import StudyConfigs, run_main
 
     chosen = comma_list(scenarios)
     unknown = [s for s in chosen if s not in ("i", "ii", "iii")]
     if unknown or not chosen:
         raise SkindiffError(f"scenarios must be a comma list of i, ii, iii, got {scenarios!r}")
-    runs = run_main(chosen, int_list(seeds, "seeds"), data, ti_config, lora_config, generate_config)
+    runs = run_main(
+        chosen,
+        int_list(seeds, "seeds"),
+        StudyConfigs(data, ti_config, lora_config, generate_config, classifier_config),
+        comma_list(archs),
+        comma_list(train_types),
+        frozen_params,
+    )
     for (scenario, seed), ids in runs.items():
-        typer.echo(f"scenario {scenario}, seed {seed}: generate run {ids.generate}")
+        typer.echo(f"scenario {scenario}, seed {seed}: run {ids.parent}")
+        for (arch, train_type), run_id in ids.classifiers.items():
+            typer.echo(f"  {arch:<9} {train_type:<9} train_classifier run {run_id}")
+
+
+def _ablation_groups() -> list[OptionGroup]:
+    from skindiff.tracking.ablation import CLASSIFIER_OPTIONS, GENERATE_OPTIONS
+
+    scenario_i = OptionGroup(PrepareConfig, omit=("scenario", "seed"))
+    return [scenario_i, MODEL, TEXTUAL_INVERSION, LORA, GENERATE_OPTIONS, CLASSIFIER_OPTIONS]
+
+
+@stage_command(
+    "ablation",
+    _ablation_groups(),
+    extra=[("seeds", Annotated[str, typer.Option(help=HELP["seeds"])], "0")],
+)
+def ablation(data, model, ti_config, lora_config, generate_config, classifier_config, seeds):
+    """Table 5: scenario i, all six generation modes, a classifier (VGG-16 by default) on each
+    mode's synthetic images only, tested on the light and the dark flexible subsets; logs
+    ablation.csv. Finished stage runs are re-used."""
+    from skindiff.tracking.ablation import run_ablation
+
+    seed_list = int_list(seeds, "seeds")
+    if not seed_list:
+        raise SkindiffError(f"seeds must be a comma list of integers, got {seeds!r}")
+    run_id = run_ablation(
+        seed_list, data, ti_config, lora_config, generate_config, classifier_config
+    )
+    typer.echo(f"ablation run {run_id}: ablation.csv logged")
+
+
+@stage_command(
+    "report",
+    [],
+    extra=[
+        ("experiment", Annotated[str, typer.Option(help=HELP["experiment"])], ""),
+        ("output_dir", Annotated[str, typer.Option(help=HELP["output_dir"])], "report"),
+    ],
+)
+def report(experiment: str, output_dir: str) -> None:
+    """Rebuild the paper's Tables 2-5 (mean ± std over seeds, beside the published numbers)
+    and plots from an experiment's finished main and ablation runs; written to output_dir and
+    logged as a report run's artifacts."""
+    from skindiff.tracking.report import run_report
+
+    run_id = run_report(experiment, output_dir)
+    typer.echo(f"report run {run_id}: written to {output_dir}/report.md")
+
+
+def _tune_groups() -> list[OptionGroup]:
+    from skindiff.tracking.tune import TUNE
+
+    scenario_i = replace(DATA, omit=("scenario",))
+    syn_classifier = replace(CLASSIFIER, omit=("train_type",))
+    return [scenario_i, MODEL, TEXTUAL_INVERSION, LORA, GENERATE, syn_classifier, TUNE]
+
+
+@stage_command("tune", _tune_groups())
+def tune(data, model, ti_config, lora_config, generate_config, classifier_config, config) -> None:
+    """Optuna study of the generator's hyperparameters on scenario i (objective: validation
+    macro-F1 of a classifier trained on synthetic images only); run it on several processes
+    or machines with one storage to share the study. Ends by freezing the best trial's params
+    (frozen_params.yaml) and registering its generator (MLflow run per worker and trial)."""
+    from skindiff.tracking.pipeline import StudyConfigs
+    from skindiff.tracking.tune import run_tune
+
+    configs = StudyConfigs(data, ti_config, lora_config, generate_config, classifier_config)
+    result = run_tune(configs, config)
+    typer.echo(
+        f"tune run {result.run_id}: best trial {result.best_trial}, "
+        f"val_f1_macro {result.best_value:.4f}"
+    )
+    for name, value in result.frozen_params.items():
+        typer.echo(f"  {name} = {value}")
+    typer.echo(f"frozen params: {result.frozen_params_uri}")
+    if result.registered_version:
+        alias = ", alias champion" if result.champion else ""
+        typer.echo(
+            f"generator: {config.registered_model} version {result.registered_version}{alias}"
+        )
 
 
 # Stage commands that are MLproject entry points, in the order MLproject lists them.
 ENTRY_POINTS = (
     "main",
+    "tune",
     "prepare",
     "textual_inversion",
     "lora",
     "generate",
     "train_classifier",
     "evaluate",
+    "ablation",
+    "report",
 )
 
 

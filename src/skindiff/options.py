@@ -8,7 +8,7 @@ are one option each, not one per config.
 
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, fields, replace
 from typing import Any
 
 from skindiff.classify.train import ClassifierConfig
@@ -31,19 +31,25 @@ class ModelOptions:
 @dataclass(frozen=True)
 class OptionGroup:
     """The fields of one config dataclass as options named `prefix + field`. Fields in `shared`
-    take the value of the unprefixed option of that name; fields in `omit` keep their default."""
+    take the value of the unprefixed option of that name; fields in `omit` keep their default.
+    `defaults` ((field, value) pairs) replace the config's defaults, for a command whose
+    protocol differs (the ablation's VGG-16)."""
 
     config: type
     prefix: str = ""
     shared: tuple[str, ...] = ()
     omit: tuple[str, ...] = ()
+    defaults: tuple[tuple[str, Any], ...] = ()
+
+    def default(self, field: Field) -> Any:
+        return dict(self.defaults).get(field.name, field.default)
 
     def option_fields(self) -> Iterable[tuple[str, Any, Any]]:
         """(option name, field type, default) of the fields that are options of this group."""
         hints = typing.get_type_hints(self.config)
         for field in fields(self.config):
             if field.name not in self.shared + self.omit:
-                yield self.prefix + field.name, hints[field.name], field.default
+                yield self.prefix + field.name, hints[field.name], self.default(field)
 
 
 # Fields a diffusion config takes from the data and model options.
@@ -95,12 +101,15 @@ def from_text(kind: Any, name: str, text: str) -> Any:
 
 def build_config(group: OptionGroup, options: Mapping[str, Any]) -> Any:
     """The config of `group` from option values (text or already typed); fields without a
-    value (omitted, or shared with an option the command does not have) keep their default."""
+    value (omitted, or shared with an option the command does not have) keep their default
+    (the group's, else the config's)."""
     hints = typing.get_type_hints(group.config)
     values = {}
     for field in fields(group.config):
         name = field.name if field.name in group.shared else group.prefix + field.name
         if field.name in group.omit or name not in options:
+            if field.name in dict(group.defaults):
+                values[field.name] = group.default(field)
             continue
         kind, value = hints[field.name], options[name]
         values[field.name] = from_text(kind, name, value) if isinstance(value, str) else value
@@ -113,3 +122,14 @@ def option_values(group: OptionGroup, config: Any) -> dict[str, str]:
         name: as_text(getattr(config, name[len(group.prefix) :]))
         for name, _, _ in group.option_fields()
     }
+
+
+def with_options(group: OptionGroup, config: Any, values: Mapping[str, str]) -> Any:
+    """`config` with the options of `group` found in `values` (text) set; others unchanged."""
+    kinds = {name: kind for name, kind, _ in group.option_fields()}
+    changes = {
+        name[len(group.prefix) :]: from_text(kinds[name], name, text)
+        for name, text in values.items()
+        if name in kinds
+    }
+    return replace(config, **changes)

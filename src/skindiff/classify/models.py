@@ -21,6 +21,7 @@ from torchvision import models
 from skindiff.errors import SkindiffError
 
 ARCHS = ("vgg16", "resnet18", "vit_b_16", "tiny")
+PAPER_ARCHS = ARCHS[:3]  # the architectures of the paper's Tables 2-4
 FINETUNES = ("head", "full")
 # Architectures whose input size is fixed by their position embeddings.
 FIXED_INPUT_SIZE = {"vit_b_16": 224}

@@ -6,7 +6,7 @@ scored best on the test set. Here the epoch with the best validation macro-F1 is
 earlier one on ties), and the test split is predicted exactly once, with those weights.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -69,10 +69,12 @@ def train_classifier(
     test: pd.DataFrame,
     labels: Sequence[str],
     progress: bool = True,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> ClassifierResult:
     """Trains on `train` (from build_training_set), picks the epoch on `val`, predicts `test`.
 
-    Deterministic given `config.seed` on a CPU.
+    `on_epoch(epoch, val_f1_macro)` is called after every epoch (a tuner reports it and may
+    raise to stop a hopeless run). Deterministic given `config.seed` on a CPU.
     """
     _check_config(config)
     labels = _check_labels(labels)
@@ -132,6 +134,8 @@ def train_classifier(
         )
         bar.set_postfix(train_loss=f"{train_loss:.3f}", val_f1=f"{scores['val_f1_macro']:.3f}")
         bar.close()
+        if on_epoch is not None:
+            on_epoch(epoch, scores["val_f1_macro"])
         if scores["val_f1_macro"] > best_f1:
             best_f1, best_epoch, val_predictions = scores["val_f1_macro"], epoch, predictions
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -212,7 +213,7 @@ def plan_generation(config: GenerateConfig, train: pd.DataFrame) -> pd.DataFrame
     )[list(MANIFEST_COLUMNS)]
 
 
-def _embedding_files(embeddings_dir: Path | None, labels: list[str]) -> dict[Path, str]:
+def _embedding_files(embeddings_dir: Path | None, labels: Collection[str]) -> dict[Path, str]:
     """Each embedding file of `embeddings_dir` with its token; every label's token must be there."""
     if embeddings_dir is None or not Path(embeddings_dir).is_dir():
         raise SkindiffError(f"embeddings_dir {embeddings_dir} is not a folder of embeddings")
@@ -296,16 +297,30 @@ def _is_complete(path: Path, size: int) -> bool:
         return False
 
 
-def _load_pipeline(
+def adapter_files(
     config: GenerateConfig,
-    model_dir: Path,
-    embeddings: dict[Path, str],
-    lora_file: Path | None,
-    dtype: torch.dtype,
-) -> StableDiffusionPipeline | StableDiffusionImg2ImgPipeline:
-    """The base pipeline with the mode's adapters, on the device, without a safety checker."""
+    embeddings_dir: Path | None,
+    lora_weights: Path | None,
+    labels: Collection[str] = (),
+) -> tuple[dict[Path, str], Path | None]:
+    """The embedding files (with their tokens) and the LoRA file that `config.mode` uses; every
+    one of `labels` must have a token."""
+    embeddings = _embedding_files(embeddings_dir, labels) if config.uses_ti else {}
+    lora_file = _lora_file(lora_weights) if config.uses_lora else None
+    return embeddings, lora_file
+
+
+def load_pipeline(
+    config: GenerateConfig, embeddings: dict[Path, str], lora_file: Path | None
+) -> tuple[StableDiffusionPipeline | StableDiffusionImg2ImgPipeline, int]:
+    """The base pipeline with the mode's adapters, on the device, without a safety checker;
+    and the resolution it generates at."""
+    dtype = weight_dtype(resolve_mixed_precision(config.mixed_precision))
     pipe = StableDiffusionPipeline.from_pretrained(
-        model_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False
+        resolve_base_model(config.base_model),
+        dtype=dtype,
+        safety_checker=None,
+        requires_safety_checker=False,
     )
     if embeddings:
         width = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
@@ -331,7 +346,8 @@ def _load_pipeline(
     if config.pipeline == "img2img":
         pipe = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(pick_device())
+    resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return pipe.to(pick_device()), resolution
 
 
 def _source_image(path: str, resolution: int) -> Image.Image:
@@ -358,8 +374,7 @@ def generate_synthetic(
     out_dir = Path(out_dir)
     plan = plan_generation(config, train)
     labels = sorted(set(train["label"]))
-    embeddings = _embedding_files(embeddings_dir, labels) if config.uses_ti else {}
-    lora_file = _lora_file(lora_weights) if config.uses_lora else None
+    embeddings, lora_file = adapter_files(config, embeddings_dir, lora_weights, labels)
     model_dir = resolve_base_model(config.base_model)
     precision = resolve_mixed_precision(config.mixed_precision)
     fingerprint = asdict(config) | {
@@ -375,18 +390,16 @@ def generate_synthetic(
 
     todo = _unfinished_batches(plan, out_dir, config)
     if todo:
-        pipe = _load_pipeline(config, model_dir, embeddings, lora_file, weight_dtype(precision))
-        resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        pipe, resolution = load_pipeline(config, embeddings, lora_file)
         done = len(plan) - sum(len(missing) for _, missing in todo)
         with tqdm(
             total=len(plan), initial=done, desc="generating", unit="img", disable=not progress
         ) as bar:
             for chunk, missing in todo:
-                images = _generate_batch(pipe, config, chunk, resolution)
+                images = generate_batch(pipe, config, chunk, resolution)
                 for i, image in zip(chunk.index, images, strict=True):
                     if i in missing:
-                        resized = image.resize((config.output_size,) * 2, Image.Resampling.BICUBIC)
-                        _save_png(resized, out_dir / plan.at[i, "path"])
+                        _save_png(image, out_dir / plan.at[i, "path"])
                 bar.update(len(missing))
     _write_atomic(out_dir / MANIFEST_FILE, plan.to_csv(index=False).encode())
     return plan
@@ -407,6 +420,19 @@ def _unfinished_batches(
         if missing:
             todo.append((chunk, missing))
     return todo
+
+
+def generate_batch(
+    pipe: StableDiffusionPipeline | StableDiffusionImg2ImgPipeline,
+    config: GenerateConfig,
+    chunk: pd.DataFrame,
+    resolution: int,
+) -> list[Image.Image]:
+    """The images of plan rows (`prompt`, `seed`, img2img: `source_path`) at `output_size`.
+
+    Callers pass fixed chunks of their plan: CPU results are bitwise stable only per batch."""
+    images = _generate_batch(pipe, config, chunk, resolution)
+    return [image.resize((config.output_size,) * 2, Image.Resampling.BICUBIC) for image in images]
 
 
 def _generate_batch(

@@ -5,13 +5,14 @@ generator options (as `generate` itself does), so `syn` and `real+syn` start fro
 """
 
 import tempfile
+from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
 import mlflow.pytorch
 import numpy as np
 import torch
-import torchvision
 from mlflow.models import infer_signature
 
 from skindiff.classify.data import build_training_set
@@ -20,6 +21,7 @@ from skindiff.data.prepare import PrepareConfig, content_digest
 from skindiff.diffusion.generate import GenerateConfig
 from skindiff.diffusion.lora import LoraConfig
 from skindiff.diffusion.textual_inversion import TextualInversionConfig
+from skindiff.errors import SkindiffError
 from skindiff.options import (
     CLASSIFIER,
     DATA,
@@ -30,8 +32,9 @@ from skindiff.options import (
 )
 from skindiff.tracking.evaluate import log_evaluation
 from skindiff.tracking.generate import ensure_generator_chain, load_synthetic
+from skindiff.tracking.lora import upstream_key
 from skindiff.tracking.prepare import ensure_prepare, load_split
-from skindiff.tracking.reuse import RUN_KEY_TAG, run_key
+from skindiff.tracking.reuse import RUN_KEY_TAG, find_finished_run, run_key
 from skindiff.tracking.runs import stage_run
 from skindiff.tracking.textual_inversion import PREPARE_RUN_TAG
 
@@ -53,9 +56,18 @@ def log_classifier(result: ClassifierResult, config: ClassifierConfig) -> None:
         # the `tiny` architecture's class then comes from the installed skindiff.
         serialization_format="pickle",
         # Listed, not inferred: inference re-loads the model in a subprocess, slowly.
-        pip_requirements=[f"torch=={torch.__version__}", f"torchvision=={torchvision.__version__}"],
+        # Installed distribution versions: `torch.__version__` carries a local label (+cu130)
+        # that pip metadata lacks, and MLflow warns about the mismatch at every load.
+        pip_requirements=[f"{name}=={version(name)}" for name in ("torch", "torchvision")],
         metadata={"labels": list(result.labels), "image_size": config.image_size},
     )
+
+
+def classifier_key(config: ClassifierConfig, prepare_run_id: str, generate_run_id: str) -> str:
+    """Same splits, settings, synthetic images and code: same classifier."""
+    inputs = {s: content_digest(load_split(prepare_run_id, s)) for s in ("train", "val", "test")}
+    inputs["synthetic"] = upstream_key(generate_run_id)
+    return run_key(STAGE, option_values(CLASSIFIER, config), inputs)
 
 
 def run_train_classifier(
@@ -66,8 +78,10 @@ def run_train_classifier(
     generate_config: GenerateConfig,
     prepare_run_id: str = "",
     generate_run_id: str = "",
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> str:
-    """Trains a classifier on real, synthetic or both; returns the run id."""
+    """Trains a classifier on real, synthetic or both; returns the run id. `on_epoch` gets
+    (epoch, val_f1_macro) after every epoch."""
     params = option_values(DATA, data) | option_values(CLASSIFIER, config)
     if config.train_type != "real":
         for group, group_config in (
@@ -92,10 +106,9 @@ def run_train_classifier(
                 )
                 synthetic = load_synthetic(generate_run_id, Path(tmp))
             rows = build_training_set(train, synthetic, config.train_type)
-            inputs = {"train": content_digest(train), "synthetic": generate_run_id}
             mlflow.set_tags(
                 {
-                    RUN_KEY_TAG: run_key(STAGE, option_values(CLASSIFIER, config), inputs),
+                    RUN_KEY_TAG: classifier_key(config, prepare_run_id, generate_run_id),
                     PREPARE_RUN_TAG: prepare_run_id,
                     GENERATE_RUN_TAG: generate_run_id,
                 }
@@ -106,7 +119,7 @@ def run_train_classifier(
                     "n_train_synthetic": float((rows["source"] == "synthetic").sum()),
                 }
             )
-            result = train_classifier(config, rows, val, test, labels)
+            result = train_classifier(config, rows, val, test, labels, on_epoch=on_epoch)
         for _, epoch in result.history.iterrows():
             step = int(epoch["epoch"])
             for name, value in epoch.drop("epoch").items():
@@ -116,3 +129,35 @@ def run_train_classifier(
         log_evaluation(result.test_predictions, labels, "test")
         log_classifier(result, config)
     return run.info.run_id
+
+
+def ensure_train_classifier(
+    data: PrepareConfig,
+    config: ClassifierConfig,
+    ti_config: TextualInversionConfig,
+    lora_config: LoraConfig,
+    generate_config: GenerateConfig,
+    prepare_run_id: str,
+    generate_run_id: str = "",
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> str:
+    """A finished classifier run with the same key, or a new one (nested under the active run).
+    `generate_run_id` is the run of the synthetic images (made with the generator configs);
+    "" for `train_type` real. `on_epoch` is called only when a classifier is trained."""
+    if config.train_type == "real":
+        generate_run_id = ""
+    elif not generate_run_id:
+        raise SkindiffError(f"train_type {config.train_type} needs a generate run")
+    found = find_finished_run(classifier_key(config, prepare_run_id, generate_run_id))
+    if found:
+        return found.info.run_id
+    return run_train_classifier(
+        data,
+        config,
+        ti_config,
+        lora_config,
+        generate_config,
+        prepare_run_id,
+        generate_run_id,
+        on_epoch,
+    )

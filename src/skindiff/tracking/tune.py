@@ -1,0 +1,327 @@
+"""The `tune` stage: an Optuna study over the generator's hyperparameters on scenario i.
+
+The objective is the paper's Table 5 protocol: the validation macro-F1 (never test) of a
+classifier trained on the trial's synthetic images only. Every worker runs the same command
+against one Optuna RDB storage (SQLite on one machine, PostgreSQL for several), so workers
+share the study; each worker is a `tune` MLflow run and each of its trials a nested run
+`tune/trial-<n>` holding the trial's stage runs (found or run, as everywhere else).
+
+A worker records a heartbeat per running trial; a trial whose worker died is failed after the
+grace period by the next worker that asks for a trial (or starts), its MLflow runs are marked
+FAILED, and it is re-queued with the same params. At the end of a worker the study's best
+trial is frozen (`frozen_params.yaml` and tags on the worker's run) and its generator is
+registered.
+"""
+
+import hashlib
+import logging
+import os
+import socket
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import mlflow
+import optuna
+import sqlalchemy
+from mlflow.entities import Run, RunStatus
+from mlflow.exceptions import MlflowException
+
+from skindiff.errors import SkindiffError
+from skindiff.options import OptionGroup, as_text, option_values
+from skindiff.search_space import Dimension, load_search_space
+from skindiff.tracking.frozen import FROZEN_PARAMS_FILE, write_frozen_params
+from skindiff.tracking.generate import ensure_generator_chain
+from skindiff.tracking.pipeline import StudyConfigs
+from skindiff.tracking.prepare import ensure_prepare
+from skindiff.tracking.registry import log_generator_model, register_generator
+from skindiff.tracking.runs import ENTRY_POINT_TAG, stage_run
+from skindiff.tracking.train_classifier import ensure_train_classifier
+
+logger = logging.getLogger(__name__)
+
+STAGE = "tune"
+SCENARIO = "i"
+OBJECTIVE = "val_f1_macro"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+STUDY_TAG = "skindiff.study_name"
+STORAGE_TAG = "skindiff.storage"
+TRIAL_TAG = "skindiff.trial_number"
+FROZEN_TAG_PREFIX = "skindiff.frozen."
+# Trial user attrs: the trial's MLflow run and the stage runs that make its generator.
+TRIAL_RUN_ATTR = "mlflow_run_id"
+TI_RUN_ATTR = "ti_run_id"
+LORA_RUN_ATTR = "lora_run_id"
+GENERATE_RUN_ATTR = "generate_run_id"
+CLASSIFIER_RUN_ATTR = "classifier_run_id"
+INFEASIBLE_ATTR = "infeasible"  # why the sampled settings cannot run
+MAX_RETRY = 2  # a trial whose worker died is re-queued this often
+STORAGE_ATTEMPTS = 3  # opening a new storage, see _storage
+PRUNER_STARTUP_TRIALS = 3  # trials that complete before the pruner stops any
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Settings of a `tune` worker; every worker of a study uses the same storage and name."""
+
+    n_trials: int = 10  # per worker
+    storage: str = "sqlite:///optuna.db"
+    study_name: str = "skindiff-tune"
+    registered_model: str = "skin-diff-generator"  # "" = do not register
+    search_space: str = ""  # a YAML file; "" = the built-in space
+    heartbeat_interval: int = 60  # seconds
+    grace_period: int = 180  # seconds without a heartbeat before a trial is failed
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """What a worker leaves: its run, the study's best trial and where it is frozen."""
+
+    run_id: str
+    best_trial: int
+    best_value: float
+    frozen_params: dict[str, str]
+    frozen_params_uri: str
+    registered_version: str  # "" when not registered
+    champion: bool  # the champion alias moved to registered_version
+
+
+TUNE = OptionGroup(TuneConfig)
+
+
+def run_tune(configs: StudyConfigs, config: TuneConfig) -> TuneResult:
+    """Runs `config.n_trials` trials of the shared study as one worker; returns its result."""
+    space = load_search_space(config.search_space)
+    configs = replace(
+        configs,
+        data=replace(configs.data, scenario=SCENARIO),
+        classifier=replace(configs.classifier, train_type="syn"),
+    )
+    seed = sampler_seed(configs.data.seed)
+    study = open_study(config, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # trials of workers that died before this one
+    storage = masked_url(config.storage)
+    params = {n: v for group, c in configs.groups() for n, v in option_values(group, c).items()}
+    params |= option_values(TUNE, config) | {"storage": storage, "sampler_seed": str(seed)}
+    with stage_run(STAGE, f"{STAGE}/{config.study_name}", params) as run:
+        mlflow.set_tags(
+            {
+                STUDY_TAG: config.study_name,
+                STORAGE_TAG: storage,
+                "skindiff.tuned": ",".join(d.name for d in space),
+            }
+        )
+        study.optimize(lambda trial: _trial(trial, configs, space), n_trials=config.n_trials)
+        best = _best_trial(study)
+        frozen = {name: as_text(value) for name, value in best.params.items()}
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_artifact(str(write_frozen_params(frozen, Path(tmp) / FROZEN_PARAMS_FILE)))
+        mlflow.set_tags(
+            {FROZEN_TAG_PREFIX + name: value for name, value in frozen.items()}
+            | {"skindiff.best_value": str(best.value), "skindiff.best_trial": str(best.number)}
+        )
+        version, champion = "", False
+        if config.registered_model:
+            version, champion = _register(study, best, configs, frozen, config.registered_model)
+    return TuneResult(
+        run_id=run.info.run_id,
+        best_trial=best.number,
+        best_value=float(best.value),
+        frozen_params=frozen,
+        frozen_params_uri=f"runs:/{run.info.run_id}/{FROZEN_PARAMS_FILE}",
+        registered_version=version,
+        champion=champion,
+    )
+
+
+def open_study(config: TuneConfig, seed: int) -> optuna.Study:
+    """The study `config.study_name` in `config.storage`, created by the first worker."""
+    for name in ("n_trials", "heartbeat_interval", "grace_period"):
+        if getattr(config, name) < 1:
+            raise SkindiffError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.grace_period <= config.heartbeat_interval:
+        raise SkindiffError(
+            f"grace_period ({config.grace_period} s) must exceed heartbeat_interval "
+            f"({config.heartbeat_interval} s), or live trials would be failed"
+        )
+    return optuna.create_study(
+        storage=_storage(config),
+        study_name=config.study_name,
+        direction="maximize",
+        load_if_exists=True,
+        # constant_liar: workers running at once see each other's trials as poor, and spread.
+        sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS),
+    )
+
+
+def _storage(config: TuneConfig) -> optuna.storages.RDBStorage:
+    url = config.storage
+    masked = masked_url(url)  # also refuses what is not a URL
+    # SQLite locks the whole file per write: wait for the other workers instead of failing.
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=config.heartbeat_interval,
+                    grace_period=config.grace_period,
+                    heartbeat_stale_trial_callback=fail_and_retry,
+                )
+        except sqlalchemy.exc.SQLAlchemyError as err:
+            # Workers started together on a new storage race to create its tables: the
+            # losers find them made when they try again.
+            if attempt + 1 == STORAGE_ATTEMPTS:
+                reason = str(err).splitlines()[0]
+                raise SkindiffError(f"storage {masked!r}: {reason}") from None
+            time.sleep(1)
+        except ImportError as err:
+            raise SkindiffError(f"storage {masked!r}: {err}") from None
+
+
+def sampler_seed(seed: int) -> int:
+    """The sampler seed of this worker: from `seed`, but different for workers started
+    together (on one seed they would all propose the same first points)."""
+    text = f"{seed}/{socket.gethostname()}/{os.getpid()}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
+
+
+def masked_url(url: str) -> str:
+    """A storage URL without its password, for params, tags and messages."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        raise SkindiffError(
+            f"storage must be an RDB URL such as {TuneConfig.storage}, got {url!r}"
+        ) from None
+
+
+def _trial(trial: optuna.Trial, configs: StudyConfigs, space: list[Dimension]) -> float:
+    """One trial as a nested run: its stages found or run, the classifier's validation
+    macro-F1 reported per epoch (the pruner may stop it) and returned."""
+    values = {dimension.name: as_text(dimension.suggest(trial)) for dimension in space}
+    try:
+        configs = configs.with_frozen(values, f"trial {trial.number}")
+    except SkindiffError as err:
+        # A combination the stages refuse (strength x steps below one denoising step, ...):
+        # NaN fails this trial, and the study goes on.
+        logger.warning("trial %d is infeasible: %s", trial.number, err)
+        trial.set_user_attr(INFEASIBLE_ATTR, str(err))
+        return float("nan")
+    with mlflow.start_run(
+        run_name=f"{STAGE}/trial-{trial.number}",
+        nested=True,
+        tags={
+            ENTRY_POINT_TAG: STAGE,
+            STUDY_TAG: trial.study.study_name,
+            TRIAL_TAG: str(trial.number),
+        },
+    ) as run:
+        trial.set_user_attr(TRIAL_RUN_ATTR, run.info.run_id)
+        mlflow.log_params(values)
+        try:
+            value = _objective(trial, configs)
+        except optuna.TrialPruned:
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise
+        mlflow.log_metric(OBJECTIVE, value)
+    return value
+
+
+def _objective(trial: optuna.Trial, configs: StudyConfigs) -> float:
+    data = configs.data
+    prepare = ensure_prepare(data)
+    ti, lora, generate = ensure_generator_chain(
+        data, configs.textual_inversion, configs.lora, configs.generate, prepare
+    )
+    for attr, run_id in ((TI_RUN_ATTR, ti), (LORA_RUN_ATTR, lora), (GENERATE_RUN_ATTR, generate)):
+        trial.set_user_attr(attr, run_id)
+
+    def report(epoch: int, val_f1_macro: float) -> None:
+        trial.report(val_f1_macro, epoch)
+        if trial.should_prune():
+            # The classifier's run (the active one) was stopped, not broken.
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise optuna.TrialPruned(f"{OBJECTIVE} {val_f1_macro:.4f} at epoch {epoch}")
+
+    classifier = ensure_train_classifier(
+        data,
+        configs.classifier,
+        configs.textual_inversion,
+        configs.lora,
+        configs.generate,
+        prepare,
+        generate,
+        on_epoch=report,
+    )
+    trial.set_user_attr(CLASSIFIER_RUN_ATTR, classifier)
+    return mlflow.get_run(classifier).data.metrics[OBJECTIVE]
+
+
+def fail_and_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Heartbeat-stale trial (Optuna has just failed it): its worker is gone, so its MLflow
+    runs still RUNNING (the trial run, the stage runs under it, the worker's tune run) are
+    marked FAILED; then the trial is queued again with the same params."""
+    run_id = trial.user_attrs.get(TRIAL_RUN_ATTR)
+    if run_id:
+        client = mlflow.MlflowClient()
+        try:
+            trial_run = client.get_run(run_id)
+            worker = trial_run.data.tags.get(PARENT_RUN_TAG)
+            dead = _run_tree(client, trial_run) + ([client.get_run(worker)] if worker else [])
+            for run in dead:
+                if run.info.status == "RUNNING":
+                    client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        except MlflowException as err:
+            logger.warning("trial %d: its MLflow runs not marked FAILED: %s", trial.number, err)
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+
+
+def _run_tree(client: mlflow.MlflowClient, run: Run) -> list[Run]:
+    """`run` and every run nested under it."""
+    children = client.search_runs(
+        [run.info.experiment_id], f"tags.`{PARENT_RUN_TAG}` = '{run.info.run_id}'"
+    )
+    return [run] + [r for child in children for r in _run_tree(client, child)]
+
+
+def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    try:
+        return study.best_trial
+    except ValueError:
+        raise SkindiffError(f"study {study.study_name} has no completed trial yet") from None
+
+
+def _register(
+    study: optuna.Study,
+    best: optuna.trial.FrozenTrial,
+    configs: StudyConfigs,
+    frozen: dict[str, str],
+    registered_model: str,
+) -> tuple[str, bool]:
+    """Registers the best trial's generator, once per (study, model): a worker that ends
+    with the best trial another worker registered only reports that version."""
+    done = study.user_attrs.get(f"registered.{registered_model}", {})
+    if done.get("trial") == best.number:
+        return done["version"], False
+    if GENERATE_RUN_ATTR not in best.user_attrs:
+        logger.warning("best trial %d has no generator runs: not registered", best.number)
+        return "", False
+    generate = configs.with_frozen(frozen, f"trial {best.number}").generate
+    model_uri = log_generator_model(
+        best.user_attrs[TI_RUN_ATTR], best.user_attrs[LORA_RUN_ATTR], generate, frozen
+    )
+    version, champion = register_generator(
+        model_uri, registered_model, SCENARIO, OBJECTIVE, best.value
+    )
+    study.set_user_attr(
+        f"registered.{registered_model}", {"trial": best.number, "version": version}
+    )
+    return version, champion

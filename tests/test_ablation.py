@@ -1,0 +1,79 @@
+"""The ablation (Table 5 protocol) on a tiny setting against the real tracking server."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import pandas as pd
+import pytest
+from sklearn.metrics import accuracy_score, f1_score
+
+from conftest import CONDITIONS, fast_configs, runs_by_stage
+from skindiff.classify.train import ClassifierConfig, predict
+from skindiff.diffusion.generate import MODES
+from skindiff.tracking.ablation import mode_metric_name, run_ablation
+from skindiff.tracking.prepare import load_split
+
+STAGES = ("prepare", "textual_inversion", "lora", "generate", "train_classifier", "evaluate")
+
+
+def test_ablation_runs_all_modes_on_both_subsets_and_reuses_runs(
+    tracking: str, tmp_path: Path
+) -> None:
+    data, ti, lora, generate = fast_configs()
+    generate = replace(generate, num_per_image=1)
+    classifier = ClassifierConfig(arch="tiny", epochs=1, batch_size=16, image_size=32)
+    run_id = run_ablation([0], data, ti, lora, generate, classifier)
+
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="ablation.csv", dst_path=str(tmp_path)
+    )
+    table = pd.read_csv(path)
+    assert sorted(zip(table["mode"], table["test_set"], strict=True)) == sorted(
+        (mode, test_set) for mode in MODES for test_set in ("light", "dark")
+    )
+    stages = runs_by_stage(tracking)
+    classifiers = {run.info.run_id: run for run in stages["train_classifier"]}
+    assert len(classifiers) == len(MODES)
+    assert {run.data.params["mode"] for run in classifiers.values()} == set(MODES)
+    assert {run.data.params["train_type"] for run in classifiers.values()} == {"syn"}
+    (prepare,) = stages["prepare"]
+    light_rows = load_split(prepare.info.run_id, "flexible_light")
+    ablation_metrics = mlflow.get_run(run_id).data.metrics
+    for row in table.itertuples():
+        run = classifiers[row.classifier_run_id]
+        assert run.data.params["mode"] == row.mode
+        if row.test_set == "dark":
+            assert row.accuracy == pytest.approx(run.data.metrics["test_accuracy"])
+            assert row.f1_macro == pytest.approx(run.data.metrics["test_f1_macro"])
+        else:
+            model = mlflow.pytorch.load_model(f"runs:/{row.classifier_run_id}/model")
+            predicted = predict(model, light_rows, CONDITIONS, 32, 64)
+            truth, guess = predicted["label"], predicted["predicted"]
+            assert row.accuracy == pytest.approx(accuracy_score(truth, guess))
+            assert row.f1_macro == pytest.approx(
+                f1_score(truth, guess, average="macro", labels=list(CONDITIONS), zero_division=0)
+            )
+            (evaluation,) = [
+                run
+                for run in stages["evaluate"]
+                if run.data.params["model_uri"] == f"runs:/{row.classifier_run_id}/model"
+            ]
+            logged = pd.read_csv(
+                mlflow.artifacts.download_artifacts(
+                    run_id=evaluation.info.run_id,
+                    artifact_path="predictions/light.csv",
+                    dst_path=str(tmp_path / evaluation.info.run_id),
+                )
+            )
+            assert list(logged["md5hash"]) == list(light_rows["md5hash"])
+            assert list(logged["predicted"]) == list(guess)
+        name = mode_metric_name(row.test_set, "accuracy", row.mode)
+        assert "+" not in name and ablation_metrics[name] == pytest.approx(row.accuracy)
+
+    counts = {stage: len(stages[stage]) for stage in STAGES}
+    second = run_ablation([0], data, ti, lora, generate, classifier)
+    again = runs_by_stage(tracking)
+    assert {stage: len(again[stage]) for stage in STAGES} == counts
+    assert len(again["ablation"]) == 2 and mlflow.get_run(second).info.status == "FINISHED"

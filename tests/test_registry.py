@@ -1,0 +1,143 @@
+"""The generator as a registered pyfunc model, on a real tracking server: it loads by alias and
+generates, the champion alias moves only on improvement, `generate` runs from it."""
+
+import base64
+import hashlib
+import io
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import CONDITIONS, fast_configs, runs_by_stage
+from skindiff.diffusion.generate import GenerateConfig, image_seed
+from skindiff.diffusion.prompts import placeholder_token
+from skindiff.errors import SkindiffError
+from skindiff.tracking.generate import adapter_runs, run_generate
+from skindiff.tracking.prepare import ensure_prepare, load_split
+from skindiff.tracking.registry import (
+    CHAMPION_ALIAS,
+    generator_frozen_params,
+    log_generator_model,
+    register_generator,
+)
+
+FROZEN = {"ti_learning_rate": "0.0005", "strength": "0.5"}
+
+
+@pytest.fixture(scope="module")
+def generator(tracking_server: str) -> dict:
+    """TI and LoRA runs of a few steps and a generator model logged from them, made once in an
+    experiment of their own (tests reach them by id and URI from theirs)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", tracking_server)
+        mlflow.set_tracking_uri(tracking_server)
+        mlflow.set_experiment(f"registry-{time.time_ns()}")
+        data, ti_config, lora_config, config = fast_configs()
+        prepare = ensure_prepare(data)
+        ti, lora = adapter_runs(data, ti_config, lora_config, config, prepare)
+        with mlflow.start_run(run_name="tune"):
+            uri = log_generator_model(ti, lora, config, FROZEN)
+        train = load_split(prepare, "train")
+    return {"uri": uri, "ti": ti, "config": config, "train": train}
+
+
+def unique_name(request: pytest.FixtureRequest) -> str:
+    return f"{request.node.name}-{time.time_ns()}"
+
+
+def decode(text: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(text)))
+
+
+def test_champion_loads_by_alias_and_generates(
+    tracking: str, generator: dict, request: pytest.FixtureRequest
+) -> None:
+    name = unique_name(request)
+    register_generator(generator["uri"], name, "i", "val_f1_macro", 0.4)
+    model = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION_ALIAS}")
+    sources = list(generator["train"]["path"][:2])
+    as_base64 = base64.b64encode(Path(sources[1]).read_bytes()).decode()
+    table = pd.DataFrame(
+        {
+            "image": [sources[0], as_base64],
+            "condition": list(CONDITIONS),
+            "target_fst": [5, 6],
+            "n": [2, 1],
+        }
+    )
+    out = model.predict(table)
+    assert list(out["row"]) == [0, 0, 1] and list(out["index"]) == [0, 1, 0]
+    assert list(out["condition"]) == [CONDITIONS[0], CONDITIONS[0], CONDITIONS[1]]
+    assert list(out["fitzpatrick_scale"]) == [5, 5, 6]
+    size = generator["config"].output_size
+    assert all(decode(image).size == (size, size) for image in out["image"])
+    # Seeds as the generate stage derives them, the MD5 of the image bytes naming the source.
+    md5 = hashlib.md5(Path(sources[1]).read_bytes()).hexdigest()
+    assert out["seed"].iloc[2] == image_seed(generator["config"].seed, md5, 0)
+    # Same input, same images; the two images of one source differ.
+    again = model.predict(table.iloc[:1])
+    assert list(again["image"]) == list(out["image"][:2])
+    assert out["image"].iloc[0] != out["image"].iloc[1]
+    assert generator_frozen_params(f"models:/{name}@{CHAMPION_ALIAS}") == FROZEN
+
+
+def test_champion_moves_only_on_improvement(
+    tracking: str, generator: dict, request: pytest.FixtureRequest
+) -> None:
+    name = unique_name(request)
+    results = [
+        register_generator(generator["uri"], name, scenario, "val_f1_macro", value)
+        for scenario, value in (("i", 0.5), ("i", 0.7), ("ii", 0.6), ("i", 0.7))
+    ]
+    assert results == [("1", True), ("2", True), ("3", False), ("4", False)]
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    assert champion.version == "2"
+    assert champion.tags == {"scenario": "i", "objective": "val_f1_macro", "value": "0.7"}
+    assert client.get_model_version(name, "3").tags["scenario"] == "ii"
+    assert register_generator(generator["uri"], name, "i", "val_f1_macro", 0.71) == ("5", True)
+
+
+def test_generate_from_registered_model(
+    tracking: str, generator: dict, request: pytest.FixtureRequest
+) -> None:
+    name = unique_name(request)
+    register_generator(generator["uri"], name, "i", "val_f1_macro", 0.5)
+    uri = f"models:/{name}@{CHAMPION_ALIAS}"
+    data, ti_config, lora_config, _ = fast_configs()
+    # The model's settings win over the command's; the command keeps the per-run ones.
+    command = GenerateConfig(
+        mode="txt2img/vanilla", num_per_image=1, num_inference_steps=50, output_size=24, seed=3
+    )
+    run_id = run_generate(data, ti_config, lora_config, command, generator_uri=uri)
+    assert set(runs_by_stage(tracking)) == {"generate", "prepare"}
+    run = mlflow.get_run(run_id)
+    assert run.data.params["generator_uri"] == uri
+    assert run.data.tags["skindiff.generator_uri"] == uri
+    assert run.data.tags["skindiff.generator.num_inference_steps"] == "4"
+    folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="synthetic")
+    manifest = pd.read_csv(Path(folder) / "manifest.csv")
+    assert len(manifest) == run.data.metrics["n_synthetic"] == len(generator["train"])
+    assert set(manifest["num_inference_steps"]) == {4}
+    assert set(manifest["mode"]) == {generator["config"].mode}
+    assert manifest["prompt"].str.contains(placeholder_token(CONDITIONS[0])).any()
+    with Image.open(Path(folder) / manifest["path"].iloc[0]) as image:
+        assert image.size == (24, 24)
+
+    # The run key follows the model's contents, not the URI that names it.
+    again = run_generate(data, ti_config, lora_config, command, generator_uri=generator["uri"])
+    assert mlflow.get_run(again).data.tags["skindiff.run_key"] == run.data.tags["skindiff.run_key"]
+
+
+def test_bad_generator_uri_is_refused(tracking: str, generator: dict) -> None:
+    data, ti_config, lora_config, config = fast_configs()
+    with pytest.raises(SkindiffError, match="does not resolve"):
+        run_generate(data, ti_config, lora_config, config, generator_uri="models:/no-such@champion")
+    not_a_model = f"runs:/{generator['ti']}/embeddings"
+    with pytest.raises(SkindiffError, match="is not a skindiff generator model"):
+        run_generate(data, ti_config, lora_config, config, generator_uri=not_a_model)
+    assert [r.info.status for r in runs_by_stage(tracking)["generate"]] == ["FAILED"] * 2

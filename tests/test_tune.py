@@ -1,0 +1,274 @@
+"""`tune`: workers sharing an Optuna study, heartbeat recovery, pruning, the frozen params."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from conftest import FAST, REPO, fast_configs
+from skindiff.classify.train import ClassifierConfig
+from skindiff.errors import SkindiffError
+from skindiff.options import GENERATE, LORA, TEXTUAL_INVERSION, as_text
+from skindiff.search_space import load_search_space
+from skindiff.tracking.frozen import load_frozen_params
+from skindiff.tracking.pipeline import StudyConfigs, run_main
+from skindiff.tracking.tune import (
+    INFEASIBLE_ATTR,
+    PRUNER_STARTUP_TRIALS,
+    TRIAL_RUN_ATTR,
+    TRIAL_TAG,
+    TuneConfig,
+    run_tune,
+)
+
+# Every tuned option of the built-in space, with ranges of a few steps.
+TINY_SPACE = {
+    "ti_learning_rate": {"low": 1e-4, "high": 1e-3, "log": True},
+    "ti_max_train_steps": {"low": 1, "high": 2},
+    "lora_rank": {"choices": [2, 4]},
+    "lora_learning_rate": {"low": 1e-6, "high": 1e-4, "log": True},
+    "lora_max_train_steps": {"low": 1, "high": 2},
+    "strength": {"low": 0.3, "high": 0.7},
+    "guidance_scale": {"low": 1.0, "high": 3.0},
+    "num_inference_steps": {"low": 4, "high": 6},  # >= 1 denoising step at strength 0.3
+}
+SMALL = FAST | {"num_per_image": "1", "epochs": "2", "batch_size": "32", "image_size": "32"}
+
+
+@pytest.fixture()
+def warm_cache(demo_dataset) -> None:
+    """The demo data and tiny model made once here, not by every worker at the same time."""
+    from skindiff.diffusion.base_model import resolve_base_model
+
+    resolve_base_model("tiny")
+
+
+def write_space(folder: Path, space: dict) -> str:
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return str(path)
+
+
+def start_worker(tmp_path: Path, storage: str, **options: str) -> subprocess.Popen:
+    """`python entrypoints/tune.py ...` as MLproject runs it, logging to the test's server."""
+    args = [sys.executable, str(REPO / "entrypoints" / "tune.py")]
+    settings = SMALL | {"storage": storage, "n_trials": "1"} | options
+    for name, value in settings.items():
+        args += [f"--{name.replace('_', '-')}", value]
+    return subprocess.Popen(
+        args, cwd=tmp_path, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def in_process_configs() -> StudyConfigs:
+    data, ti, lora, generate = fast_configs()
+    classifier = ClassifierConfig(epochs=2, batch_size=32, image_size=32)
+    return StudyConfigs(data, ti, lora, replace(generate, num_per_image=1), classifier)
+
+
+def runs_of(experiment_id: str) -> list:
+    return mlflow.search_runs([experiment_id], output_format="list")
+
+
+def test_two_workers_share_one_study(tracking: str, warm_cache, tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    space = write_space(tmp_path, TINY_SPACE)
+    workers = [
+        start_worker(tmp_path, storage, search_space=space, registered_model="") for _ in range(2)
+    ]
+    for worker in workers:
+        output = worker.communicate(timeout=300)[0].decode()
+        assert worker.returncode == 0, output[-3000:]
+
+    study = optuna.load_study(study_name="skindiff-tune", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    runs = runs_of(tracking)
+    tune_runs = [r for r in runs if r.data.tags.get("mlflow.project.entryPoint") == "tune"]
+    worker_runs = {r.info.run_id: r for r in tune_runs if TRIAL_TAG not in r.data.tags}
+    assert len(worker_runs) == 2
+    assert {r.info.status for r in worker_runs.values()} == {"FINISHED"}
+    for trial in study.trials:
+        run = mlflow.get_run(trial.user_attrs[TRIAL_RUN_ATTR])
+        assert run.data.tags[TRIAL_TAG] == str(trial.number)
+        assert run.data.params == {name: as_text(v) for name, v in trial.params.items()}
+        assert run.data.metrics["val_f1_macro"] == pytest.approx(trial.value)
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+        stages = {r.data.tags["mlflow.project.entryPoint"] for r in children}
+        assert {"textual_inversion", "lora", "generate", "train_classifier"} <= stages
+    # One trial each: the two trials are nested under the two workers.
+    parents = {
+        mlflow.get_run(t.user_attrs[TRIAL_RUN_ATTR]).data.tags["mlflow.parentRunId"]
+        for t in study.trials
+    }
+    assert parents == set(worker_runs)
+
+    for run in worker_runs.values():
+        # A worker freezes the best trial it saw when it ended.
+        seen = study.trials[int(run.data.tags["skindiff.best_trial"])]
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id,
+            artifact_path="frozen_params.yaml",
+            dst_path=str(tmp_path / run.info.run_id),
+        )
+        frozen = yaml.safe_load(Path(local).read_text())
+        assert frozen == {name: as_text(v) for name, v in seen.params.items()}
+        assert {
+            f"skindiff.frozen.{n}": v for n, v in frozen.items()
+        }.items() <= run.data.tags.items()
+    last = max(worker_runs.values(), key=lambda r: r.info.end_time)
+    assert last.data.tags["skindiff.best_trial"] == str(study.best_trial.number)
+
+    # Scenario ii takes the frozen params of the tune run unchanged: its stage runs log them.
+    runs = run_main(
+        ["ii"], [0], in_process_configs(), ["tiny"], ["syn"], frozen_params=last.info.run_id
+    )
+    ids = runs[("ii", 0)]
+    used = {}
+    for run_id in (ids.textual_inversion, ids.lora, ids.generate):
+        used |= mlflow.get_run(run_id).data.params
+    assert {name: used[name] for name in study.best_params} == {
+        name: as_text(value) for name, value in study.best_params.items()
+    }
+
+
+def test_a_killed_workers_trial_is_failed_and_retried(
+    tracking: str, warm_cache, tmp_path: Path
+) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    space = write_space(tmp_path, TINY_SPACE)
+    heartbeat = {"heartbeat_interval": 1, "grace_period": 2}
+    # Made here, so that polling it never races the worker creating it.
+    study = optuna.create_study(study_name="skindiff-tune", storage=storage, direction="maximize")
+    worker = start_worker(
+        tmp_path,
+        storage,
+        search_space=space,
+        registered_model="",
+        **{k: str(v) for k, v in heartbeat.items()},
+    )
+    deadline = time.monotonic() + 120
+    while True:  # kill it once its trial has an MLflow run, that is mid-trial
+        assert worker.poll() is None, worker.communicate()[0].decode()[-3000:]
+        assert time.monotonic() < deadline
+        trials = study.trials
+        if trials and TRIAL_RUN_ATTR in trials[0].user_attrs:
+            break
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    dead = trials[0]
+    assert dead.state == TrialState.RUNNING
+    time.sleep(heartbeat["grace_period"] + 1)
+
+    model = f"tune-test-{time.time_ns()}"  # the best generator is registered here
+    config = TuneConfig(
+        n_trials=1, storage=storage, search_space=space, registered_model=model, **heartbeat
+    )
+    result = run_tune(in_process_configs(), config)
+
+    failed, retried = study.trials
+    assert failed.state == TrialState.FAIL
+    assert retried.state == TrialState.COMPLETE and retried.params == dead.params
+    assert retried.system_attrs["failed_trial"] == dead.number
+    assert result.best_trial == retried.number
+    dead_run = mlflow.get_run(dead.user_attrs[TRIAL_RUN_ATTR])
+    assert dead_run.info.status == "FAILED"
+    assert mlflow.get_run(dead_run.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
+    assert [r.info.run_name for r in runs_of(tracking) if r.info.status == "RUNNING"] == []
+    champion = mlflow.MlflowClient().get_model_version_by_alias(model, "champion")
+    assert champion.version == result.registered_version and result.champion
+    assert float(champion.tags["value"]) == pytest.approx(retried.value)
+    # `main --frozen-params models:/<name>@champion` reads what the tune run froze.
+    assert load_frozen_params(f"models:/{model}@champion") == result.frozen_params
+    assert load_frozen_params(result.run_id) == result.frozen_params
+
+
+def test_a_trial_below_the_median_is_pruned(tracking: str, tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    space = {"strength": {"low": 0.4, "high": 0.6}}
+    study = optuna.create_study(study_name="skindiff-tune", storage=storage, direction="maximize")
+    for _ in range(PRUNER_STARTUP_TRIALS):
+        # Earlier trials better than any real one can be (F1 <= 1): the next is pruned at epoch 1.
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"strength": 0.5},
+                distributions={"strength": optuna.distributions.FloatDistribution(0.4, 0.6)},
+                value=2.0,
+                intermediate_values={1: 2.0, 2: 2.0},
+            )
+        )
+    config = TuneConfig(
+        n_trials=1, storage=storage, search_space=write_space(tmp_path, space), registered_model=""
+    )
+    result = run_tune(in_process_configs(), config)
+
+    pruned = study.trials[-1]
+    assert pruned.state == TrialState.PRUNED and list(pruned.intermediate_values) == [1]
+    trial_run = mlflow.get_run(pruned.user_attrs[TRIAL_RUN_ATTR])
+    assert trial_run.info.status == "KILLED"
+    children = [
+        r
+        for r in runs_of(tracking)
+        if r.data.tags.get("mlflow.parentRunId") == trial_run.info.run_id
+    ]
+    statuses = {r.data.tags["mlflow.project.entryPoint"]: r.info.status for r in children}
+    assert statuses["train_classifier"] == "KILLED" and statuses["generate"] == "FINISHED"
+    assert mlflow.get_run(result.run_id).info.status == "FINISHED"
+    assert result.frozen_params == {"strength": "0.5"}
+
+
+def test_an_infeasible_trial_fails_and_the_study_goes_on(tracking: str, tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    space = write_space(tmp_path, {"strength": {"low": 0.01, "high": 0.02}})  # x 4 steps < 1
+    config = TuneConfig(n_trials=2, storage=storage, search_space=space, registered_model="")
+    with pytest.raises(SkindiffError, match="has no completed trial"):
+        run_tune(in_process_configs(), config)
+    trials = optuna.load_study(study_name="skindiff-tune", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2
+    assert "denoising step" in trials[0].user_attrs[INFEASIBLE_ATTR]
+    (worker,) = runs_of(tracking)
+    assert worker.info.status == "FAILED"
+
+
+def test_builtin_space_is_centred_on_the_reference_values() -> None:
+    space = load_search_space("")
+    assert {d.name for d in space} >= set(TINY_SPACE)
+    defaults = {n: d for g in (TEXTUAL_INVERSION, LORA, GENERATE) for n, _, d in g.option_fields()}
+    for dimension in space:
+        reference = defaults[dimension.name]
+        if dimension.choices:
+            assert reference in dimension.choices, dimension.name
+        else:
+            assert dimension.low < reference < dimension.high, dimension.name
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"ti_learnin_rate": {"low": 1, "high": 2}}, "ti_learnin_rate: not a tunable option"),
+        ({"strength": {"low": 0.7, "high": 0.3}}, "strength: low must be below high"),
+        (
+            {"lora_learning_rate": {"low": 0, "high": 1e-4, "log": True}},
+            "a log range needs low > 0",
+        ),
+        ({"lora_rank": {"low": 2.5, "high": 8}}, "lora_rank: low must be an integer"),
+        ({"guidance_scale": {"min": 1, "max": 3}}, "guidance_scale: unknown key 'max'"),
+        ({"lora_rank": {"choices": []}}, "lora_rank: choices must be a non-empty list"),
+    ],
+)
+def test_a_bad_search_space_names_the_file_and_key(
+    tmp_path: Path, entry: dict, message: str
+) -> None:
+    path = write_space(tmp_path, entry)
+    with pytest.raises(SkindiffError, match=f"search_space {path}: .*") as error:
+        load_search_space(path)
+    assert message in str(error.value) and "\n" not in str(error.value)
