@@ -115,5 +115,7 @@ def test_frozen_params_replace_the_options(tracking: str, tmp_path: Path) -> Non
     frozen.write_text("lora_rnak: '4'\n")
     with pytest.raises(SkindiffError, match=r"frozen_params.yaml: unknown option\(s\) lora_rnak"):
         run_main(["ii"], [0], configs, ["tiny"], ["syn"], frozen_params=str(frozen))
+    with pytest.raises(SkindiffError, match="scenarios must be a comma list of i, ii, iii"):
+        run_main(["iv"], [0], configs, ["tiny"], ["syn"])
     with pytest.raises(SkindiffError, match="train_types must be a comma list"):
         run_main(["ii"], [0], configs, ["tiny"], ["synthetic"])

@@ -381,12 +381,8 @@ def main(
     child runs; finished runs with the same inputs are re-used."""
     from skindiff.tracking.pipeline import StudyConfigs, run_main
 
-    chosen = comma_list(scenarios)
-    unknown = [s for s in chosen if s not in ("i", "ii", "iii")]
-    if unknown or not chosen:
-        raise SkindiffError(f"scenarios must be a comma list of i, ii, iii, got {scenarios!r}")
     runs = run_main(
-        chosen,
+        comma_list(scenarios),
         int_list(seeds, "seeds"),
         StudyConfigs(data, ti_config, lora_config, generate_config, classifier_config),
         comma_list(archs),

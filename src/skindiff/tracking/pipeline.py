@@ -18,6 +18,7 @@ from skindiff.classify.data import TRAIN_TYPES
 from skindiff.classify.models import ARCHS, PAPER_ARCHS
 from skindiff.classify.train import ClassifierConfig
 from skindiff.data.prepare import PrepareConfig
+from skindiff.data.splits import SCENARIOS
 from skindiff.diffusion.generate import GenerateConfig
 from skindiff.diffusion.lora import LoraConfig
 from skindiff.diffusion.textual_inversion import TextualInversionConfig
@@ -95,9 +96,12 @@ class PipelineRuns:
     classifiers: dict[tuple[str, str], str] = field(default_factory=dict)  # (arch, type) -> id
 
 
-def check_choices(archs: Sequence[str], train_types: Sequence[str]) -> None:
-    """Refuses unknown architectures or train types before anything runs."""
+def check_choices(
+    scenarios: Sequence[str], archs: Sequence[str], train_types: Sequence[str]
+) -> None:
+    """Refuses unknown scenarios, architectures or train types before anything runs."""
     for name, chosen, allowed in (
+        ("scenarios", scenarios, SCENARIOS),
         ("archs", archs, ARCHS),
         ("train_types", train_types, TRAIN_TYPES),
     ):
@@ -121,7 +125,7 @@ def run_main(
     `frozen_params` (a tune run id, a YAML file or a generator model URI) replaces the tuned
     settings. A failing stage leaves its run FAILED and stops the pipeline with a SkindiffError
     saying which run failed; finished stages are re-used by the next call."""
-    check_choices(archs, train_types)
+    check_choices(scenarios, archs, train_types)
     frozen = load_frozen_params(frozen_params) if frozen_params else {}
     if frozen:
         configs = configs.with_frozen(frozen, frozen_params)

@@ -5,13 +5,14 @@ generator options (as `generate` itself does), so `syn` and `real+syn` start fro
 """
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
 import mlflow.pytorch
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.models import infer_signature
 
@@ -40,6 +41,7 @@ from skindiff.tracking.textual_inversion import PREPARE_RUN_TAG
 
 STAGE = "train_classifier"
 GENERATE_RUN_TAG = "skindiff.generate_run_id"
+SPLITS = ("train", "val", "test")  # what a classifier is trained, selected and scored on
 
 
 def log_classifier(result: ClassifierResult, config: ClassifierConfig) -> None:
@@ -63,9 +65,11 @@ def log_classifier(result: ClassifierResult, config: ClassifierConfig) -> None:
     )
 
 
-def classifier_key(config: ClassifierConfig, prepare_run_id: str, generate_run_id: str) -> str:
-    """Same splits, settings, synthetic images and code: same classifier."""
-    inputs = {s: content_digest(load_split(prepare_run_id, s)) for s in ("train", "val", "test")}
+def classifier_key(
+    config: ClassifierConfig, splits: Mapping[str, pd.DataFrame], generate_run_id: str
+) -> str:
+    """Same splits (train, val, test), settings, synthetic images and code: same classifier."""
+    inputs = {name: content_digest(rows) for name, rows in splits.items()}
     inputs["synthetic"] = upstream_key(generate_run_id)
     return run_key(STAGE, option_values(CLASSIFIER, config), inputs)
 
@@ -93,7 +97,8 @@ def run_train_classifier(
     run_name = f"{data.scenario}/seed-{data.seed}/{config.arch}/{config.train_type}"
     with stage_run(STAGE, run_name, params | {"generate_run_id": generate_run_id}) as run:
         prepare_run_id = prepare_run_id or ensure_prepare(data)
-        train, val, test = (load_split(prepare_run_id, s) for s in ("train", "val", "test"))
+        splits = {name: load_split(prepare_run_id, name) for name in SPLITS}
+        train, val, test = splits.values()
         labels = tuple(sorted(data.conditions))
         with tempfile.TemporaryDirectory() as tmp:
             synthetic = None
@@ -108,7 +113,7 @@ def run_train_classifier(
             rows = build_training_set(train, synthetic, config.train_type)
             mlflow.set_tags(
                 {
-                    RUN_KEY_TAG: classifier_key(config, prepare_run_id, generate_run_id),
+                    RUN_KEY_TAG: classifier_key(config, splits, generate_run_id),
                     PREPARE_RUN_TAG: prepare_run_id,
                     GENERATE_RUN_TAG: generate_run_id,
                 }
@@ -148,7 +153,8 @@ def ensure_train_classifier(
         generate_run_id = ""
     elif not generate_run_id:
         raise SkindiffError(f"train_type {config.train_type} needs a generate run")
-    found = find_finished_run(classifier_key(config, prepare_run_id, generate_run_id))
+    splits = {name: load_split(prepare_run_id, name) for name in SPLITS}
+    found = find_finished_run(classifier_key(config, splits, generate_run_id))
     if found:
         return found.info.run_id
     return run_train_classifier(
