@@ -26,6 +26,14 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_METADATA = REPO.parent / "shared" / "data" / "fitzpatrick17k.csv"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that needs the tracking server is `slow`: the fast lane
+    (`pytest -m "not slow"`) is the science code and the CLI, in-process."""
+    for item in items:
+        if "tracking_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Keeps the demo dataset and models of a test session out of the user's ~/.cache."""

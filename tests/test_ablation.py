@@ -11,9 +11,10 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from conftest import CONDITIONS, fast_configs, runs_by_stage
 from skindiff.classify.train import ClassifierConfig, predict
-from skindiff.diffusion.generate import MODES
+from skindiff.diffusion.config import GenerationMode
 from skindiff.tracking.ablation import mode_metric_name, run_ablation
-from skindiff.tracking.prepare import load_split
+from skindiff.tracking.runs import load_split
+from skindiff.tracking.settings import AblationPlan
 
 STAGES = ("prepare", "textual_inversion", "lora", "generate", "train_classifier", "evaluate")
 
@@ -24,19 +25,19 @@ def test_ablation_runs_all_modes_on_both_subsets_and_reuses_runs(
     data, ti, lora, generate = fast_configs()
     generate = replace(generate, num_per_image=1)
     classifier = ClassifierConfig(arch="tiny", epochs=1, batch_size=16, image_size=32)
-    run_id = run_ablation([0], data, ti, lora, generate, classifier)
+    run_id = run_ablation(AblationPlan(seeds=(0,)), data, ti, lora, generate, classifier)
 
     path = mlflow.artifacts.download_artifacts(
         run_id=run_id, artifact_path="ablation.csv", dst_path=str(tmp_path)
     )
     table = pd.read_csv(path)
     assert sorted(zip(table["mode"], table["test_set"], strict=True)) == sorted(
-        (mode, test_set) for mode in MODES for test_set in ("light", "dark")
+        (mode, test_set) for mode in GenerationMode for test_set in ("light", "dark")
     )
     stages = runs_by_stage(tracking)
     classifiers = {run.info.run_id: run for run in stages["train_classifier"]}
-    assert len(classifiers) == len(MODES)
-    assert {run.data.params["mode"] for run in classifiers.values()} == set(MODES)
+    assert len(classifiers) == len(GenerationMode)
+    assert {run.data.params["mode"] for run in classifiers.values()} == set(GenerationMode)
     assert {run.data.params["train_type"] for run in classifiers.values()} == {"syn"}
     (prepare,) = stages["prepare"]
     light_rows = load_split(prepare.info.run_id, "flexible_light")
@@ -73,7 +74,7 @@ def test_ablation_runs_all_modes_on_both_subsets_and_reuses_runs(
         assert "+" not in name and ablation_metrics[name] == pytest.approx(row.accuracy)
 
     counts = {stage: len(stages[stage]) for stage in STAGES}
-    second = run_ablation([0], data, ti, lora, generate, classifier)
+    second = run_ablation(AblationPlan(seeds=(0,)), data, ti, lora, generate, classifier)
     again = runs_by_stage(tracking)
     assert {stage: len(again[stage]) for stage in STAGES} == counts
     assert len(again["ablation"]) == 2 and mlflow.get_run(second).info.status == "FINISHED"

@@ -9,9 +9,10 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_sc
 
 from conftest import CONDITIONS, fast_configs, mlflow_run, runs_by_stage
 from skindiff.errors import SkindiffError
-from skindiff.tracking.evaluate import EvaluateConfig, run_evaluate
+from skindiff.tracking.evaluate import run_evaluate
 from skindiff.tracking.generate import run_generate
 from skindiff.tracking.prepare import run_prepare
+from skindiff.tracking.settings import EvaluateConfig
 
 CLASSIFIER = {
     "conditions": ",".join(CONDITIONS),

@@ -14,14 +14,17 @@ from safetensors.torch import save_file
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from torchvision.models import resnet18
 
+from skindiff.classify import data as classify_data
 from skindiff.classify import train as train_module
+from skindiff.classify.config import Arch
 from skindiff.classify.data import build_training_set, weighted_sampler
 from skindiff.classify.metrics import classification_metrics, confusion_matrix_figure
-from skindiff.classify.models import ARCHS, build_classifier
+from skindiff.classify.models import build_classifier
 from skindiff.classify.train import ClassifierConfig, predict, train_classifier
+from skindiff.core.manifest import slug
 from skindiff.data.fitzpatrick import CONDITIONS
 from skindiff.data.images import load_rgb
-from skindiff.data.prepare import PrepareConfig, prepare_scenario, slug
+from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.errors import SkindiffError
 
 LABELS = tuple(sorted(CONDITIONS))
@@ -214,15 +217,15 @@ def test_weighted_sampler_balances_classes():
 # --- models -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("arch", "size", "finetune"),
-    [
-        ("tiny", 64, "full"),
-        ("resnet18", 64, "full"),
-        ("vgg16", 64, "head"),
-        ("vit_b_16", 224, "head"),
-    ],
-)
+ARCH_CASES = [
+    ("tiny", 64, "full"),
+    ("resnet18", 64, "full"),
+    ("vgg16", 64, "head"),
+    ("vit_b_16", 224, "head"),
+]
+
+
+@pytest.mark.parametrize(("arch", "size", "finetune"), ARCH_CASES)
 def test_every_architecture_trains(arch, size, finetune):
     torch.manual_seed(0)
     model = build_classifier(arch, 7, finetune=finetune)
@@ -240,7 +243,7 @@ def test_every_architecture_trains(arch, size, finetune):
 
 
 def test_all_architectures_are_covered():
-    assert set(ARCHS) == {"tiny", "resnet18", "vgg16", "vit_b_16"}
+    assert sorted(arch for arch, _, _ in ARCH_CASES) == sorted(Arch)
 
 
 def test_imagenet_weights_come_only_from_the_local_cache(tmp_path, monkeypatch):
@@ -393,12 +396,18 @@ def test_model_selection_never_looks_at_the_test_labels(quick_run, splits, monke
     assert list(other.test_predictions["label"]) == list(permuted["label"])
 
 
-def test_trains_on_real_and_synthetic_images(splits, tmp_path):
+def test_trains_on_real_and_synthetic_images(splits, tmp_path, monkeypatch):
     synthetic = synthetic_from(splits.train.head(10), tmp_path)
     train = build_training_set(splits.train, synthetic, "real+syn")
+    loaded, load = [], classify_data.load_rgb
+    monkeypatch.setattr(
+        classify_data, "load_rgb", lambda path: loaded.append(str(path)) or load(path)
+    )
     config = replace(QUICK, epochs=1, train_type="real+syn")
     result = train_classifier(config, train, splits.val, splits.test, LABELS, progress=False)
     assert len(result.test_predictions) == len(splits.test)
+    assert set(loaded) & set(synthetic["path"]), "no synthetic image was trained on"
+    assert set(loaded) & set(splits.train["path"]), "no real image was trained on"
 
 
 @pytest.mark.parametrize("seed", [0, 1])

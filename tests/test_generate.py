@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
@@ -21,15 +21,16 @@ from safetensors.torch import save_file
 from skindiff.data.fitzpatrick import CONDITIONS
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.diffusion import generate
+from skindiff.diffusion.adapters import token_file_name
 from skindiff.diffusion.base_model import resolve_base_model
+from skindiff.diffusion.config import GenerationMode, SchedulerName
 from skindiff.diffusion.generate import (
     MANIFEST_COLUMNS,
-    MODES,
     GenerateConfig,
     generate_synthetic,
     plan_generation,
 )
-from skindiff.diffusion.prompts import SKIN_TYPE_PHRASES, placeholder_token, token_file_name
+from skindiff.diffusion.prompts import SKIN_TYPE_PHRASES, placeholder_token
 from skindiff.errors import SkindiffError
 
 SMALL = GenerateConfig(
@@ -182,7 +183,7 @@ def test_manifest_and_images(reference: Path, train: pd.DataFrame):
         with Image.open(reference / path) as image:
             image.load()
             assert image.size == (32, 32) and image.mode == "RGB"
-    assert json.loads((reference / "config.json").read_text())["seed"] == 0
+    assert json.loads((reference / "run.json").read_text())["seed"] == 0
 
 
 def test_same_seed_is_byte_identical_and_another_seed_differs(
@@ -205,7 +206,7 @@ saved, save = [], generate._save_png
 
 def save_then_die(image, path):
     if len(saved) == 12:  # four whole batches of 3 are on disk: die while writing the 13th
-        (path.parent / f".{path.name}.tmp").write_bytes(b"half a png")
+        (path.parent / f".{path.name}.tmp-0123abcd").write_bytes(b"half a png")
         os.kill(os.getpid(), signal.SIGKILL)
     save(image, path)
     saved.append(path)
@@ -217,6 +218,7 @@ generate.generate_synthetic(
 """
 
 
+@pytest.mark.slow  # a subprocess, killed
 def test_killed_run_resumes_to_identical_files(
     reference: Path, train: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -252,14 +254,16 @@ def test_killed_run_resumes_to_identical_files(
     generate_synthetic(SMALL, train, out_dir, progress=False)
     assert batches == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [12, 13, 14], [15]]
     assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
-    assert folder_bytes(out_dir) == folder_bytes(reference)
+    # The killed process's temporary never became an image; everything else is the same.
+    leftover = f"{Path(plan['path'][12]).parent}/.{Path(plan['path'][12]).name}.tmp-0123abcd"
+    resumed = folder_bytes(out_dir)
+    assert resumed.pop(leftover) == b"half a png"
+    assert resumed == folder_bytes(reference)
 
 
 def test_resume_with_other_settings_is_refused(reference: Path, train: pd.DataFrame):
     before = folder_bytes(reference)
-    with pytest.raises(
-        SkindiffError, match=r"different settings or inputs \(guidance_scale, .*seed\)"
-    ):
+    with pytest.raises(SkindiffError, match=r"other settings or inputs \(guidance_scale, .*seed\)"):
         generate_synthetic(
             dataclasses.replace(SMALL, seed=3, guidance_scale=4.0), train, reference, progress=False
         )
@@ -287,7 +291,7 @@ def test_every_mode_runs_and_adapters_change_the_images(
     train: pd.DataFrame, adapters: dict[str, Path], tmp_path: Path
 ):
     results = {}
-    for mode in MODES:
+    for mode in GenerationMode:
         config = GenerateConfig(mode=mode)
         wanted = {
             "embeddings_dir": adapters["embeddings_dir"] if config.uses_ti else None,
@@ -302,10 +306,26 @@ def test_every_mode_runs_and_adapters_change_the_images(
     assert np.abs(ti_again - results["img2img/ti"]).mean() > 0
 
 
-def test_other_scheduler_runs(train: pd.DataFrame, tmp_path: Path):
+@pytest.mark.parametrize("name", list(SchedulerName))
+def test_scheduler_option_sets_the_pipeline_scheduler(name: SchedulerName):
+    expected = generate.SCHEDULERS.get(name, PNDMScheduler)  # default: the tiny model's own
+    for mode in ("img2img/vanilla", "txt2img/vanilla"):
+        config = dataclasses.replace(SMALL, mode=mode, scheduler=name)
+        pipe, _ = generate.load_pipeline(config, {}, None)
+        assert type(pipe.scheduler) is expected, mode
+
+
+def test_other_scheduler_runs(train: pd.DataFrame, tmp_path: Path, monkeypatch):
+    used, real_batch = [], generate._generate_batch
+
+    def recording(pipe, config, chunk, resolution):
+        used.append(type(pipe.scheduler))
+        return real_batch(pipe, config, chunk, resolution)
+
+    monkeypatch.setattr(generate, "_generate_batch", recording)
     config = dataclasses.replace(SMALL, num_per_image=1, scheduler="dpm++")
-    manifest = generate_synthetic(config, train.head(2), tmp_path, progress=False)
-    assert (manifest["scheduler"] == "dpm++").all()
+    generate_synthetic(config, train.head(2), tmp_path, progress=False)
+    assert used and set(used) == {generate.SCHEDULERS[SchedulerName.DPM_PLUS_PLUS]}
 
 
 def test_missing_adapters_are_clear_errors(

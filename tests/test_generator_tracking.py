@@ -9,9 +9,10 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from conftest import CONDITIONS, FAST, fast_configs, mlflow_run, runs_by_stage
+from skindiff.diffusion.adapters import token_file_name
 from skindiff.diffusion.base_model import resolve_base_model
 from skindiff.diffusion.generate import GenerateConfig
-from skindiff.diffusion.prompts import placeholder_token, token_file_name
+from skindiff.diffusion.prompts import placeholder_token
 from skindiff.errors import SkindiffError
 from skindiff.tracking.generate import run_generate
 

@@ -11,6 +11,7 @@ from skindiff.classify.train import ClassifierConfig
 from skindiff.errors import SkindiffError
 from skindiff.tracking.pipeline import StudyConfigs, run_main
 from skindiff.tracking.report import run_report
+from skindiff.tracking.settings import ReportConfig, StudyPlan
 
 # A classifier that trains in a second: the pipeline's bookkeeping is under test.
 FAST_CLASSIFIER = {"arch": "tiny", "epochs": 1, "batch_size": 16, "image_size": 32}
@@ -65,7 +66,7 @@ def test_mlflow_run_main_builds_the_run_tree_then_reuses_it(tracking: str, tmp_p
     assert syn == stages["generate"][0].info.run_id
 
     # `report` reads the pipeline's results: one seed, so the mean is the run's own score.
-    run_report(tracking, str(tmp_path / "report"))
+    run_report(ReportConfig(tracking, str(tmp_path / "report")))
     table = pd.read_csv(tmp_path / "report" / "table2_scenario_i.csv").set_index("train_type")
     for train_type, run in by_type.items():
         expected = 100 * run.data.metrics["test_accuracy"]
@@ -80,18 +81,23 @@ def test_mlflow_run_main_builds_the_run_tree_then_reuses_it(tracking: str, tmp_p
     assert len(again["report"]) == 1
 
 
-def test_failed_stage_stops_the_pipeline_and_the_next_call_resumes(tracking: str) -> None:
-    broken = study_configs(image_size=8)
+def test_failed_stage_stops_the_pipeline_and_the_next_call_resumes(
+    tracking: str, tmp_path: Path
+) -> None:
+    broken = study_configs(weights=str(tmp_path / "missing.pt"))  # refused when it trains
     with pytest.raises(SkindiffError) as stopped:
-        run_main(["iii"], [1], broken, archs=["tiny"], train_types=["real"])
+        run_main(StudyPlan(["iii"], [1], ["tiny"], ["real"]), broken)
     message = str(stopped.value)
     (failed,) = runs_by_stage(tracking)["train_classifier"]
     assert failed.info.status == "FAILED"
-    assert f"iii/seed-1/tiny/real (run {failed.info.run_id}) failed: image_size" in message
+    assert (
+        f"iii/seed-1/tiny/real (run {failed.info.run_id}) failed: weights: checkpoint file"
+        in message
+    )
     assert "run the same command again" in message
     assert {r.info.status for r in runs_by_stage(tracking)["main"]} == {"FAILED"}
 
-    done = run_main(["iii"], [1], study_configs(), archs=["tiny"], train_types=["real"])
+    done = run_main(StudyPlan(["iii"], [1], ["tiny"], ["real"]), study_configs())
     stages = runs_by_stage(tracking)
     assert len(stages["prepare"]) == 1  # the finished stage was re-used
     finished = [r for r in stages["train_classifier"] if r.info.status == "FINISHED"]
@@ -102,7 +108,7 @@ def test_frozen_params_replace_the_options(tracking: str, tmp_path: Path) -> Non
     frozen = tmp_path / "frozen_params.yaml"
     frozen.write_text("lora_rank: '4'\nstrength: 0.3\nti_learning_rate: '0.002'\n")
     configs = study_configs()
-    runs = run_main(["ii"], [0], configs, ["tiny"], ["syn"], frozen_params=str(frozen))
+    runs = run_main(StudyPlan(["ii"], [0], ["tiny"], ["syn"], str(frozen)), configs)
     ids = runs[("ii", 0)]
     assert mlflow.get_run(ids.lora).data.params["lora_rank"] == "4"
     assert mlflow.get_run(ids.generate).data.params["strength"] == "0.3"
@@ -114,8 +120,8 @@ def test_frozen_params_replace_the_options(tracking: str, tmp_path: Path) -> Non
 
     frozen.write_text("lora_rnak: '4'\n")
     with pytest.raises(SkindiffError, match=r"frozen_params.yaml: unknown option\(s\) lora_rnak"):
-        run_main(["ii"], [0], configs, ["tiny"], ["syn"], frozen_params=str(frozen))
+        run_main(StudyPlan(["ii"], [0], ["tiny"], ["syn"], str(frozen)), configs)
     with pytest.raises(SkindiffError, match="scenarios must be a comma list of i, ii, iii"):
-        run_main(["iv"], [0], configs, ["tiny"], ["syn"])
+        StudyPlan(["iv"], [0], ["tiny"], ["syn"])
     with pytest.raises(SkindiffError, match="train_types must be a comma list"):
-        run_main(["ii"], [0], configs, ["tiny"], ["synthetic"])
+        StudyPlan(["ii"], [0], ["tiny"], ["synthetic"])

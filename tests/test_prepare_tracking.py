@@ -10,8 +10,10 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, cohort_rows, write_dataset
-from skindiff.data.prepare import PrepareConfig, content_digest, prepare_scenario
-from skindiff.data.splits import MANIFEST_COLUMNS, SPLIT_NAMES
+from skindiff.core.manifest import SPLIT_COLUMNS as MANIFEST_COLUMNS
+from skindiff.core.manifest import content_digest
+from skindiff.data.prepare import PrepareConfig, prepare_scenario
+from skindiff.data.splits import SPLIT_NAMES
 from skindiff.tracking.prepare import run_prepare
 
 ENTRY_POINT = "mlflow.project.entryPoint"

@@ -16,14 +16,15 @@ from conftest import CONDITIONS, fast_configs, runs_by_stage
 from skindiff.diffusion.generate import GenerateConfig, image_seed
 from skindiff.diffusion.prompts import placeholder_token
 from skindiff.errors import SkindiffError
-from skindiff.tracking.generate import adapter_runs, run_generate
-from skindiff.tracking.prepare import ensure_prepare, load_split
+from skindiff.tracking.generate import ensure_generator_chain, run_generate
+from skindiff.tracking.prepare import ensure_prepare
 from skindiff.tracking.registry import (
     CHAMPION_ALIAS,
     generator_frozen_params,
     log_generator_model,
     register_generator,
 )
+from skindiff.tracking.runs import load_split
 
 FROZEN = {"ti_learning_rate": "0.0005", "strength": "0.5"}
 
@@ -38,7 +39,7 @@ def generator(tracking_server: str) -> dict:
         mlflow.set_experiment(f"registry-{time.time_ns()}")
         data, ti_config, lora_config, config = fast_configs()
         prepare = ensure_prepare(data)
-        ti, lora = adapter_runs(data, ti_config, lora_config, config, prepare)
+        ti, lora, _ = ensure_generator_chain(data, ti_config, lora_config, config, prepare)
         with mlflow.start_run(run_name="tune"):
             uri = log_generator_model(ti, lora, config, FROZEN)
         train = load_split(prepare, "train")

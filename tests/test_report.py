@@ -15,6 +15,7 @@ from mlflow.entities import Metric, Param
 from skindiff.cli import run as cli
 from skindiff.errors import SkindiffError
 from skindiff.tracking.report import run_report
+from skindiff.tracking.settings import ReportConfig
 
 ENTRY_POINT = "mlflow.project.entryPoint"
 TEST_METRICS = {
@@ -120,7 +121,7 @@ def test_report_tables_are_means_and_sample_stds_over_seeds(
     tracking: str, study: dict, tmp_path: Path
 ) -> None:
     out = tmp_path / "report"
-    run_id = run_report(mlflow.get_experiment(tracking).name, str(out))
+    run_id = run_report(ReportConfig(mlflow.get_experiment(tracking).name, str(out)))
 
     for scenario, number, seeds in (("i", 2, (0, 1, 2)), ("iii", 4, (5,))):
         table = pd.read_csv(out / f"table{number}_scenario_{scenario}.csv")
@@ -163,7 +164,7 @@ def test_report_tables_are_means_and_sample_stds_over_seeds(
     assert logged == written
     assert mlflow.get_run(run_id).data.tags[ENTRY_POINT] == "report"
 
-    run_report(tracking, str(out))  # by id, into the earlier report's folder
+    run_report(ReportConfig(tracking, str(out)))  # by id, into the earlier report's folder
     assert {p.name for p in out.iterdir()} == written
 
 
@@ -174,10 +175,10 @@ def test_report_refuses_a_users_folder_and_explains_bad_input(
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     with pytest.raises(SkindiffError, match="not empty"):
-        run_report(tracking, str(mine))
+        run_report(ReportConfig(tracking, str(mine)))
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
     with pytest.raises(SkindiffError, match="nothing to report"):
-        run_report("", str(tmp_path / "new"))  # the current experiment: empty
+        run_report(ReportConfig(None, str(tmp_path / "new")))  # the current experiment: empty
     with pytest.raises(SystemExit) as exit_info:
         cli(["report", "--experiment", "no-such-experiment", "--output-dir", str(tmp_path)])
     assert exit_info.value.code == 2

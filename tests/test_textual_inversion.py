@@ -17,8 +17,8 @@ from transformers import CLIPTextModel
 from conftest import keeping_base_pipeline, sample_image, stock_tiny_pipeline
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.diffusion import textual_inversion
+from skindiff.diffusion.adapters import token_file_name
 from skindiff.diffusion.base_model import resolve_base_model
-from skindiff.diffusion.prompts import token_file_name
 from skindiff.diffusion.textual_inversion import (
     TextualInversionConfig,
     train_textual_inversion,
@@ -149,6 +149,7 @@ train_textual_inversion(TextualInversionConfig(**settings), train, out_dir, prog
 """
 
 
+@pytest.mark.slow  # a subprocess, killed
 def test_run_sigkilled_in_optimizer_step_5_resumes_from_step_4_checkpoint_to_same_embeddings(
     trained, train, tmp_path, caplog
 ):
@@ -227,5 +228,5 @@ def test_bad_training_sets_and_reused_out_dirs_are_refused(trained, train, tmp_p
         bad = replace(CONFIG, initializer_word="skin lesion")
         train_textual_inversion(bad, train, tmp_path / "c")
     result, _ = trained
-    with pytest.raises(SkindiffError, match=r"other settings \(config.seed\)"):
+    with pytest.raises(SkindiffError, match=r"other settings or inputs \(config.seed\)"):
         train_textual_inversion(replace(CONFIG, seed=1), train, result.embeddings_dir.parent)

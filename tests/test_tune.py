@@ -19,8 +19,8 @@ from skindiff.classify.train import ClassifierConfig
 from skindiff.errors import SkindiffError
 from skindiff.options import GENERATE, LORA, TEXTUAL_INVERSION, as_text
 from skindiff.search_space import load_search_space
-from skindiff.tracking.frozen import load_frozen_params
-from skindiff.tracking.pipeline import StudyConfigs, run_main
+from skindiff.tracking.pipeline import StudyConfigs, load_frozen_params, run_main
+from skindiff.tracking.settings import StudyPlan
 from skindiff.tracking.tune import (
     INFEASIBLE_ATTR,
     PRUNER_STARTUP_TRIALS,
@@ -128,9 +128,8 @@ def test_two_workers_share_one_study(tracking: str, warm_cache, tmp_path: Path) 
     assert last.data.tags["skindiff.best_trial"] == str(study.best_trial.number)
 
     # Scenario ii takes the frozen params of the tune run unchanged: its stage runs log them.
-    runs = run_main(
-        ["ii"], [0], in_process_configs(), ["tiny"], ["syn"], frozen_params=last.info.run_id
-    )
+    plan = StudyPlan(["ii"], [0], ["tiny"], ["syn"], last.info.run_id)
+    runs = run_main(plan, in_process_configs())
     ids = runs[("ii", 0)]
     used = {}
     for run_id in (ids.textual_inversion, ids.lora, ids.generate):
@@ -242,7 +241,7 @@ def test_an_infeasible_trial_fails_and_the_study_goes_on(tracking: str, tmp_path
 def test_builtin_space_is_centred_on_the_reference_values() -> None:
     space = load_search_space("")
     assert {d.name for d in space} >= set(TINY_SPACE)
-    defaults = {n: d for g in (TEXTUAL_INVERSION, LORA, GENERATE) for n, _, d in g.option_fields()}
+    defaults = {o.name: o.default for g in (TEXTUAL_INVERSION, LORA, GENERATE) for o in g.options()}
     for dimension in space:
         reference = defaults[dimension.name]
         if dimension.choices:

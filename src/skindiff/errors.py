@@ -7,3 +7,9 @@ class SkindiffError(Exception):
 
 class DataValidationError(SkindiffError, ValueError):
     """Metadata or image files that do not meet the dataset contract."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raises SkindiffError(message) unless `condition`: one-line checks of user parameters."""
+    if not condition:
+        raise SkindiffError(message)

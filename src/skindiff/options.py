@@ -1,39 +1,44 @@
 """One name per setting: config field <-> CLI option <-> MLproject parameter <-> MLflow param.
 
-A stage's settings are fields of config dataclasses. Each dataclass is an OptionGroup whose
-fields become options named `prefix + field` (`TextualInversionConfig.learning_rate` is
-`ti_learning_rate`). Fields every diffusion stage shares (seed, conditions, base model, ...)
-are one option each, not one per config.
+A command's settings are fields of config dataclasses (`core.settings.Settings`). Each config
+class is shown through an OptionGroup whose fields become options named `prefix + field`
+(`TextualInversionConfig.learning_rate` is `ti_learning_rate`). Fields in the group's
+`shared` tuple (seed, base model, ...) are one unprefixed option for every config that has
+them, so `--seed 3` seeds every stage of a command.
 """
 
-import typing
-from collections.abc import Iterable, Mapping
-from dataclasses import Field, dataclass, fields, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from skindiff.classify.train import ClassifierConfig
-from skindiff.data.prepare import PrepareConfig
-from skindiff.diffusion.generate import GenerateConfig
-from skindiff.diffusion.lora import LoraConfig
-from skindiff.diffusion.textual_inversion import TextualInversionConfig
-from skindiff.errors import SkindiffError
+from skindiff.classify.config import Arch, ClassifierConfig
+from skindiff.core.settings import as_text, field_types, help_of
+from skindiff.data.config import PrepareConfig
+from skindiff.diffusion.config import GenerateConfig, LoraConfig, TextualInversionConfig
+from skindiff.tracking.settings import (
+    AblationPlan,
+    EvaluateConfig,
+    ReportConfig,
+    StudyPlan,
+    TuneConfig,
+    UpstreamRuns,
+)
 
 
 @dataclass(frozen=True)
-class ModelOptions:
-    """Options every diffusion stage shares."""
-
-    base_model: str = "tiny"
-    resolution: int = 0
-    mixed_precision: str = "auto"
+class Option:
+    name: str
+    kind: Any
+    default: Any
+    help: str
 
 
 @dataclass(frozen=True)
 class OptionGroup:
-    """The fields of one config dataclass as options named `prefix + field`. Fields in `shared`
-    take the value of the unprefixed option of that name; fields in `omit` keep their default.
-    `defaults` ((field, value) pairs) replace the config's defaults, for a command whose
-    protocol differs (the ablation's VGG-16)."""
+    """The fields of one config class as options named `prefix + field`. Fields in `shared` are
+    unprefixed; fields in `omit` keep their default and are no option; `defaults` ((field,
+    value) pairs) replace the config's defaults, for a command whose protocol differs (the
+    ablation's VGG-16)."""
 
     config: type
     prefix: str = ""
@@ -41,95 +46,85 @@ class OptionGroup:
     omit: tuple[str, ...] = ()
     defaults: tuple[tuple[str, Any], ...] = ()
 
-    def default(self, field: Field) -> Any:
-        return dict(self.defaults).get(field.name, field.default)
+    def option_name(self, field_name: str) -> str:
+        return field_name if field_name in self.shared else self.prefix + field_name
 
-    def option_fields(self) -> Iterable[tuple[str, Any, Any]]:
-        """(option name, field type, default) of the fields that are options of this group."""
-        hints = typing.get_type_hints(self.config)
-        for field in fields(self.config):
-            if field.name not in self.shared + self.omit:
-                yield self.prefix + field.name, hints[field.name], self.default(field)
+    def options(self) -> Iterator[Option]:
+        kinds = field_types(self.config)
+        defaults = dict(self.defaults)
+        for config_field in fields(self.config):
+            if config_field.name not in self.omit:
+                yield Option(
+                    self.option_name(config_field.name),
+                    kinds[config_field.name],
+                    defaults.get(config_field.name, config_field.default),
+                    help_of(config_field),
+                )
+
+    def only(self, *names: str) -> "OptionGroup":
+        """This group with just the fields `names` as options."""
+        rest = tuple(f.name for f in fields(self.config) if f.name not in names)
+        return replace(self, omit=rest)
+
+    def build(self, values: Mapping[str, Any]) -> Any:
+        """The config from option values (text or typed); a field without a value keeps its
+        default (the group's, else the config's)."""
+        chosen = dict(self.defaults)
+        for config_field in fields(self.config):
+            name = self.option_name(config_field.name)
+            if config_field.name not in self.omit and name in values:
+                chosen[config_field.name] = values[name]
+        return self.config(**chosen)
+
+    def values(self, config: Any) -> dict[str, str]:
+        """The options of this group set from `config`, as text: the MLflow params of a stage."""
+        return {
+            self.option_name(f.name): as_text(getattr(config, f.name))
+            for f in fields(self.config)
+            if f.name not in self.omit
+        }
+
+    def with_values(self, config: Any, values: Mapping[str, str]) -> Any:
+        """`config` with the options of this group found in `values` (text) set."""
+        changes = {
+            f.name: values[self.option_name(f.name)]
+            for f in fields(self.config)
+            if f.name not in self.omit and self.option_name(f.name) in values
+        }
+        return replace(config, **changes)
 
 
-# Fields a diffusion config takes from the data and model options.
-_SHARED = ("seed", "conditions", "base_model", "resolution", "mixed_precision")
+# Fields a diffusion config takes from one option shared by every stage of a command.
+_MODEL_FIELDS = ("seed", "base_model", "resolution", "mixed_precision")
 DATA = OptionGroup(PrepareConfig)
-MODEL = OptionGroup(ModelOptions)
-TEXTUAL_INVERSION = OptionGroup(TextualInversionConfig, "ti_", shared=_SHARED)
-LORA = OptionGroup(LoraConfig, "lora_", shared=_SHARED[:1] + _SHARED[2:])
-GENERATE = OptionGroup(GenerateConfig, shared=_SHARED[:1] + _SHARED[2:])
+TEXTUAL_INVERSION = OptionGroup(
+    TextualInversionConfig, "ti_", shared=(*_MODEL_FIELDS, "conditions")
+)
+LORA = OptionGroup(LoraConfig, "lora_", shared=_MODEL_FIELDS)
+GENERATE = OptionGroup(GenerateConfig, shared=_MODEL_FIELDS)
 CLASSIFIER = OptionGroup(ClassifierConfig, shared=("seed",))
+RUNS = OptionGroup(UpstreamRuns)
+STUDY = OptionGroup(StudyPlan)
+ABLATION = OptionGroup(AblationPlan)
+EVALUATE = OptionGroup(EvaluateConfig)
+REPORT = OptionGroup(ReportConfig)
+TUNE = OptionGroup(TuneConfig)
 
 
-def comma_list(text: str) -> tuple[str, ...]:
-    """'a, b,c' -> ('a', 'b', 'c')."""
-    return tuple(item.strip() for item in text.split(",") if item.strip())
+def omitting(group: OptionGroup, *names: str) -> OptionGroup:
+    """`group` without the options of fields `names` (they keep their defaults)."""
+    return replace(group, omit=(*group.omit, *names))
 
 
-def int_list(text: str, name: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(item) for item in comma_list(text))
-    except ValueError:
-        raise SkindiffError(f"{name} must be a comma list of integers, got {text!r}") from None
-
-
-def as_text(value: Any) -> str:
-    """A setting as typed on the command line: `true`, `1,2`, `0.0005`."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list | tuple):
-        return ",".join(map(str, value))
-    return str(value)
-
-
-def from_text(kind: Any, name: str, text: str) -> Any:
-    """Parses the command-line text of a setting of type `kind`."""
-    if kind is bool:
-        if text not in ("true", "false"):
-            raise SkindiffError(f"{name} must be true or false, got {text!r}")
-        return text == "true"
-    if typing.get_origin(kind) is tuple:
-        return int_list(text, name) if typing.get_args(kind)[0] is int else comma_list(text)
-    if kind is str:
-        return str(text)
-    try:
-        return kind(text)
-    except ValueError:
-        raise SkindiffError(f"{name} must be a {kind.__name__}, got {text!r}") from None
-
-
-def build_config(group: OptionGroup, options: Mapping[str, Any]) -> Any:
-    """The config of `group` from option values (text or already typed); fields without a
-    value (omitted, or shared with an option the command does not have) keep their default
-    (the group's, else the config's)."""
-    hints = typing.get_type_hints(group.config)
-    values = {}
-    for field in fields(group.config):
-        name = field.name if field.name in group.shared else group.prefix + field.name
-        if field.name in group.omit or name not in options:
-            if field.name in dict(group.defaults):
-                values[field.name] = group.default(field)
-            continue
-        kind, value = hints[field.name], options[name]
-        values[field.name] = from_text(kind, name, value) if isinstance(value, str) else value
-    return group.config(**values)
-
-
-def option_values(group: OptionGroup, config: Any) -> dict[str, str]:
-    """The options of `group` set from `config`, as text: the MLflow params of a stage."""
-    return {
-        name: as_text(getattr(config, name[len(group.prefix) :]))
-        for name, _, _ in group.option_fields()
-    }
-
-
-def with_options(group: OptionGroup, config: Any, values: Mapping[str, str]) -> Any:
-    """`config` with the options of `group` found in `values` (text) set; others unchanged."""
-    kinds = {name: kind for name, kind, _ in group.option_fields()}
-    changes = {
-        name[len(group.prefix) :]: from_text(kinds[name], name, text)
-        for name, text in values.items()
-        if name in kinds
-    }
-    return replace(config, **changes)
+# What the pipeline commands set themselves: each pair's scenario and seed, and so on.
+PAIR_DATA = omitting(DATA, "scenario", "seed")
+PAIR_TEXTUAL_INVERSION = omitting(TEXTUAL_INVERSION, "seed")
+PAIR_LORA = omitting(LORA, "seed")
+PAIR_GENERATE = omitting(GENERATE, "seed")
+PAIR_CLASSIFIER = omitting(CLASSIFIER, "seed", "arch", "train_type")
+ABLATION_GENERATE = omitting(GENERATE, "seed", "mode")
+ABLATION_CLASSIFIER = replace(
+    omitting(CLASSIFIER, "seed", "train_type"), defaults=(("arch", Arch.VGG16),)
+)
+SCENARIO_I_DATA = omitting(DATA, "scenario")
+SYN_CLASSIFIER = omitting(CLASSIFIER, "train_type")

@@ -13,6 +13,7 @@ built-in space: the options it names are tuned, all others keep their option val
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import yaml
 from skindiff.errors import SkindiffError
 from skindiff.options import GENERATE, LORA, TEXTUAL_INVERSION
 
-# Centred (geometrically where log) on the reference values of DESIGN.md §1.
+# Centred (geometrically where log) on the reference code's values (the configs' defaults).
 BUILTIN_SPACE: dict[str, dict[str, Any]] = {
     "ti_learning_rate": {"low": 1e-4, "high": 2.5e-3, "log": True},  # 5e-4
     "ti_max_train_steps": {"low": 250, "high": 1000, "log": True},  # 500
@@ -37,13 +38,18 @@ SPEC_KEYS = ("low", "high", "log", "step", "choices")
 
 
 def tunable_options() -> dict[str, Any]:
-    """Option name -> type of the generator options a search space may name."""
+    """Option name -> type of the generator options a search space may name: numbers, text
+    and choices (enums)."""
     return {
-        name: kind
+        option.name: option.kind
         for group in (TEXTUAL_INVERSION, LORA, GENERATE)
-        for name, kind, _ in group.option_fields()
-        if kind in (int, float, str)
+        for option in group.options()
+        if option.kind in (int, float, str) or _is_choice(option.kind)
     }
+
+
+def _is_choice(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, Enum)
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,7 @@ def _dimension(name: str, options: dict[str, Any], entry: Any, source: str) -> D
         if set(entry) != {"choices"}:
             raise fail("choices cannot be combined with a range")
         return Dimension(name, kind, choices=_choices(kind, entry["choices"], fail))
-    if kind is str:
+    if kind is str or _is_choice(kind):
         raise fail("a text option takes choices, not a range")
     if "low" not in entry or "high" not in entry:
         raise fail("a range needs low and high")
@@ -139,6 +145,11 @@ def _number(kind: type, value: Any, key: str, fail: Callable) -> float:
 def _choices(kind: type, values: Any, fail: Callable) -> tuple:
     if not isinstance(values, list) or not values:
         raise fail("choices must be a non-empty list")
+    if _is_choice(kind):
+        try:
+            return tuple(str(kind(value)) for value in values)  # Optuna stores plain values
+        except ValueError as err:
+            raise fail(f"choices: {err}") from None
     if kind is not str:
         for value in values:
             _number(kind, value, "choices", fail)

@@ -14,12 +14,13 @@ import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 from torchvision import transforms
 
+from skindiff.classify.config import TrainType
+from skindiff.core.manifest import image_rows
+from skindiff.core.seeding import seeded_generator
+from skindiff.core.settings import coerce
 from skindiff.data.images import load_rgb
-from skindiff.diffusion.train_data import seeded_generator
 from skindiff.errors import SkindiffError
 
-TRAIN_TYPES = ("real", "syn", "real+syn")
-MANIFEST_COLUMNS = ("md5hash", "label", "fitzpatrick_scale", "group", "path")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -70,7 +71,7 @@ class ManifestDataset(Dataset):
     def __init__(
         self, rows: pd.DataFrame, labels: Sequence[str], transform: transforms.Compose, name: str
     ):
-        rows = _manifest(rows, name)
+        rows = image_rows(rows, name)
         absent = [p for p in rows["path"] if not Path(p).is_file()]
         if absent:
             raise SkindiffError(
@@ -87,31 +88,24 @@ class ManifestDataset(Dataset):
         return self.transform(load_rgb(Path(self.paths[i]))), self.targets[i]
 
 
-def check_train_type(train_type: str) -> None:
-    if train_type not in TRAIN_TYPES:
-        raise SkindiffError(
-            f"train_type must be one of {', '.join(TRAIN_TYPES)}, got {train_type!r}"
-        )
-
-
 def build_training_set(
-    train: pd.DataFrame, synthetic: pd.DataFrame | None, train_type: str
+    train: pd.DataFrame, synthetic: pd.DataFrame | None, train_type: TrainType | str
 ) -> pd.DataFrame:
     """The classifier's training rows for `train_type`, with a `source` column (real/synthetic).
 
     Refuses synthetic images made from anything but this training split: the synthetic child of
     a validation or test image would leak that image into training.
     """
-    check_train_type(train_type)
-    real = _manifest(train, "train").assign(source="real")
-    if train_type == "real":
+    train_type = coerce(TrainType, "train_type", train_type)
+    real = image_rows(train, "train").assign(source="real")
+    if train_type == TrainType.REAL:
         return real
     if synthetic is None:
         raise SkindiffError(
             f"train_type={train_type!r} needs a synthetic manifest (from the generate stage); "
             "use train_type='real' without one"
         )
-    fake = _manifest(synthetic, "synthetic").assign(source="synthetic")
+    fake = image_rows(synthetic, "synthetic").assign(source="synthetic")
     if fake.empty:
         raise SkindiffError(f"train_type={train_type!r}: the synthetic manifest has no rows")
     leaked = fake.loc[~fake["md5hash"].isin(set(real["md5hash"])), "md5hash"]
@@ -121,7 +115,7 @@ def build_training_set(
             f"the training split (e.g. md5hash {leaked.iloc[0]}), which leaks validation or test "
             "images into training; generate from this scenario's training split"
         )
-    parts = [fake] if train_type == "syn" else [real, fake]
+    parts = [fake] if train_type == TrainType.SYN else [real, fake]
     return pd.concat(parts, ignore_index=True)
 
 
@@ -136,11 +130,3 @@ def weighted_sampler(rows: pd.DataFrame, labels: Sequence[str], seed: int) -> We
         replacement=True,
         generator=seeded_generator("classifier-sampler", seed),
     )
-
-
-def _manifest(frame: pd.DataFrame, name: str) -> pd.DataFrame:
-    """The MANIFEST_COLUMNS of `frame`, with a fresh index."""
-    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
-    if missing:
-        raise SkindiffError(f"{name} lacks the column(s) {', '.join(missing)}")
-    return frame[list(MANIFEST_COLUMNS)].reset_index(drop=True)

@@ -13,9 +13,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
+from skindiff.core.manifest import require_columns, slug
 from skindiff.data.cohort import DARK, LIGHT
 from skindiff.data.fitzpatrick import DARK_FST, LIGHT_FST
-from skindiff.data.prepare import slug
 from skindiff.errors import SkindiffError
 
 REQUIRED_COLUMNS = ("label", "predicted", "fitzpatrick_scale")
@@ -102,8 +102,6 @@ def _groups(predictions: pd.DataFrame) -> pd.Series:
 
 
 def _check(predictions: pd.DataFrame) -> None:
-    missing = [c for c in REQUIRED_COLUMNS if c not in predictions.columns]
-    if missing:
-        raise SkindiffError(f"predictions lack the column(s) {', '.join(missing)}")
+    require_columns(predictions, REQUIRED_COLUMNS, "predictions")
     if predictions.empty:
         raise SkindiffError("predictions are empty: there is nothing to score")

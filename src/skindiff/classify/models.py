@@ -18,22 +18,24 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision import models
 
+from skindiff.classify.config import Arch, Finetune, Weights
+from skindiff.core.settings import coerce
 from skindiff.errors import SkindiffError
 
-ARCHS = ("vgg16", "resnet18", "vit_b_16", "tiny")
-PAPER_ARCHS = ARCHS[:3]  # the architectures of the paper's Tables 2-4
-FINETUNES = ("head", "full")
-# Architectures whose input size is fixed by their position embeddings.
-FIXED_INPUT_SIZE = {"vit_b_16": 224}
 HEAD_HIDDEN = 256
 HEAD_DROPOUT = 0.4
 
 # The module each architecture's new head replaces.
-_LAST_LAYER = {"vgg16": "classifier.6", "resnet18": "fc", "vit_b_16": "heads.head", "tiny": "fc"}
-_TORCHVISION: dict[str, tuple[Callable[[], nn.Module], models.WeightsEnum]] = {
-    "vgg16": (models.vgg16, models.VGG16_Weights.IMAGENET1K_V1),
-    "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
-    "vit_b_16": (models.vit_b_16, models.ViT_B_16_Weights.IMAGENET1K_V1),
+_LAST_LAYER = {
+    Arch.VGG16: "classifier.6",
+    Arch.RESNET18: "fc",
+    Arch.VIT_B_16: "heads.head",
+    Arch.TINY: "fc",
+}
+_TORCHVISION: dict[Arch, tuple[Callable[[], nn.Module], models.WeightsEnum]] = {
+    Arch.VGG16: (models.vgg16, models.VGG16_Weights.IMAGENET1K_V1),
+    Arch.RESNET18: (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
+    Arch.VIT_B_16: (models.vit_b_16, models.ViT_B_16_Weights.IMAGENET1K_V1),
 }
 
 
@@ -68,29 +70,31 @@ class TinyCNN(nn.Module):
 
 
 def build_classifier(
-    arch: str, num_classes: int, weights: str = "none", finetune: str = "head"
+    arch: Arch | str,
+    num_classes: int,
+    weights: Weights | Path | str = Weights.NONE,
+    finetune: Finetune | str = Finetune.HEAD,
 ) -> nn.Module:
     """A classifier with the reference head for `num_classes` classes.
 
-    weights: "none" (random init), "imagenet" (torchvision's IMAGENET1K_V1, read from the local
+    weights: none (random init), imagenet (torchvision's IMAGENET1K_V1, read from the local
     torch hub cache only) or the path of a local state_dict (.pt, .pth or .safetensors) either of
     the plain architecture (ImageNet-shaped last layer) or of a classifier built here.
-    finetune: "head" freezes everything but the new head (the reference); "full" trains all.
+    finetune: head freezes everything but the new head (the reference); full trains all.
     """
-    if arch not in ARCHS:
-        raise SkindiffError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
-    if finetune not in FINETUNES:
-        raise SkindiffError(f"finetune must be one of {', '.join(FINETUNES)}, got {finetune!r}")
+    arch = coerce(Arch, "arch", arch)
+    weights = coerce(Weights | Path, "weights", weights)
+    finetune = coerce(Finetune, "finetune", finetune)
     if num_classes < 2:
         raise SkindiffError(f"num_classes must be at least 2, got {num_classes}")
     state, source = _requested_state(arch, weights)
-    model = TinyCNN() if arch == "tiny" else _TORCHVISION[arch][0]()
+    model = TinyCNN() if arch == Arch.TINY else _TORCHVISION[arch][0]()
     # A state_dict of the plain architecture loads before the head is swapped, one of a
     # classifier built here after.
     plain = state is not None and state.keys() == model.state_dict().keys()
     if plain:
         _load(model, state, source, arch)
-    if finetune == "head":
+    if finetune == Finetune.HEAD:
         model.requires_grad_(False)
     last = model.get_submodule(_LAST_LAYER[arch])
     head = nn.Sequential(
@@ -105,14 +109,14 @@ def build_classifier(
     return model
 
 
-def _requested_state(arch: str, weights: str) -> tuple[dict[str, torch.Tensor] | None, str]:
+def _requested_state(
+    arch: Arch, weights: Weights | Path
+) -> tuple[dict[str, torch.Tensor] | None, str]:
     """(state_dict, where it came from) for `weights`; (None, "") for random init."""
-    if weights == "none":
+    if weights == Weights.NONE:
         return None, ""
-    if not weights.strip():
-        raise SkindiffError("weights must be 'none', 'imagenet' or a checkpoint path, got ''")
-    if weights != "imagenet":
-        return _read_state_dict(Path(weights).expanduser()), weights
+    if isinstance(weights, Path):
+        return _read_state_dict(weights.expanduser()), str(weights)
     if arch not in _TORCHVISION:
         raise SkindiffError(
             f"weights='imagenet': arch {arch!r} has no ImageNet weights; "

@@ -16,38 +16,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from skindiff.classify.data import TRAIN_TYPES as TRAIN_TYPES  # part of this module's API
+from skindiff.classify.config import MIN_IMAGE_SIZE, ClassifierConfig
 from skindiff.classify.data import (
     ManifestDataset,
-    check_train_type,
     eval_transform,
     train_transform,
     weighted_sampler,
 )
 from skindiff.classify.metrics import classification_metrics
-from skindiff.classify.models import FIXED_INPUT_SIZE, build_classifier
-from skindiff.data.prepare import slug
-from skindiff.diffusion.device import pick_device
+from skindiff.classify.models import build_classifier
+from skindiff.core.device import pick_device
+from skindiff.core.manifest import PREDICTION_COLUMNS, slug
 from skindiff.errors import SkindiffError
-
-PREDICTION_COLUMNS = ("md5hash", "label", "predicted", "fitzpatrick_scale", "group")
-MIN_IMAGE_SIZE = 32
-
-
-@dataclass(frozen=True)
-class ClassifierConfig:
-    """Settings of a classifier run. Training settings are the reference's; arch and weights
-    default to what runs offline on a CPU (the paper: vgg16, imagenet)."""
-
-    arch: str = "tiny"
-    weights: str = "none"  # "none", "imagenet" or the path of a local state_dict
-    finetune: str = "head"  # "head" (backbone frozen, the reference) or "full"
-    train_type: str = "real"  # what the training set holds: real, syn or real+syn images
-    epochs: int = 30
-    batch_size: int = 256
-    learning_rate: float = 1e-3
-    image_size: int = 224  # crop size; images are resized to image_size * 256 / 224 first
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,7 +56,6 @@ def train_classifier(
     `on_epoch(epoch, val_f1_macro)` is called after every epoch (a tuner reports it and may
     raise to stop a hopeless run). Deterministic given `config.seed` on a CPU.
     """
-    _check_config(config)
     labels = _check_labels(labels)
     if val.empty:
         raise SkindiffError(
@@ -214,28 +193,6 @@ def _prediction_frame(
     for i, label in enumerate(labels):
         frame[f"prob_{slug(label)}"] = probabilities[:, i]
     return frame
-
-
-def _check_config(config: ClassifierConfig) -> None:
-    """One-line errors naming the parameter; arch, weights and finetune are checked by
-    build_classifier."""
-    check_train_type(config.train_type)
-    for name in ("epochs", "batch_size"):
-        if getattr(config, name) < 1:
-            raise SkindiffError(f"{name} must be at least 1, got {getattr(config, name)}")
-    if config.image_size < MIN_IMAGE_SIZE:
-        raise SkindiffError(
-            f"image_size must be at least {MIN_IMAGE_SIZE}, got {config.image_size}"
-        )
-    fixed = FIXED_INPUT_SIZE.get(config.arch)
-    if fixed is not None and config.image_size != fixed:
-        raise SkindiffError(
-            f"image_size must be {fixed} for arch {config.arch}, got {config.image_size}"
-        )
-    if not config.learning_rate > 0:
-        raise SkindiffError(f"learning_rate must be positive, got {config.learning_rate}")
-    if config.seed < 0:
-        raise SkindiffError(f"seed must be >= 0, got {config.seed}")
 
 
 def _check_labels(labels: Sequence[str]) -> tuple[str, ...]:

@@ -1,41 +1,13 @@
 """The study cohort: chosen conditions, light (majority) and dark (minority) skin-type groups."""
 
 import difflib
-from dataclasses import dataclass
 
 import pandas as pd
 
-from skindiff.data.fitzpatrick import CONDITIONS, DARK_FST, LIGHT_FST
+from skindiff.data.config import CohortSpec
 from skindiff.errors import DataValidationError
 
 LIGHT, DARK = "light", "dark"
-
-
-@dataclass(frozen=True)
-class CohortSpec:
-    """Which rows form the cohort. Defaults are the paper's (Table 1)."""
-
-    conditions: tuple[str, ...] = CONDITIONS
-    light_fst: tuple[int, ...] = LIGHT_FST
-    dark_fst: tuple[int, ...] = DARK_FST
-
-    def __post_init__(self) -> None:
-        if not self.conditions:
-            raise DataValidationError("conditions: at least one condition is needed")
-        if len(set(self.conditions)) != len(self.conditions):
-            raise DataValidationError(f"conditions: listed twice in {list(self.conditions)}")
-        for name, values in (("light_fst", self.light_fst), ("dark_fst", self.dark_fst)):
-            if not values or not set(values) <= {1, 2, 3, 4, 5, 6}:
-                raise DataValidationError(f"{name}: needs skin types from 1-6, got {values}")
-        if set(self.light_fst) & set(self.dark_fst):
-            raise DataValidationError(
-                f"light_fst {self.light_fst} and dark_fst {self.dark_fst} overlap"
-            )
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        """Conditions in alphabetical order: the classifiers' class indices."""
-        return tuple(sorted(self.conditions))
 
 
 def select_cohort(metadata: pd.DataFrame, spec: CohortSpec) -> pd.DataFrame:

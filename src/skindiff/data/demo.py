@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from skindiff.core.files import atomic_directory, cache_dir, cached_directory
 from skindiff.data.fitzpatrick import (
     CONDITIONS,
     DARK_FST,
@@ -26,7 +27,6 @@ from skindiff.data.fitzpatrick import (
     VALID_FST,
 )
 from skindiff.errors import SkindiffError
-from skindiff.paths import atomic_directory, cache_dir, cached_directory
 
 DEMO_VERSION = 1  # bump when drawing changes, so cached copies are rebuilt
 

@@ -14,20 +14,21 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from skindiff.core.manifest import SPLIT_COLUMNS
+from skindiff.core.settings import coerce
 from skindiff.data.cohort import DARK, LIGHT
+from skindiff.data.config import Scenario
 from skindiff.data.fitzpatrick import FLEXIBLE_PER_CONDITION
 from skindiff.errors import DataValidationError
 
-SCENARIOS = ("i", "ii", "iii")
 SPLIT_NAMES = ("train", "val", "test", "flexible_light")
-MANIFEST_COLUMNS = ("md5hash", "label", "fitzpatrick_scale", "group", "split", "path")
 
 
 @dataclass(frozen=True)
 class ScenarioSplits:
     """Disjoint image sets of one scenario and seed, each a frame of cohort rows."""
 
-    scenario: str
+    scenario: Scenario
     seed: int
     train: pd.DataFrame
     val: pd.DataFrame
@@ -35,10 +36,10 @@ class ScenarioSplits:
     flexible_light: pd.DataFrame
 
     def manifest(self, split: str) -> pd.DataFrame:
-        """One split as a manifest: the MANIFEST_COLUMNS first, any other cohort columns after."""
+        """One split as a manifest: the SPLIT_COLUMNS first, any other cohort columns after."""
         frame = getattr(self, split).assign(split=split)
-        extra = [c for c in frame.columns if c not in MANIFEST_COLUMNS]
-        return frame[[*MANIFEST_COLUMNS, *extra]].reset_index(drop=True)
+        extra = [c for c in frame.columns if c not in SPLIT_COLUMNS]
+        return frame[[*SPLIT_COLUMNS, *extra]].reset_index(drop=True)
 
 
 def sample_flexible(
@@ -74,16 +75,13 @@ def carve_validation(
 
 def build_scenario_splits(
     cohort: pd.DataFrame,
-    scenario: str,
+    scenario: Scenario | str,
     seed: int,
     val_fraction: float = 0.1,
     per_condition: int = FLEXIBLE_PER_CONDITION,
 ) -> ScenarioSplits:
     """The train/val/test sets of a scenario for one repeat seed (see the module docstring)."""
-    if scenario not in SCENARIOS:
-        raise DataValidationError(
-            f"scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}"
-        )
+    scenario = coerce(Scenario, "scenario", scenario)
     dark_flexible = sample_flexible(cohort, DARK, seed, per_condition)
     light_flexible = sample_flexible(cohort, LIGHT, seed, per_condition)
     flexible = cohort.index.isin(dark_flexible.index) | cohort.index.isin(light_flexible.index)
@@ -91,9 +89,9 @@ def build_scenario_splits(
     dark_rest = cohort[~flexible & (cohort["group"] == DARK)]
 
     train, test = {
-        "i": (pd.concat([light_rest, dark_rest]), dark_flexible),
-        "ii": (pd.concat([light_rest, dark_flexible]), dark_rest),
-        "iii": (light_rest, dark_rest),
+        Scenario.I: (pd.concat([light_rest, dark_rest]), dark_flexible),
+        Scenario.II: (pd.concat([light_rest, dark_flexible]), dark_rest),
+        Scenario.III: (light_rest, dark_rest),
     }[scenario]
     train, val = carve_validation(train.sort_index(), val_fraction, seed)
     return ScenarioSplits(

@@ -15,9 +15,9 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from skindiff.core.files import cache_dir, cached_directory
 from skindiff.diffusion.tokenizer import MAX_LENGTH, build_offline_tokenizer
 from skindiff.errors import SkindiffError
-from skindiff.paths import cache_dir, cached_directory
 
 DEFAULT_HUB_ID = "stabilityai/stable-diffusion-2-1-base"
 BUILTIN_VERSION = 1  # bump when a built-in config changes, so cached copies are rebuilt

@@ -17,15 +17,17 @@ from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
 
-from skindiff.diffusion.device import resolve_mixed_precision, weight_dtype
+from skindiff.core.device import resolve_mixed_precision, weight_dtype
+from skindiff.core.files import replaced_directory
+from skindiff.core.seeding import seeded_global_rng
+from skindiff.diffusion.adapters import LORA_WEIGHTS_FILE, read_embeddings
+from skindiff.diffusion.config import LoraConfig
 from skindiff.diffusion.prompts import SKIN_TYPE_PHRASES, placeholder_token, skin_prompt
 from skindiff.diffusion.train_data import ManifestImageDataset, check_training_rows
 from skindiff.diffusion.training import (
     LoopSettings,
     add_token_embeddings,
-    check_loop_settings,
     encode_captions,
     finish_run,
     freeze,
@@ -36,54 +38,19 @@ from skindiff.diffusion.training import (
     open_run_dir,
     place,
     read_losses,
-    replaced_directory,
-    require,
     resolve_resolution,
     rows_digest,
     run_training_loop,
-    seeded_global_rng,
 )
-from skindiff.errors import SkindiffError
+from skindiff.errors import SkindiffError, require
 
 LORA_DIR = "lora"
-WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # the name `load_lora_weights` looks for
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    """Settings of a LoRA run; the defaults are the reference's (DESIGN.md §1)."""
-
-    base_model: str = "tiny"
-    rank: int = 8
-    alpha: int = 8
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    learning_rate: float = 5e-6
-    max_train_steps: int = 3000
-    train_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    snr_gamma: float = 0.0  # 0 = off
-    gradient_checkpointing: bool = False
-    resolution: int = 0  # 0 = the model's native size
-    mixed_precision: str = "auto"
-    checkpoint_every: int = 500
-    seed: int = 0
 
 
 @dataclass(frozen=True)
 class LoraResult:
     weights_path: Path  # out_dir / "lora" / "pytorch_lora_weights.safetensors"
     losses: list[float]
-
-
-def _check_config(config: LoraConfig) -> None:
-    check_loop_settings(config)
-    require(config.rank >= 1, f"rank must be at least 1, got {config.rank}")
-    require(config.alpha > 0, f"alpha must be positive, got {config.alpha}")
-    require(len(config.target_modules) > 0, "target_modules is empty")
-    require(config.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {config.max_grad_norm}")
-    require(config.snr_gamma >= 0, f"snr_gamma must be >= 0 (0 = off), got {config.snr_gamma}")
 
 
 def _training_rows(train: pd.DataFrame) -> pd.DataFrame:
@@ -95,22 +62,6 @@ def _training_rows(train: pd.DataFrame) -> pd.DataFrame:
         f"(known: {sorted(SKIN_TYPE_PHRASES)})",
     )
     return rows
-
-
-def read_embeddings(embeddings_dir: Path) -> dict[str, torch.Tensor]:
-    """`{token: tensor}` of every diffusers-format *.safetensors file in `embeddings_dir`."""
-    files = sorted(Path(embeddings_dir).glob("*.safetensors"))
-    require(bool(files), f"embeddings_dir {embeddings_dir} holds no *.safetensors embeddings")
-    embeddings = {}
-    for path in files:
-        state = load_file(path)
-        require(
-            len(state) == 1,
-            f"embeddings_dir: {path.name} is not a diffusers Textual Inversion file "
-            f"(one key = the token), it has {len(state)} keys",
-        )
-        embeddings.update(state)
-    return embeddings
 
 
 def _concepts(rows: pd.DataFrame, embeddings: dict[str, torch.Tensor] | None) -> dict[str, str]:
@@ -127,10 +78,10 @@ def _concepts(rows: pd.DataFrame, embeddings: dict[str, torch.Tensor] | None) ->
     return {condition: placeholder_token(condition) for condition in conditions}
 
 
-def _files_digest(embeddings_dir: Path) -> str:
+def _embeddings_digest(embeddings: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
-    for path in sorted(Path(embeddings_dir).glob("*.safetensors")):
-        digest.update(path.name.encode() + path.read_bytes())
+    for token in sorted(embeddings):
+        digest.update(token.encode() + embeddings[token].float().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -144,7 +95,6 @@ def train_lora(
     """Trains a LoRA adapter of the UNet on `train` into `out_dir` (resumes an interrupted run
     there; returns a finished one without training). `embeddings_dir`: Textual Inversion
     tokens to caption with, or None to name conditions in words."""
-    _check_config(config)
     rows = _training_rows(train)
     embeddings = None if embeddings_dir is None else read_embeddings(embeddings_dir)
     concepts = _concepts(rows, embeddings)
@@ -153,11 +103,13 @@ def train_lora(
         "stage": "lora",
         "config": asdict(config),
         "train": rows_digest(rows),
-        "embeddings": None if embeddings_dir is None else _files_digest(embeddings_dir),
+        "embeddings": None if embeddings is None else _embeddings_digest(embeddings),
     }
     if not open_run_dir(out_dir, identity):
         _train(config, rows, embeddings, concepts, out_dir, progress)
-    return LoraResult(weights_path=out_dir / LORA_DIR / WEIGHTS_FILE, losses=read_losses(out_dir))
+    return LoraResult(
+        weights_path=out_dir / LORA_DIR / LORA_WEIGHTS_FILE, losses=read_losses(out_dir)
+    )
 
 
 def _train(
@@ -241,7 +193,7 @@ def _train(
                 unet_lora_layers=layers,
                 # Carries rank and alpha, so a loader scales by alpha / rank as trained.
                 unet_lora_adapter_metadata=trained.peft_config["default"].to_dict(),
-                weight_name=WEIGHTS_FILE,
+                weight_name=LORA_WEIGHTS_FILE,
                 safe_serialization=True,
             )
         finish_run(out_dir, losses)

@@ -51,11 +51,6 @@ def placeholder_token(condition: str) -> str:
     return "<" + re.sub(r"[^0-9a-z]+", "-", condition.lower()).strip("-") + ">"
 
 
-def token_file_name(token: str) -> str:
-    """File of a token's embedding: `<psoriasis>` -> `psoriasis.safetensors`."""
-    return token.strip("<>") + ".safetensors"
-
-
 def skin_prompt(concept: str, fitzpatrick_scale: int) -> str:
     """LoRA caption and generation prompt: the concept (token or words) on a skin type."""
     if fitzpatrick_scale not in SKIN_TYPE_PHRASES:

@@ -14,19 +14,15 @@ import torch
 from diffusers.utils import make_image_grid
 from safetensors.torch import save_file
 
-from skindiff.data.fitzpatrick import CONDITIONS
-from skindiff.diffusion.device import resolve_mixed_precision, weight_dtype
-from skindiff.diffusion.prompts import (
-    INITIALIZER_WORD,
-    TI_TEMPLATES,
-    placeholder_token,
-    token_file_name,
-)
+from skindiff.core.device import resolve_mixed_precision, weight_dtype
+from skindiff.core.files import replaced_directory
+from skindiff.diffusion.adapters import token_file_name
+from skindiff.diffusion.config import TextualInversionConfig
+from skindiff.diffusion.prompts import TI_TEMPLATES, placeholder_token
 from skindiff.diffusion.train_data import ManifestImageDataset, check_training_rows
 from skindiff.diffusion.training import (
     LoopSettings,
     add_token_embeddings,
-    check_loop_settings,
     encode_captions,
     finish_run,
     freeze,
@@ -36,38 +32,17 @@ from skindiff.diffusion.training import (
     noise_scheduler_of,
     open_run_dir,
     read_losses,
-    replaced_directory,
-    require,
     resolve_resolution,
     rows_digest,
     run_training_loop,
     token_ids,
 )
+from skindiff.errors import require
 
 EMBEDDINGS_DIR = "embeddings"
 VALIDATION_FILE = "validation.png"
 VALIDATION_PROMPT = "a photo of a {}"
 VALIDATION_STEPS = 25  # as the diffusers Textual Inversion example validates
-
-
-@dataclass(frozen=True)
-class TextualInversionConfig:
-    """Settings of a Textual Inversion run; the defaults are the reference's (DESIGN.md §1)."""
-
-    base_model: str = "tiny"
-    conditions: tuple[str, ...] = CONDITIONS
-    num_vectors: int = 1
-    initializer_word: str = INITIALIZER_WORD
-    max_train_steps: int = 500
-    train_batch_size: int = 4
-    gradient_accumulation_steps: int = 4
-    learning_rate: float = 5e-4
-    scale_lr: bool = True  # lr x batch x accumulation (x processes), as the reference
-    weight_decay: float = 1e-2
-    resolution: int = 0  # 0 = the model's native size (unet.sample_size * vae scale)
-    mixed_precision: str = "auto"
-    checkpoint_every: int = 100
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,23 +66,11 @@ def _training_rows(config: TextualInversionConfig, train: pd.DataFrame) -> pd.Da
     return rows
 
 
-def _check_config(config: TextualInversionConfig) -> None:
-    check_loop_settings(config)
-    require(config.num_vectors >= 1, f"num_vectors must be at least 1, got {config.num_vectors}")
-    require(len(config.conditions) > 0, "conditions is empty")
-    tokens = [placeholder_token(c) for c in config.conditions]
-    require(
-        len(set(tokens)) == len(tokens),
-        f"conditions must give distinct tokens; {config.conditions} give {tokens}",
-    )
-
-
 def train_textual_inversion(
     config: TextualInversionConfig, train: pd.DataFrame, out_dir: Path, progress: bool = True
 ) -> TextualInversionResult:
     """Learns every condition's token on `train` into `out_dir` (resumes an interrupted run
     there; returns a finished one without training). Rows of other conditions are ignored."""
-    _check_config(config)
     rows = _training_rows(config, train)
     out_dir = Path(out_dir)
     tokens = {condition: placeholder_token(condition) for condition in config.conditions}

@@ -6,7 +6,6 @@ resumed at draw `d` sees exactly what an uninterrupted run would, whatever the n
 DataLoader workers.
 """
 
-import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -16,35 +15,18 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from skindiff.core.manifest import IMAGE_COLUMNS, require_columns
+from skindiff.core.seeding import seeded_generator
 from skindiff.data.images import load_rgb
 from skindiff.errors import SkindiffError
 
 Transform = Literal["ti", "lora"]
 TRANSFORMS: tuple[Transform, ...] = ("ti", "lora")
-REQUIRED_COLUMNS = ("md5hash", "label", "fitzpatrick_scale", "path")
-
-
-def derived_seed(stream: str, *keys: int) -> int:
-    """A 63-bit seed for the random stream `stream` (e.g. "order") at integer keys (seed, ...).
-
-    The stream name and the key count are mixed in too: SeedSequence alone maps [s, 3] and
-    [s, 3, 0] to the same state, which would correlate streams that should be independent.
-    """
-    entropy = [zlib.crc32(stream.encode()), len(keys), *(int(k) for k in keys)]
-    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-def seeded_generator(
-    stream: str, *keys: int, device: torch.device | str = "cpu"
-) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(derived_seed(stream, *keys))
 
 
 def check_training_rows(train: pd.DataFrame) -> pd.DataFrame:
     """`train` with a fresh index, after refusing an empty set, missing columns or files."""
-    missing = [c for c in REQUIRED_COLUMNS if c not in train.columns]
-    if missing:
-        raise SkindiffError(f"train lacks the column(s) {', '.join(missing)}")
+    require_columns(train, IMAGE_COLUMNS, "train")
     if train.empty:
         raise SkindiffError("train is empty: there is nothing to train on")
     absent = [p for p in train["path"] if not Path(p).is_file()]

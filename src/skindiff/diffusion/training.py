@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -33,16 +33,17 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
+from skindiff.core.device import resolve_mixed_precision
+from skindiff.core.files import atomic_directory, claim_folder
+from skindiff.core.seeding import seeded_generator, seeded_global_rng
+from skindiff.core.settings import Precision
 from skindiff.diffusion.base_model import resolve_base_model
-from skindiff.diffusion.device import resolve_mixed_precision
 from skindiff.diffusion.tokenizer import MAX_LENGTH
-from skindiff.diffusion.train_data import ManifestImageDataset, seeded_generator
-from skindiff.errors import SkindiffError
-from skindiff.paths import atomic_directory
+from skindiff.diffusion.train_data import ManifestImageDataset
+from skindiff.errors import SkindiffError, require
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
 LOSSES_FILE = "losses.json"
 DONE_FILE = "done"
 CHECKPOINTS = "checkpoints"
@@ -50,27 +51,6 @@ TRAINABLE_FILE = "trainable.safetensors"
 # Checkpoints are written atomically, so the latest one is always complete: keep only it.
 KEEP_CHECKPOINTS = 1
 _STEP_DIR = re.compile(r"step-(\d+)")
-
-
-# --- configuration checks -------------------------------------------------------------------
-
-
-def require(condition: bool, message: str) -> None:
-    """Raises SkindiffError(message) unless `condition`: one-line checks of user parameters."""
-    if not condition:
-        raise SkindiffError(message)
-
-
-def check_loop_settings(config) -> None:
-    """Checks the fields every training config has (steps, batch, lr, ...)."""
-    counts = ("max_train_steps", "train_batch_size", "gradient_accumulation_steps")
-    for name in (*counts, "checkpoint_every"):
-        value = getattr(config, name)
-        require(value >= 1, f"{name} must be at least 1, got {value}")
-    require(config.learning_rate > 0, f"learning_rate must be positive, got {config.learning_rate}")
-    require(config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}")
-    require(config.seed >= 0, f"seed must be >= 0, got {config.seed}")
-    resolve_mixed_precision(config.mixed_precision)
 
 
 # --- the output folder ----------------------------------------------------------------------
@@ -84,39 +64,10 @@ def rows_digest(rows: pd.DataFrame) -> str:
 
 
 def open_run_dir(out_dir: Path, identity: dict) -> bool:
-    """Creates `out_dir` for the run described by `identity`; True if that run already finished.
-
-    Refuses a folder that holds another run, so a checkpoint is never resumed into a run with
-    other settings or data.
-    """
-    identity = json.loads(json.dumps(identity))  # tuples -> lists, as the stored copy has them
-    run_file = out_dir / RUN_FILE
-    if run_file.is_file():
-        stored = json.loads(run_file.read_text())
-        if stored != identity:
-            differing = _differing_keys(stored, identity)
-            raise SkindiffError(
-                f"out_dir {out_dir} holds a run with other settings ({', '.join(differing)}); "
-                "use another out_dir or delete it"
-            )
-        return (out_dir / DONE_FILE).is_file()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
-    os.replace(tmp, run_file)
-    return False
-
-
-def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(a) | set(b))
-    out = []
-    for key in keys:
-        left, right = a.get(key), b.get(key)
-        if isinstance(left, dict) and isinstance(right, dict):
-            out += _differing_keys(left, right, f"{prefix}{key}.")
-        elif left != right:
-            out.append(prefix + key)
-    return out
+    """Claims `out_dir` for the run described by `identity` (see `claim_folder`); True if that
+    run already finished there."""
+    claim_folder(out_dir, identity)
+    return (out_dir / DONE_FILE).is_file()
 
 
 def finish_run(out_dir: Path, losses: list[float]) -> None:
@@ -128,15 +79,6 @@ def finish_run(out_dir: Path, losses: list[float]) -> None:
 
 def read_losses(out_dir: Path) -> list[float]:
     return json.loads((out_dir / LOSSES_FILE).read_text())
-
-
-@contextlib.contextmanager
-def replaced_directory(target: Path) -> Iterator[Path]:
-    """A fresh folder to fill that atomically becomes `target`, dropping what an earlier,
-    interrupted finish left there."""
-    shutil.rmtree(target, ignore_errors=True)
-    with atomic_directory(target) as tmp:
-        yield tmp
 
 
 # --- the base model -------------------------------------------------------------------------
@@ -176,15 +118,6 @@ def resolve_resolution(pipeline: StableDiffusionPipeline, resolution: int) -> in
         f"(0 = its native {native}), got {resolution}",
     )
     return resolution
-
-
-@contextlib.contextmanager
-def seeded_global_rng(seed: int) -> Iterator[None]:
-    """Seeds torch's global CPU RNG for code that only uses it (peft init, embedding resize),
-    restoring the caller's RNG state afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def add_token_embeddings(
@@ -307,8 +240,8 @@ class LoopSettings:
 StepLoss = Callable[[dict, torch.Generator], torch.Tensor]
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
-    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision))
+def make_accelerator(mixed_precision: Precision) -> Accelerator:
+    return Accelerator(mixed_precision=str(resolve_mixed_precision(mixed_precision)))
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -4,9 +4,9 @@ A logged classifier carries its class labels and input size in the MLflow model'
 so `evaluate` needs nothing but the model URI and the images.
 """
 
+import hashlib
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -15,37 +15,18 @@ import pandas as pd
 
 from skindiff.classify.metrics import classification_metrics, confusion_matrix_figure
 from skindiff.classify.train import predict
-from skindiff.data.cohort import CohortSpec, select_cohort
+from skindiff.core.manifest import PREDICTION_COLUMNS, require_columns
+from skindiff.data.cohort import select_cohort
+from skindiff.data.config import CohortSpec
 from skindiff.data.images import check_images
 from skindiff.data.metadata import read_metadata
 from skindiff.errors import SkindiffError
-from skindiff.options import as_text
-from skindiff.tracking.runs import stage_run
+from skindiff.options import EVALUATE
+from skindiff.tracking.names import PREDICTIONS_DIR, Stage
+from skindiff.tracking.settings import EvaluateConfig
+from skindiff.tracking.stage import StageCall, StageInputs, run_stage
 
-PREDICTION_COLUMNS = ["md5hash", "label", "predicted", "fitzpatrick_scale", "group"]
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """What to evaluate, on which images. Give `manifest`, or `metadata_csv` + `image_dir`."""
-
-    model_uri: str = ""
-    manifest: str = ""  # a split manifest CSV (e.g. a prepare run's splits/test.csv)
-    metadata_csv: str = ""
-    image_dir: str = ""
-    conditions: tuple[str, ...] = ()  # empty: the model's classes
-    light_fst: tuple[int, ...] = (1, 2)
-    dark_fst: tuple[int, ...] = (5, 6)
-    name: str = "test"  # metric prefix: test_accuracy, ...
-    batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        if not self.model_uri:
-            raise SkindiffError("model_uri is empty: give runs:/<run id>/model or models:/...")
-        if bool(self.manifest) == bool(self.metadata_csv or self.image_dir):
-            raise SkindiffError("give either manifest, or metadata_csv and image_dir")
-        if not self.manifest and not (self.metadata_csv and self.image_dir):
-            raise SkindiffError("metadata_csv and image_dir must be given together")
+ARTIFACT_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:")
 
 
 def log_evaluation(predictions: pd.DataFrame, labels: Sequence[str], prefix: str) -> dict:
@@ -54,8 +35,8 @@ def log_evaluation(predictions: pd.DataFrame, labels: Sequence[str], prefix: str
     mlflow.log_metrics(metrics)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{prefix}.csv"
-        predictions[PREDICTION_COLUMNS].to_csv(path, index=False)
-        mlflow.log_artifact(str(path), "predictions")
+        predictions[list(PREDICTION_COLUMNS)].to_csv(path, index=False)
+        mlflow.log_artifact(str(path), PREDICTIONS_DIR)
     mlflow.log_figure(
         confusion_matrix_figure(predictions, labels), f"figures/confusion_{prefix}.png"
     )
@@ -64,8 +45,8 @@ def log_evaluation(predictions: pd.DataFrame, labels: Sequence[str], prefix: str
 
 def evaluation_rows(config: EvaluateConfig, labels: Sequence[str]) -> pd.DataFrame:
     """The images to evaluate: a manifest as is, or the cohort of a metadata CSV."""
-    if config.manifest:
-        if config.manifest.startswith(("runs:/", "models:/", "mlflow-artifacts:")):
+    if config.manifest is not None:
+        if config.manifest.startswith(ARTIFACT_SCHEMES):
             with tempfile.TemporaryDirectory() as tmp:
                 local = mlflow.artifacts.download_artifacts(config.manifest, dst_path=tmp)
                 rows = pd.read_csv(local, keep_default_na=False)
@@ -73,11 +54,7 @@ def evaluation_rows(config: EvaluateConfig, labels: Sequence[str]) -> pd.DataFra
             if not Path(config.manifest).is_file():
                 raise SkindiffError(f"manifest not found: {config.manifest}")
             rows = pd.read_csv(config.manifest, keep_default_na=False)
-        missing = {"md5hash", "label", "fitzpatrick_scale", "path"} - set(rows.columns)
-        if missing:
-            raise SkindiffError(
-                f"{config.manifest}: missing column(s) {', '.join(sorted(missing))}"
-            )
+        require_columns(rows, ("md5hash", "label", "fitzpatrick_scale", "path"), config.manifest)
         if "group" not in rows.columns:
             groups = dict.fromkeys(config.light_fst, "light") | dict.fromkeys(
                 config.dark_fst, "dark"
@@ -93,10 +70,23 @@ def evaluation_rows(config: EvaluateConfig, labels: Sequence[str]) -> pd.DataFra
     return rows
 
 
-def run_evaluate(config: EvaluateConfig) -> str:
-    """Evaluates a logged classifier on the given images; returns the run id."""
-    params = {key: as_text(value) for key, value in vars(config).items()}
-    with stage_run("evaluate", f"evaluate/{config.name}", params) as run:
+def _rows_digest(rows: pd.DataFrame) -> str:
+    """Identity of the evaluated images: their annotations and files (their content where the
+    manifest has the files' digests, as prepare's have)."""
+    columns = [c for c in ("md5hash", "label", "fitzpatrick_scale", "sha256") if c in rows]
+    if "sha256" not in columns:
+        columns.append("path")
+    text = rows[columns].sort_values("md5hash").to_csv(index=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_evaluate(config: EvaluateConfig, *, reuse: bool = False) -> str:
+    """Evaluates a logged classifier on the given images; returns the run id (with `reuse`,
+    of a finished evaluation of the same model on the same images where there is one)."""
+    call = StageCall(Stage.EVALUATE, f"evaluate/{config.name}", EVALUATE.values(config))
+    loaded = {}
+
+    def resolve() -> StageInputs:
         try:
             info = mlflow.models.get_model_info(config.model_uri)
         except mlflow.exceptions.MlflowException as err:
@@ -104,9 +94,17 @@ def run_evaluate(config: EvaluateConfig) -> str:
         metadata = info.metadata or {}
         if "labels" not in metadata:
             raise SkindiffError(f"{config.model_uri} is not a skindiff classifier (no labels)")
-        labels = tuple(metadata["labels"])
-        rows = evaluation_rows(config, labels)
+        loaded["labels"] = tuple(metadata["labels"])
+        loaded["image_size"] = int(metadata["image_size"])
+        loaded["rows"] = evaluation_rows(config, loaded["labels"])
+        return StageInputs(digests={"model": info.model_uuid, "rows": _rows_digest(loaded["rows"])})
+
+    def work(inputs: StageInputs, key: str) -> None:
         model = mlflow.pytorch.load_model(config.model_uri, map_location="cpu")
-        predictions = predict(model, rows, labels, int(metadata["image_size"]), config.batch_size)
+        labels = loaded["labels"]
+        predictions = predict(
+            model, loaded["rows"], labels, loaded["image_size"], config.batch_size
+        )
         log_evaluation(predictions, labels, config.name)
-    return run.info.run_id
+
+    return run_stage(call, resolve, work, reuse=reuse)

@@ -12,11 +12,10 @@ from pathlib import Path
 import mlflow
 import yaml
 
+from skindiff.core.settings import as_text
 from skindiff.errors import SkindiffError
-from skindiff.options import as_text
+from skindiff.tracking.names import FROZEN_PARAMS_FILE, Stage
 from skindiff.tracking.runs import download_run_dir, require_stage_run
-
-FROZEN_PARAMS_FILE = "frozen_params.yaml"
 
 
 def write_frozen_params(params: Mapping[str, str], path: Path) -> Path:
@@ -41,22 +40,12 @@ def read_frozen_params(path: Path, source: str = "") -> dict[str, str]:
     return {str(name): as_text(value) for name, value in loaded.items()}
 
 
-def load_frozen_params(source: str) -> dict[str, str]:
-    """Frozen params from a `tune` run id, a YAML file, or a generator model URI
-    (`models:/skin-diff-generator@champion`, `runs:/<id>/generator`)."""
-    if source.startswith(("models:/", "runs:/")):
-        from skindiff.tracking.registry import generator_frozen_params
-
-        return generator_frozen_params(source)
-    path = Path(source)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise SkindiffError(f"frozen params file not found: {source}")
-        return read_frozen_params(path)
-    run = require_stage_run(source, "tune")
+def tune_run_frozen_params(run_id: str) -> dict[str, str]:
+    """The frozen params a `tune` run logged."""
+    run = require_stage_run(run_id, Stage.TUNE)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = download_run_dir(run.info.run_id, FROZEN_PARAMS_FILE, Path(tmp))
         except mlflow.exceptions.MlflowException:
-            raise SkindiffError(f"tune run {source} has no {FROZEN_PARAMS_FILE}") from None
-        return read_frozen_params(local, f"of tune run {source}")
+            raise SkindiffError(f"tune run {run_id} has no {FROZEN_PARAMS_FILE}") from None
+        return read_frozen_params(local, f"of tune run {run_id}")

@@ -7,42 +7,57 @@ A pair's parent run lists its classifier runs in `results.csv`, which `report` r
 
 import logging
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 
-from skindiff.classify.data import TRAIN_TYPES
-from skindiff.classify.models import ARCHS, PAPER_ARCHS
-from skindiff.classify.train import ClassifierConfig
-from skindiff.data.prepare import PrepareConfig
-from skindiff.data.splits import SCENARIOS
-from skindiff.diffusion.generate import GenerateConfig
-from skindiff.diffusion.lora import LoraConfig
-from skindiff.diffusion.textual_inversion import TextualInversionConfig
+from skindiff.classify.config import Arch, ClassifierConfig, TrainType
+from skindiff.data.config import PrepareConfig, Scenario
+from skindiff.diffusion.config import GenerateConfig, LoraConfig, TextualInversionConfig
 from skindiff.errors import SkindiffError
 from skindiff.options import (
     CLASSIFIER,
     DATA,
     GENERATE,
     LORA,
+    PAIR_CLASSIFIER,
+    PAIR_DATA,
+    PAIR_GENERATE,
+    PAIR_LORA,
+    PAIR_TEXTUAL_INVERSION,
+    STUDY,
     TEXTUAL_INVERSION,
-    option_values,
-    with_options,
 )
-from skindiff.tracking.frozen import load_frozen_params
+from skindiff.tracking.frozen import read_frozen_params, tune_run_frozen_params
 from skindiff.tracking.generate import ensure_generator_chain
+from skindiff.tracking.names import (
+    ENTRY_POINT_TAG,
+    FROZEN_PARAM_PREFIX,
+    FROZEN_PARAMS_TAG,
+    PARENT_RUN_TAG,
+    RESULTS_FILE,
+    SCENARIO_TAG,
+    Stage,
+)
 from skindiff.tracking.prepare import ensure_prepare
-from skindiff.tracking.runs import ENTRY_POINT_TAG, stage_run
-from skindiff.tracking.train_classifier import ensure_train_classifier
+from skindiff.tracking.registry import generator_frozen_params
+from skindiff.tracking.settings import StudyPlan
+from skindiff.tracking.stage import open_stage_run
+from skindiff.tracking.train_classifier import run_train_classifier
 
 logger = logging.getLogger(__name__)
 
-SCENARIO_TAG = "skindiff.scenario"
-FROZEN_PARAMS_TAG = "skindiff.frozen_params"
-RESULTS_FILE = "results.csv"
+RESULT_COLUMNS = [
+    "scenario",
+    "seed",
+    "arch",
+    "train_type",
+    "run_id",
+    "test_accuracy",
+    "test_f1_macro",
+]
 
 
 @dataclass(frozen=True)
@@ -67,13 +82,13 @@ class StudyConfigs:
 
     def with_frozen(self, frozen: dict[str, str], source: str) -> "StudyConfigs":
         """These settings with the frozen ones replacing theirs; unknown names are refused."""
-        known = {name for group, _ in self.groups() for name, _, _ in group.option_fields()}
+        known = {option.name for group, _ in self.groups() for option in group.options()}
         unknown = sorted(set(frozen) - known)
         if unknown:
             raise SkindiffError(f"frozen params {source}: unknown option(s) {', '.join(unknown)}")
-        return StudyConfigs(*(with_options(g, c, frozen) for g, c in self.groups()))
+        return StudyConfigs(*(group.with_values(c, frozen) for group, c in self.groups()))
 
-    def for_pair(self, scenario: str, seed: int) -> "StudyConfigs":
+    def for_pair(self, scenario: Scenario, seed: int) -> "StudyConfigs":
         return StudyConfigs(
             replace(self.data, scenario=scenario, seed=seed),
             replace(self.textual_inversion, seed=seed),
@@ -85,77 +100,62 @@ class StudyConfigs:
 
 @dataclass(frozen=True)
 class PipelineRuns:
-    """Run ids of one (scenario, seed); "" for the generator stages when nothing synthetic
-    was asked for."""
+    """Run ids of one (scenario, seed); None for the generator stages when nothing synthetic
+    was asked for (or the mode does not use them)."""
 
     parent: str
     prepare: str
-    textual_inversion: str
-    lora: str
-    generate: str
-    classifiers: dict[tuple[str, str], str] = field(default_factory=dict)  # (arch, type) -> id
+    textual_inversion: str | None
+    lora: str | None
+    generate: str | None
+    classifiers: dict[tuple[Arch, TrainType], str] = field(default_factory=dict)
 
 
-def check_choices(
-    scenarios: Sequence[str], archs: Sequence[str], train_types: Sequence[str]
-) -> None:
-    """Refuses unknown scenarios, architectures or train types before anything runs."""
-    for name, chosen, allowed in (
-        ("scenarios", scenarios, SCENARIOS),
-        ("archs", archs, ARCHS),
-        ("train_types", train_types, TRAIN_TYPES),
-    ):
-        unknown = [value for value in chosen if value not in allowed]
-        if unknown or not chosen:
-            raise SkindiffError(
-                f"{name} must be a comma list of {', '.join(allowed)}, got {','.join(chosen)!r}"
-            )
+def load_frozen_params(source: str) -> dict[str, str]:
+    """Frozen params from a `tune` run id, a YAML file, or a generator model URI
+    (`models:/skin-diff-generator@champion`, `runs:/<id>/generator`)."""
+    if source.startswith(("models:/", "runs:/")):
+        return generator_frozen_params(source)
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise SkindiffError(f"frozen params file not found: {source}")
+        return read_frozen_params(path)
+    return tune_run_frozen_params(source)
 
 
-def run_main(
-    scenarios: Sequence[str],
-    seeds: Sequence[int],
-    configs: StudyConfigs,
-    archs: Sequence[str] = PAPER_ARCHS,
-    train_types: Sequence[str] = TRAIN_TYPES,
-    frozen_params: str = "",
-) -> dict[tuple[str, int], PipelineRuns]:
-    """Runs every stage for each scenario and seed; returns the run ids of each pair.
+def run_main(plan: StudyPlan, configs: StudyConfigs) -> dict[tuple[Scenario, int], PipelineRuns]:
+    """Runs every stage for each scenario and seed of `plan`; returns the run ids of each pair.
 
-    `frozen_params` (a tune run id, a YAML file or a generator model URI) replaces the tuned
-    settings. A failing stage leaves its run FAILED and stops the pipeline with a SkindiffError
-    saying which run failed; finished stages are re-used by the next call."""
-    check_choices(scenarios, archs, train_types)
-    frozen = load_frozen_params(frozen_params) if frozen_params else {}
+    `plan.frozen_params` (a tune run id, a YAML file or a generator model URI) replaces the
+    tuned settings. A failing stage leaves its run FAILED and stops the pipeline with a
+    SkindiffError saying which run failed; finished stages are re-used by the next call."""
+    frozen = load_frozen_params(plan.frozen_params) if plan.frozen_params else {}
     if frozen:
-        configs = configs.with_frozen(frozen, frozen_params)
-    params = {
-        "scenarios": ",".join(scenarios),
-        "seeds": ",".join(map(str, seeds)),
-        "archs": ",".join(archs),
-        "train_types": ",".join(train_types),
-        "frozen_params": frozen_params,
-    }
-    for group, config in configs.groups():
-        params |= option_values(group, config)
-    for name in ("scenario", "seed", "arch", "train_type"):
-        del params[name]
+        configs = configs.with_frozen(frozen, plan.frozen_params)
+    params = STUDY.values(plan)
+    for group, config in zip(
+        (PAIR_DATA, PAIR_TEXTUAL_INVERSION, PAIR_LORA, PAIR_GENERATE, PAIR_CLASSIFIER),
+        (config for _, config in configs.groups()),
+        strict=True,
+    ):
+        params |= group.values(config)
     results = {}
-    with stage_run("main", "main", params):
+    with open_stage_run(Stage.MAIN, str(Stage.MAIN), params):
         if frozen:
             # `mlflow run` has logged the command-line values of these; the used ones are here.
-            mlflow.log_params({f"frozen.{name}": value for name, value in frozen.items()})
-            mlflow.set_tag(FROZEN_PARAMS_TAG, frozen_params)
-        for scenario in scenarios:
-            for seed in seeds:
+            mlflow.log_params({FROZEN_PARAM_PREFIX + name: value for name, value in frozen.items()})
+            mlflow.set_tag(FROZEN_PARAMS_TAG, plan.frozen_params)
+        for scenario in plan.scenarios:
+            for seed in plan.seeds:
                 with mlflow.start_run(
                     run_name=f"{scenario}/seed-{seed}",
                     nested=True,
-                    tags={ENTRY_POINT_TAG: "main", SCENARIO_TAG: scenario},
+                    tags={ENTRY_POINT_TAG: str(Stage.MAIN), SCENARIO_TAG: str(scenario)},
                 ) as parent:
-                    mlflow.log_params({"scenario": scenario, "seed": seed})
+                    mlflow.log_params({"scenario": str(scenario), "seed": seed})
                     try:
-                        runs = _run_pair(configs.for_pair(scenario, seed), archs, train_types)
+                        runs = _run_pair(configs.for_pair(scenario, seed), plan)
                     except Exception as err:
                         raise _stopped(parent.info.run_id, err) from err
                     results[(scenario, seed)] = replace(runs, parent=parent.info.run_id)
@@ -163,20 +163,18 @@ def run_main(
     return results
 
 
-def _run_pair(
-    configs: StudyConfigs, archs: Sequence[str], train_types: Sequence[str]
-) -> PipelineRuns:
+def _run_pair(configs: StudyConfigs, plan: StudyPlan) -> PipelineRuns:
     data = configs.data
     prepare = ensure_prepare(data)
-    ti = lora = generate = ""
-    if any(train_type != "real" for train_type in train_types):
+    ti = lora = generate = None
+    if any(train_type != TrainType.REAL for train_type in plan.train_types):
         ti, lora, generate = ensure_generator_chain(
             data, configs.textual_inversion, configs.lora, configs.generate, prepare
         )
     classifiers = {}
-    for arch in archs:
-        for train_type in train_types:
-            classifiers[(arch, train_type)] = ensure_train_classifier(
+    for arch in plan.archs:
+        for train_type in plan.train_types:
+            classifiers[(arch, train_type)] = run_train_classifier(
                 data,
                 replace(configs.classifier, arch=arch, train_type=train_type),
                 configs.textual_inversion,
@@ -184,6 +182,7 @@ def _run_pair(
                 configs.generate,
                 prepare,
                 generate,
+                reuse=True,
             )
     return PipelineRuns("", prepare, ti, lora, generate, classifiers)
 
@@ -193,7 +192,7 @@ def _stopped(parent_run_id: str, err: Exception) -> SkindiffError:
     if not isinstance(err, SkindiffError):
         logger.error("unexpected failure", exc_info=err)
     failed = mlflow.search_runs(
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
+        filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}' "
         "and attributes.status = 'FAILED'",
         output_format="list",
     )
@@ -204,37 +203,26 @@ def _stopped(parent_run_id: str, err: Exception) -> SkindiffError:
     )
 
 
-def _log_results(scenario: str, seed: int, classifiers: dict[tuple[str, str], str]) -> None:
+def _log_results(
+    scenario: Scenario, seed: int, classifiers: dict[tuple[Arch, TrainType], str]
+) -> None:
     rows = []
     for (arch, train_type), run_id in classifiers.items():
         metrics = mlflow.get_run(run_id).data.metrics
         rows.append(
-            {
-                "scenario": scenario,
-                "seed": seed,
-                "arch": arch,
-                "train_type": train_type,
-                "run_id": run_id,
-                "test_accuracy": metrics.get("test_accuracy"),
-                "test_f1_macro": metrics.get("test_f1_macro"),
-            }
+            [
+                str(scenario),
+                seed,
+                str(arch),
+                str(train_type),
+                run_id,
+                metrics.get("test_accuracy"),
+                metrics.get("test_f1_macro"),
+            ]
         )
         # One metric per classifier on the parent, for the MLflow compare view.
-        mlflow.log_metric(
-            f"test_f1_macro.{arch}.{train_type.replace('+', '_')}", rows[-1]["test_f1_macro"]
-        )
+        mlflow.log_metric(f"test_f1_macro.{arch}.{str(train_type).replace('+', '_')}", rows[-1][-1])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / RESULTS_FILE
-        pd.DataFrame(
-            rows,
-            columns=[
-                "scenario",
-                "seed",
-                "arch",
-                "train_type",
-                "run_id",
-                "test_accuracy",
-                "test_f1_macro",
-            ],
-        ).to_csv(path, index=False)
+        pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv(path, index=False)
         mlflow.log_artifact(str(path))

@@ -2,35 +2,26 @@
 
 import tempfile
 import warnings
-from pathlib import Path
 
 import mlflow
 import mlflow.data
 import pandas as pd
 
+from skindiff.core.manifest import content_digest, slug
+from skindiff.data.config import PrepareConfig
 from skindiff.data.prepare import (
-    PrepareConfig,
     PreparedScenario,
-    content_digest,
     prepare_scenario,
     resolve_dataset,
-    slug,
     source_fingerprint,
     split_counts,
     write_prepared,
 )
 from skindiff.data.splits import SPLIT_NAMES
-from skindiff.errors import SkindiffError
-from skindiff.options import DATA, option_values
-from skindiff.tracking.reuse import RUN_KEY_TAG, find_finished_run, run_key
-from skindiff.tracking.runs import stage_run
-
-DATASET_DIGEST_TAG = "skindiff.dataset_digest"
-
-
-def split_digest_tag(split: str) -> str:
-    """Tag holding the content digest of one split of a prepare run."""
-    return f"skindiff.digest.{split}"
+from skindiff.options import DATA
+from skindiff.tracking.names import DATASET_DIGEST_TAG, DATASET_TAGS, Stage, split_digest_tag
+from skindiff.tracking.runs import load_split
+from skindiff.tracking.stage import StageCall, StageInputs, run_stage
 
 
 def count_metrics(prepared: PreparedScenario) -> dict[str, float]:
@@ -53,62 +44,63 @@ def count_metrics(prepared: PreparedScenario) -> dict[str, float]:
     return metrics
 
 
-def prepare_key(config: PrepareConfig) -> str:
-    """Reuse key of a prepare run: its params and the dataset files as they are on disk."""
-    source = resolve_dataset(config.metadata_csv, config.image_dir)
-    return run_key("prepare", option_values(DATA, config), {"source": source_fingerprint(source)})
+def run_prepare(config: PrepareConfig, *, reuse: bool = False) -> str:
+    """Runs `prepare` (with `reuse`: returns a finished run made from the same settings and the
+    data as it is on disk now, if there is one); returns the run id."""
+    call = StageCall(
+        Stage.PREPARE, f"{config.scenario}/seed-{config.seed}/prepare", DATA.values(config)
+    )
 
+    def resolve() -> StageInputs:
+        # The files as they are on disk: content digests come later, from the image check.
+        source = source_fingerprint(resolve_dataset(config))
+        return StageInputs(digests={"source": source})
 
-def run_prepare(config: PrepareConfig) -> str:
-    """Runs `prepare` as an MLflow run and returns its run id."""
-    run_name = f"{config.scenario}/seed-{config.seed}/prepare"
-    with stage_run("prepare", run_name, option_values(DATA, config)) as run:
-        mlflow.set_tag(RUN_KEY_TAG, prepare_key(config))
-        prepared = prepare_scenario(config)
-        source = prepared.source
-        manifests = {split: prepared.splits.manifest(split) for split in SPLIT_NAMES}
-        mlflow.set_tags(
-            {
-                "skindiff.metadata_csv": str(source.metadata_csv.resolve()),
-                "skindiff.image_dir": str(source.image_dir.resolve()),
-                "skindiff.demo_data": str(source.is_demo).lower(),
-                DATASET_DIGEST_TAG: content_digest(pd.concat(manifests.values())),
-            }
-            | {split_digest_tag(s): content_digest(m) for s, m in manifests.items()}
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            write_prepared(prepared, tmp)
-            mlflow.log_artifacts(tmp)
-        mlflow.log_metrics(count_metrics(prepared))
-        dataset_name = "demo" if source.is_demo else source.metadata_csv.stem
-        for split, manifest in manifests.items():
-            with warnings.catch_warnings():
-                # MLflow registers its local-file source twice and warns about the ambiguity,
-                # and warns that integer columns cannot hold missing values: neither applies.
-                warnings.simplefilter("ignore", UserWarning)
-                dataset = mlflow.data.from_pandas(
-                    manifest,
-                    source=str(source.metadata_csv.resolve()),
-                    name=f"{dataset_name}/{split}",
-                    digest=content_digest(manifest)[:16],
-                )
-                mlflow.log_input(dataset, context=split)
-    return run.info.run_id
+    def work(inputs: StageInputs, key: str) -> None:
+        _log_prepared(prepare_scenario(config))
+
+    return run_stage(call, resolve, work, reuse=reuse)
 
 
 def ensure_prepare(config: PrepareConfig) -> str:
     """A finished prepare run for `config` on the data as it is now: found, or run now."""
-    found = find_finished_run(prepare_key(config))
-    return found.info.run_id if found else run_prepare(config)
+    return run_prepare(config, reuse=True)
 
 
-def load_split(prepare_run_id: str, split: str) -> pd.DataFrame:
-    """One split manifest of a prepare run (`content_digest` of it identifies its content)."""
-    run = mlflow.get_run(prepare_run_id)
-    if run.data.tags.get("mlflow.project.entryPoint") != "prepare":
-        raise SkindiffError(f"run {prepare_run_id} is not a prepare run")
+def _log_prepared(prepared: PreparedScenario) -> None:
+    source = prepared.source
+    manifests = {split: prepared.splits.manifest(split) for split in SPLIT_NAMES}
+    where = (source.metadata_csv.resolve(), source.image_dir.resolve(), str(source.is_demo).lower())
+    mlflow.set_tags(
+        {tag: str(value) for tag, value in zip(DATASET_TAGS, where, strict=True)}
+        | {DATASET_DIGEST_TAG: content_digest(pd.concat(manifests.values()))}
+        | {split_digest_tag(s): content_digest(m) for s, m in manifests.items()}
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(
-            run_id=prepare_run_id, artifact_path=f"splits/{split}.csv", dst_path=tmp
-        )
-        return pd.read_csv(Path(path), keep_default_na=False)
+        write_prepared(prepared, tmp)
+        mlflow.log_artifacts(tmp)
+    mlflow.log_metrics(count_metrics(prepared))
+    dataset_name = "demo" if source.is_demo else source.metadata_csv.stem
+    for split, manifest in manifests.items():
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source twice and warns about the ambiguity,
+            # and warns that integer columns cannot hold missing values: neither applies.
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(
+                manifest,
+                source=str(source.metadata_csv.resolve()),
+                name=f"{dataset_name}/{split}",
+                digest=content_digest(manifest)[:16],
+            )
+            mlflow.log_input(dataset, context=split)
+
+
+def split_inputs(
+    data: PrepareConfig, prepare_run_id: str | None, splits: tuple[str, ...] = ("train",)
+) -> StageInputs:
+    """The inputs of a stage that reads `splits` of a prepare run: the given run, else one
+    found or run with `data`."""
+    prepare_run_id = prepare_run_id or ensure_prepare(data)
+    return StageInputs(
+        prepare_run_id, {split: load_split(prepare_run_id, split) for split in splits}
+    )

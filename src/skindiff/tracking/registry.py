@@ -29,25 +29,36 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import skindiff
-from skindiff.diffusion.generate import (
-    GenerateConfig,
-    adapter_files,
-    generate_batch,
-    image_seed,
-    load_pipeline,
-)
+from skindiff.core.seeding import image_seed
+from skindiff.core.settings import Precision, as_text
+from skindiff.diffusion.config import GenerateConfig
+from skindiff.diffusion.generate import adapter_files, generate_batch, load_pipeline
 from skindiff.diffusion.prompts import SKIN_TYPE_PHRASES, placeholder_token, skin_prompt
 from skindiff.errors import SkindiffError
-from skindiff.tracking.frozen import FROZEN_PARAMS_FILE, read_frozen_params, write_frozen_params
-from skindiff.tracking.lora import WEIGHTS_ARTIFACT
+from skindiff.tracking.frozen import read_frozen_params, write_frozen_params
+from skindiff.tracking.names import (
+    CHAMPION_ALIAS,
+    EMBEDDINGS_DIR,
+    FROZEN_PARAMS_FILE,
+    GENERATOR_MODEL,
+    LORA_WEIGHTS_ARTIFACT,
+    Stage,
+)
 from skindiff.tracking.runs import fetch_upstream
 
-DEFAULT_REGISTERED_MODEL = "skin-diff-generator"
-CHAMPION_ALIAS = "champion"
-MODEL_NAME = "generator"
 # MLmodel metadata that marks a skindiff generator (other pyfunc models lack it).
 KIND_KEY = "skindiff_model"
 SETTINGS_FILE = "generate_config.json"
+# The settings a generator model fixes; `generate` with a model takes only the others.
+MODEL_SETTINGS = (
+    "base_model",
+    "mode",
+    "strength",
+    "guidance_scale",
+    "num_inference_steps",
+    "scheduler",
+    "resolution",
+)
 
 SIGNATURE = ModelSignature(
     inputs=Schema(
@@ -107,7 +118,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         generator = PackagedGenerator.from_artifacts(context.artifacts)
         # Precision is the loading machine's choice (fp16 on a GPU), like its device.
-        self.config = replace(generator.config, mixed_precision="auto")
+        self.config = replace(generator.config, mixed_precision=Precision.AUTO)
         embeddings, lora_file = adapter_files(
             self.config, generator.embeddings_dir, generator.lora_file
         )
@@ -194,15 +205,18 @@ def _pip_requirements() -> list[str]:
 
 
 def log_generator_model(
-    ti_run_id: str, lora_run_id: str, config: GenerateConfig, frozen_params: Mapping[str, str]
+    ti_run_id: str | None,
+    lora_run_id: str | None,
+    config: GenerateConfig,
+    frozen_params: Mapping[str, str],
 ) -> str:
-    """Logs the generator of `config` (its mode's adapters from these runs; "" for one it does
-    not use) as the model `generator` of the active run; returns the model URI."""
+    """Logs the generator of `config` (its mode's adapters from these runs; None for one it
+    does not use) as the model `generator` of the active run; returns the model URI."""
     if mlflow.active_run() is None:
         raise SkindiffError("log_generator_model needs an active MLflow run")
     for used, run_id, stage in (
-        (config.uses_ti, ti_run_id, "textual_inversion"),
-        (config.uses_lora, lora_run_id, "lora"),
+        (config.uses_ti, ti_run_id, Stage.TEXTUAL_INVERSION),
+        (config.uses_lora, lora_run_id, Stage.LORA),
     ):
         if used and not run_id:
             raise SkindiffError(f"mode {config.mode} needs a {stage} run id")
@@ -219,29 +233,35 @@ def log_generator_model(
         if config.uses_ti:
             artifacts["embeddings"] = str(
                 fetch_upstream(
-                    ti_run_id, "textual_inversion", "embeddings", config.base_model, folder / "ti"
+                    ti_run_id,
+                    Stage.TEXTUAL_INVERSION,
+                    EMBEDDINGS_DIR,
+                    config.base_model,
+                    folder / "ti",
                 )
             )
         if config.uses_lora:
             artifacts["lora"] = str(
-                fetch_upstream(lora_run_id, "lora", WEIGHTS_ARTIFACT, config.base_model, folder)
+                fetch_upstream(
+                    lora_run_id, Stage.LORA, LORA_WEIGHTS_ARTIFACT, config.base_model, folder
+                )
             )
         with warnings.catch_warnings():
             # An input example would be run through predict at logging time: a pipeline load
             # and a generation. The explicit signature documents the input instead.
             warnings.filterwarnings("ignore", message=".*input example was not provided")
             info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME,
+                name=GENERATOR_MODEL,
                 python_model=GeneratorModel(),
                 artifacts=artifacts,
                 signature=SIGNATURE,
                 pip_requirements=_pip_requirements(),
                 code_paths=[str(Path(skindiff.__file__).parent)],
                 metadata={
-                    KIND_KEY: MODEL_NAME,
+                    KIND_KEY: GENERATOR_MODEL,
                     "base_model": config.base_model,
-                    "ti_run_id": ti_run_id if config.uses_ti else "",
-                    "lora_run_id": lora_run_id if config.uses_lora else "",
+                    "ti_run_id": as_text(ti_run_id if config.uses_ti else None),
+                    "lora_run_id": as_text(lora_run_id if config.uses_lora else None),
                 },
             )
     return info.model_uri
@@ -260,7 +280,7 @@ def fetch_generator(model_uri: str, dst: Path) -> PackagedGenerator:
         model = Model.load(local)
     except (MlflowException, OSError):
         model = None
-    if model is None or (model.metadata or {}).get(KIND_KEY) != MODEL_NAME:
+    if model is None or (model.metadata or {}).get(KIND_KEY) != GENERATOR_MODEL:
         raise SkindiffError(f"generator URI {model_uri!r} is not a skindiff generator model")
     artifacts = model.flavors["python_function"]["artifacts"]
     return PackagedGenerator.from_artifacts(

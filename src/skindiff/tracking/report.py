@@ -14,11 +14,19 @@ import pandas as pd
 from mlflow.entities import Experiment
 
 from skindiff.errors import SkindiffError
+from skindiff.options import REPORT
 from skindiff.report import METRICS, previous_report_files, write_report
-from skindiff.tracking.ablation import ARTIFACT as ABLATION_ARTIFACT
 from skindiff.tracking.ablation import COLUMNS as ABLATION_COLUMNS
-from skindiff.tracking.pipeline import RESULTS_FILE, SCENARIO_TAG
-from skindiff.tracking.runs import ENTRY_POINT_TAG, stage_run
+from skindiff.tracking.names import (
+    ABLATION_FILE,
+    ENTRY_POINT_TAG,
+    REPORT_EXPERIMENT_TAG,
+    RESULTS_FILE,
+    SCENARIO_TAG,
+    Stage,
+)
+from skindiff.tracking.settings import ReportConfig
+from skindiff.tracking.stage import open_stage_run
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +40,7 @@ TEST_METRICS = {
 CLASSIFIER_COLUMNS = ["scenario", "seed", "arch", "train_type", *METRICS, "run_id", "main_run_id"]
 
 
-def resolve_experiment(experiment: str) -> Experiment:
+def resolve_experiment(experiment: str | None) -> Experiment:
     """The experiment named `experiment`, or with that id; empty: the current one
     (MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME, else Default)."""
     if not experiment:
@@ -51,7 +59,7 @@ def resolve_experiment(experiment: str) -> Experiment:
     return found
 
 
-def _finished_runs(experiment_id: str, stage: str) -> list:
+def _finished_runs(experiment_id: str, stage: Stage) -> list:
     """FINISHED runs of `stage`, newest first."""
     return mlflow.search_runs(
         [experiment_id],
@@ -78,7 +86,7 @@ def classifier_scores(experiment_id: str) -> pd.DataFrame:
     """Test scores (fractions) of the classifier runs that the newest FINISHED main pair run of
     each (scenario, seed) lists in its results.csv."""
     newest = {}
-    for run in _finished_runs(experiment_id, "main"):
+    for run in _finished_runs(experiment_id, Stage.MAIN):
         scenario = run.data.tags.get(SCENARIO_TAG)
         if scenario:  # the pair runs, not the parent of a whole `main` call
             newest.setdefault((scenario, run.data.params.get("seed")), run.info.run_id)
@@ -102,8 +110,8 @@ def classifier_scores(experiment_id: str) -> pd.DataFrame:
 def ablation_scores(experiment_id: str) -> pd.DataFrame:
     """The rows of ablation.csv, per seed from the newest FINISHED ablation run that has it."""
     tables, seen = [], set()
-    for run in _finished_runs(experiment_id, "ablation"):
-        table = _artifact_table(run.info.run_id, ABLATION_ARTIFACT)
+    for run in _finished_runs(experiment_id, Stage.ABLATION):
+        table = _artifact_table(run.info.run_id, ABLATION_FILE)
         if table is None:
             continue
         table = table[~table["seed"].isin(seen)]
@@ -113,11 +121,11 @@ def ablation_scores(experiment_id: str) -> pd.DataFrame:
     return pd.concat(tables) if tables else empty
 
 
-def run_report(experiment: str = "", output_dir: str = "report") -> str:
-    """Writes the report of `experiment` to `output_dir` and logs it as the artifacts of a
-    `report` run (in the current experiment); returns the run id."""
-    found = resolve_experiment(experiment)
-    folder = Path(output_dir)
+def run_report(config: ReportConfig) -> str:
+    """Writes the report of `config.experiment` to `config.output_dir` and logs it as the
+    artifacts of a `report` run (in the current experiment); returns the run id."""
+    found = resolve_experiment(config.experiment)
+    folder = Path(config.output_dir)
     previous_report_files(folder)  # refuse a user's folder before any work
     classifiers = classifier_scores(found.experiment_id)
     ablation = ablation_scores(found.experiment_id)
@@ -131,9 +139,8 @@ def run_report(experiment: str = "", output_dir: str = "report") -> str:
         f"{classifiers['main_run_id'].nunique()} main pair runs ({len(classifiers)} classifier "
         f"runs), {ablation['ablation_run_id'].nunique()} ablation runs."
     )
-    params = {"experiment": experiment, "output_dir": output_dir}
-    with stage_run("report", "report", params) as run:
-        mlflow.set_tag("skindiff.report_experiment_id", found.experiment_id)
+    tags = {REPORT_EXPERIMENT_TAG: found.experiment_id}
+    with open_stage_run(Stage.REPORT, str(Stage.REPORT), REPORT.values(config), tags) as run:
         for path in write_report(classifiers, ablation, folder, source):
             mlflow.log_artifact(str(path))
     return run.info.run_id

@@ -1,43 +1,19 @@
-"""Every stage is an MLflow run tagged with its entry point, however it was started."""
+"""Reading what finished stage runs left: checked upstream runs, artifacts, split manifests."""
 
+import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.entities import Metric
 
-from skindiff import __version__
 from skindiff.errors import SkindiffError
-
-ENTRY_POINT_TAG = "mlflow.project.entryPoint"
-VERSION_TAG = "skindiff.version"
+from skindiff.tracking.names import ENTRY_POINT_TAG, Stage, split_artifact
 
 
-@contextmanager
-def stage_run(
-    stage: str, run_name: str, params: Mapping[str, str] | None = None
-) -> Iterator[mlflow.ActiveRun]:
-    """Opens the run of one stage: the `mlflow run` run when there is one, else a new run,
-    nested under the active run when called from the pipeline. The run is marked FAILED
-    if the stage raises.
-
-    `mlflow run` has already logged the entry point's parameters (as it quoted them for the
-    shell); MLflow forbids changing a param, so only the others are added."""
-    with mlflow.start_run(
-        run_name=run_name,
-        nested=mlflow.active_run() is not None,
-        tags={ENTRY_POINT_TAG: stage, VERSION_TAG: __version__},
-    ) as run:
-        logged = mlflow.get_run(run.info.run_id).data.params
-        missing = {key: value for key, value in (params or {}).items() if key not in logged}
-        if missing:
-            mlflow.log_params(missing)
-        yield run
-
-
-def require_stage_run(run_id: str, stage: str) -> mlflow.entities.Run:
+def require_stage_run(run_id: str, stage: Stage) -> mlflow.entities.Run:
     """The FINISHED run `run_id` of `stage`, or a clear error saying what it is instead."""
     try:
         run = mlflow.get_run(run_id)
@@ -53,17 +29,15 @@ def require_stage_run(run_id: str, stage: str) -> mlflow.entities.Run:
     return run
 
 
-def check_same_base_model(run_id: str, base_model: str) -> None:
-    """Refuses an upstream run trained on another base model (its tensors would not fit)."""
-    used = mlflow.get_run(run_id).data.params.get("base_model", "").strip("'")
+def fetch_upstream(
+    run_id: str, stage: Stage, artifact_path: str, base_model: str, dst: Path
+) -> Path:
+    """An artifact of a finished upstream `stage` run made with the same base model (its
+    tensors would not fit another)."""
+    run = require_stage_run(run_id, stage)
+    used = run.data.params.get("base_model", "").strip("'")
     if used and used != base_model:
         raise SkindiffError(f"run {run_id} used base_model {used!r}, this stage {base_model!r}")
-
-
-def fetch_upstream(run_id: str, stage: str, artifact_path: str, base_model: str, dst: Path) -> Path:
-    """An artifact of a finished upstream `stage` run made with the same base model."""
-    require_stage_run(run_id, stage)
-    check_same_base_model(run_id, base_model)
     return download_run_dir(run_id, artifact_path, dst)
 
 
@@ -74,6 +48,14 @@ def download_run_dir(run_id: str, artifact_path: str, dst: Path) -> Path:
             run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)
         )
     )
+
+
+def load_split(prepare_run_id: str, split: str) -> pd.DataFrame:
+    """One split manifest of a finished prepare run."""
+    require_stage_run(prepare_run_id, Stage.PREPARE)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = download_run_dir(prepare_run_id, split_artifact(split), Path(tmp))
+        return pd.read_csv(path, keep_default_na=False)
 
 
 def log_curve(name: str, values: Sequence[float]) -> None:

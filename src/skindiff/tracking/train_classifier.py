@@ -5,42 +5,29 @@ generator options (as `generate` itself does), so `syn` and `real+syn` start fro
 """
 
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
 import mlflow.pytorch
 import numpy as np
-import pandas as pd
 import torch
 from mlflow.models import infer_signature
 
+from skindiff.classify.config import ClassifierConfig, TrainType
 from skindiff.classify.data import build_training_set
-from skindiff.classify.train import ClassifierConfig, ClassifierResult, train_classifier
-from skindiff.data.prepare import PrepareConfig, content_digest
-from skindiff.diffusion.generate import GenerateConfig
-from skindiff.diffusion.lora import LoraConfig
-from skindiff.diffusion.textual_inversion import TextualInversionConfig
-from skindiff.errors import SkindiffError
-from skindiff.options import (
-    CLASSIFIER,
-    DATA,
-    GENERATE,
-    LORA,
-    TEXTUAL_INVERSION,
-    option_values,
-)
+from skindiff.classify.train import ClassifierResult, train_classifier
+from skindiff.core.settings import as_text
+from skindiff.data.config import PrepareConfig
+from skindiff.diffusion.config import GenerateConfig, LoraConfig, TextualInversionConfig
+from skindiff.options import CLASSIFIER, DATA, GENERATE, LORA, TEXTUAL_INVERSION
 from skindiff.tracking.evaluate import log_evaluation
 from skindiff.tracking.generate import ensure_generator_chain, load_synthetic
-from skindiff.tracking.lora import upstream_key
-from skindiff.tracking.prepare import ensure_prepare, load_split
-from skindiff.tracking.reuse import RUN_KEY_TAG, find_finished_run, run_key
-from skindiff.tracking.runs import stage_run
-from skindiff.tracking.textual_inversion import PREPARE_RUN_TAG
+from skindiff.tracking.names import CLASSIFIER_MODEL, Stage
+from skindiff.tracking.prepare import split_inputs
+from skindiff.tracking.stage import StageCall, StageInputs, run_stage
 
-STAGE = "train_classifier"
-GENERATE_RUN_TAG = "skindiff.generate_run_id"
 SPLITS = ("train", "val", "test")  # what a classifier is trained, selected and scored on
 
 
@@ -51,7 +38,7 @@ def log_classifier(result: ClassifierResult, config: ClassifierConfig) -> None:
         output = result.model(torch.from_numpy(example)).numpy()
     mlflow.pytorch.log_model(
         result.model,
-        name="model",
+        name=CLASSIFIER_MODEL,
         signature=infer_signature(example, output),
         input_example=example,
         # A plain nn.Module on load (the pt2 export format loads as a graph without eval());
@@ -65,59 +52,58 @@ def log_classifier(result: ClassifierResult, config: ClassifierConfig) -> None:
     )
 
 
-def classifier_key(
-    config: ClassifierConfig, splits: Mapping[str, pd.DataFrame], generate_run_id: str
-) -> str:
-    """Same splits (train, val, test), settings, synthetic images and code: same classifier."""
-    inputs = {name: content_digest(rows) for name, rows in splits.items()}
-    inputs["synthetic"] = upstream_key(generate_run_id)
-    return run_key(STAGE, option_values(CLASSIFIER, config), inputs)
-
-
 def run_train_classifier(
     data: PrepareConfig,
     config: ClassifierConfig,
     ti_config: TextualInversionConfig,
     lora_config: LoraConfig,
     generate_config: GenerateConfig,
-    prepare_run_id: str = "",
-    generate_run_id: str = "",
+    prepare_run_id: str | None = None,
+    generate_run_id: str | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    *,
+    reuse: bool = False,
 ) -> str:
-    """Trains a classifier on real, synthetic or both; returns the run id. `on_epoch` gets
-    (epoch, val_f1_macro) after every epoch."""
-    params = option_values(DATA, data) | option_values(CLASSIFIER, config)
-    if config.train_type != "real":
+    """Trains a classifier on real, synthetic or both; returns the run id (with `reuse`, of a
+    finished run with the same key where there is one). `on_epoch` gets (epoch,
+    val_f1_macro) after every epoch it trains."""
+    synthetic = config.train_type != TrainType.REAL
+    context = DATA.values(data)
+    if synthetic:
         for group, group_config in (
             (TEXTUAL_INVERSION, ti_config),
             (LORA, lora_config),
             (GENERATE, generate_config),
         ):
-            params |= option_values(group, group_config)
-    run_name = f"{data.scenario}/seed-{data.seed}/{config.arch}/{config.train_type}"
-    with stage_run(STAGE, run_name, params | {"generate_run_id": generate_run_id}) as run:
-        prepare_run_id = prepare_run_id or ensure_prepare(data)
-        splits = {name: load_split(prepare_run_id, name) for name in SPLITS}
-        train, val, test = splits.values()
+            context |= group.values(group_config)
+    context |= {"generate_run_id": as_text(generate_run_id if synthetic else None)}
+    call = StageCall(
+        Stage.TRAIN_CLASSIFIER,
+        f"{data.scenario}/seed-{data.seed}/{config.arch}/{config.train_type}",
+        CLASSIFIER.values(config),
+        context,
+    )
+
+    def resolve() -> StageInputs:
+        inputs = split_inputs(data, prepare_run_id, SPLITS)
+        generate = None
+        if synthetic:
+            generate = (
+                generate_run_id
+                or ensure_generator_chain(
+                    data, ti_config, lora_config, generate_config, inputs.prepare_run_id
+                )[2]
+            )
+        inputs.upstream[Stage.GENERATE] = generate
+        return inputs
+
+    def work(inputs: StageInputs, key: str) -> None:
+        train, val, test = (inputs.splits[name] for name in SPLITS)
         labels = tuple(sorted(data.conditions))
         with tempfile.TemporaryDirectory() as tmp:
-            synthetic = None
-            if config.train_type != "real":
-                generate_run_id = (
-                    generate_run_id
-                    or ensure_generator_chain(
-                        data, ti_config, lora_config, generate_config, prepare_run_id
-                    )[2]
-                )
-                synthetic = load_synthetic(generate_run_id, Path(tmp))
-            rows = build_training_set(train, synthetic, config.train_type)
-            mlflow.set_tags(
-                {
-                    RUN_KEY_TAG: classifier_key(config, splits, generate_run_id),
-                    PREPARE_RUN_TAG: prepare_run_id,
-                    GENERATE_RUN_TAG: generate_run_id,
-                }
-            )
+            generate = inputs.upstream[Stage.GENERATE]
+            images = load_synthetic(generate, Path(tmp)) if generate else None
+            rows = build_training_set(train, images, config.train_type)
             mlflow.log_metrics(
                 {
                     "n_train_real": float((rows["source"] == "real").sum()),
@@ -133,37 +119,5 @@ def run_train_classifier(
         log_evaluation(result.val_predictions, labels, "val")
         log_evaluation(result.test_predictions, labels, "test")
         log_classifier(result, config)
-    return run.info.run_id
 
-
-def ensure_train_classifier(
-    data: PrepareConfig,
-    config: ClassifierConfig,
-    ti_config: TextualInversionConfig,
-    lora_config: LoraConfig,
-    generate_config: GenerateConfig,
-    prepare_run_id: str,
-    generate_run_id: str = "",
-    on_epoch: Callable[[int, float], None] | None = None,
-) -> str:
-    """A finished classifier run with the same key, or a new one (nested under the active run).
-    `generate_run_id` is the run of the synthetic images (made with the generator configs);
-    "" for `train_type` real. `on_epoch` is called only when a classifier is trained."""
-    if config.train_type == "real":
-        generate_run_id = ""
-    elif not generate_run_id:
-        raise SkindiffError(f"train_type {config.train_type} needs a generate run")
-    splits = {name: load_split(prepare_run_id, name) for name in SPLITS}
-    found = find_finished_run(classifier_key(config, splits, generate_run_id))
-    if found:
-        return found.info.run_id
-    return run_train_classifier(
-        data,
-        config,
-        ti_config,
-        lora_config,
-        generate_config,
-        prepare_run_id,
-        generate_run_id,
-        on_epoch,
-    )
+    return run_stage(call, resolve, work, reuse=reuse)

@@ -29,27 +29,38 @@ import sqlalchemy
 from mlflow.entities import Run, RunStatus
 from mlflow.exceptions import MlflowException
 
+from skindiff.classify.config import TrainType
+from skindiff.core.settings import as_text
+from skindiff.data.config import Scenario
 from skindiff.errors import SkindiffError
-from skindiff.options import OptionGroup, as_text, option_values
+from skindiff.options import TUNE
 from skindiff.search_space import Dimension, load_search_space
-from skindiff.tracking.frozen import FROZEN_PARAMS_FILE, write_frozen_params
+from skindiff.tracking.frozen import write_frozen_params
 from skindiff.tracking.generate import ensure_generator_chain
+from skindiff.tracking.names import (
+    BEST_TRIAL_TAG,
+    BEST_VALUE_TAG,
+    ENTRY_POINT_TAG,
+    FROZEN_PARAMS_FILE,
+    FROZEN_TAG_PREFIX,
+    PARENT_RUN_TAG,
+    STORAGE_TAG,
+    STUDY_TAG,
+    TRIAL_TAG,
+    TUNED_TAG,
+    Stage,
+)
 from skindiff.tracking.pipeline import StudyConfigs
 from skindiff.tracking.prepare import ensure_prepare
 from skindiff.tracking.registry import log_generator_model, register_generator
-from skindiff.tracking.runs import ENTRY_POINT_TAG, stage_run
-from skindiff.tracking.train_classifier import ensure_train_classifier
+from skindiff.tracking.settings import TuneConfig
+from skindiff.tracking.stage import open_stage_run
+from skindiff.tracking.train_classifier import run_train_classifier
 
 logger = logging.getLogger(__name__)
 
-STAGE = "tune"
-SCENARIO = "i"
+SCENARIO = Scenario.I
 OBJECTIVE = "val_f1_macro"
-PARENT_RUN_TAG = "mlflow.parentRunId"
-STUDY_TAG = "skindiff.study_name"
-STORAGE_TAG = "skindiff.storage"
-TRIAL_TAG = "skindiff.trial_number"
-FROZEN_TAG_PREFIX = "skindiff.frozen."
 # Trial user attrs: the trial's MLflow run and the stage runs that make its generator.
 TRIAL_RUN_ATTR = "mlflow_run_id"
 TI_RUN_ATTR = "ti_run_id"
@@ -63,19 +74,6 @@ PRUNER_STARTUP_TRIALS = 3  # trials that complete before the pruner stops any
 
 
 @dataclass(frozen=True)
-class TuneConfig:
-    """Settings of a `tune` worker; every worker of a study uses the same storage and name."""
-
-    n_trials: int = 10  # per worker
-    storage: str = "sqlite:///optuna.db"
-    study_name: str = "skindiff-tune"
-    registered_model: str = "skin-diff-generator"  # "" = do not register
-    search_space: str = ""  # a YAML file; "" = the built-in space
-    heartbeat_interval: int = 60  # seconds
-    grace_period: int = 180  # seconds without a heartbeat before a trial is failed
-
-
-@dataclass(frozen=True)
 class TuneResult:
     """What a worker leaves: its run, the study's best trial and where it is frozen."""
 
@@ -84,11 +82,8 @@ class TuneResult:
     best_value: float
     frozen_params: dict[str, str]
     frozen_params_uri: str
-    registered_version: str  # "" when not registered
+    registered_version: str | None  # None when not registered
     champion: bool  # the champion alias moved to registered_version
-
-
-TUNE = OptionGroup(TuneConfig)
 
 
 def run_tune(configs: StudyConfigs, config: TuneConfig) -> TuneResult:
@@ -97,7 +92,7 @@ def run_tune(configs: StudyConfigs, config: TuneConfig) -> TuneResult:
     configs = replace(
         configs,
         data=replace(configs.data, scenario=SCENARIO),
-        classifier=replace(configs.classifier, train_type="syn"),
+        classifier=replace(configs.classifier, train_type=TrainType.SYN),
     )
     seed = sampler_seed(configs.data.seed)
     study = open_study(config, seed)
@@ -105,16 +100,14 @@ def run_tune(configs: StudyConfigs, config: TuneConfig) -> TuneResult:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # trials of workers that died before this one
     storage = masked_url(config.storage)
-    params = {n: v for group, c in configs.groups() for n, v in option_values(group, c).items()}
-    params |= option_values(TUNE, config) | {"storage": storage, "sampler_seed": str(seed)}
-    with stage_run(STAGE, f"{STAGE}/{config.study_name}", params) as run:
-        mlflow.set_tags(
-            {
-                STUDY_TAG: config.study_name,
-                STORAGE_TAG: storage,
-                "skindiff.tuned": ",".join(d.name for d in space),
-            }
-        )
+    params = {n: v for group, c in configs.groups() for n, v in group.values(c).items()}
+    params |= TUNE.values(config) | {"storage": storage, "sampler_seed": str(seed)}
+    tags = {
+        STUDY_TAG: config.study_name,
+        STORAGE_TAG: storage,
+        TUNED_TAG: ",".join(d.name for d in space),
+    }
+    with open_stage_run(Stage.TUNE, f"{Stage.TUNE}/{config.study_name}", params, tags) as run:
         study.optimize(lambda trial: _trial(trial, configs, space), n_trials=config.n_trials)
         best = _best_trial(study)
         frozen = {name: as_text(value) for name, value in best.params.items()}
@@ -122,9 +115,9 @@ def run_tune(configs: StudyConfigs, config: TuneConfig) -> TuneResult:
             mlflow.log_artifact(str(write_frozen_params(frozen, Path(tmp) / FROZEN_PARAMS_FILE)))
         mlflow.set_tags(
             {FROZEN_TAG_PREFIX + name: value for name, value in frozen.items()}
-            | {"skindiff.best_value": str(best.value), "skindiff.best_trial": str(best.number)}
+            | {BEST_VALUE_TAG: str(best.value), BEST_TRIAL_TAG: str(best.number)}
         )
-        version, champion = "", False
+        version, champion = None, False
         if config.registered_model:
             version, champion = _register(study, best, configs, frozen, config.registered_model)
     return TuneResult(
@@ -140,14 +133,6 @@ def run_tune(configs: StudyConfigs, config: TuneConfig) -> TuneResult:
 
 def open_study(config: TuneConfig, seed: int) -> optuna.Study:
     """The study `config.study_name` in `config.storage`, created by the first worker."""
-    for name in ("n_trials", "heartbeat_interval", "grace_period"):
-        if getattr(config, name) < 1:
-            raise SkindiffError(f"{name} must be at least 1, got {getattr(config, name)}")
-    if config.grace_period <= config.heartbeat_interval:
-        raise SkindiffError(
-            f"grace_period ({config.grace_period} s) must exceed heartbeat_interval "
-            f"({config.heartbeat_interval} s), or live trials would be failed"
-        )
     return optuna.create_study(
         storage=_storage(config),
         study_name=config.study_name,
@@ -216,10 +201,10 @@ def _trial(trial: optuna.Trial, configs: StudyConfigs, space: list[Dimension]) -
         trial.set_user_attr(INFEASIBLE_ATTR, str(err))
         return float("nan")
     with mlflow.start_run(
-        run_name=f"{STAGE}/trial-{trial.number}",
+        run_name=f"{Stage.TUNE}/trial-{trial.number}",
         nested=True,
         tags={
-            ENTRY_POINT_TAG: STAGE,
+            ENTRY_POINT_TAG: str(Stage.TUNE),
             STUDY_TAG: trial.study.study_name,
             TRIAL_TAG: str(trial.number),
         },
@@ -251,7 +236,7 @@ def _objective(trial: optuna.Trial, configs: StudyConfigs) -> float:
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
             raise optuna.TrialPruned(f"{OBJECTIVE} {val_f1_macro:.4f} at epoch {epoch}")
 
-    classifier = ensure_train_classifier(
+    classifier = run_train_classifier(
         data,
         configs.classifier,
         configs.textual_inversion,
@@ -260,6 +245,7 @@ def _objective(trial: optuna.Trial, configs: StudyConfigs) -> float:
         prepare,
         generate,
         on_epoch=report,
+        reuse=True,
     )
     trial.set_user_attr(CLASSIFIER_RUN_ATTR, classifier)
     return mlflow.get_run(classifier).data.metrics[OBJECTIVE]
@@ -305,7 +291,7 @@ def _register(
     configs: StudyConfigs,
     frozen: dict[str, str],
     registered_model: str,
-) -> tuple[str, bool]:
+) -> tuple[str | None, bool]:
     """Registers the best trial's generator, once per (study, model): a worker that ends
     with the best trial another worker registered only reports that version."""
     done = study.user_attrs.get(f"registered.{registered_model}", {})
@@ -313,7 +299,7 @@ def _register(
         return done["version"], False
     if GENERATE_RUN_ATTR not in best.user_attrs:
         logger.warning("best trial %d has no generator runs: not registered", best.number)
-        return "", False
+        return None, False
     generate = configs.with_frozen(frozen, f"trial {best.number}").generate
     model_uri = log_generator_model(
         best.user_attrs[TI_RUN_ATTR], best.user_attrs[LORA_RUN_ATTR], generate, frozen

@@ -1,0 +1,104 @@
+"""Settings of the data stage: which dataset, which cohort, which scenario and seed."""
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from skindiff.core.settings import Settings, setting
+from skindiff.data.fitzpatrick import CONDITIONS, DARK_FST, FLEXIBLE_PER_CONDITION, LIGHT_FST
+from skindiff.errors import DataValidationError
+
+
+class Scenario(StrEnum):
+    """The paper's scenarios (see `data.splits`)."""
+
+    I = "i"  # noqa: E741 - the paper's roman numeral
+    II = "ii"
+    III = "iii"
+
+
+@dataclass(frozen=True)
+class CohortSpec(Settings):
+    """Which rows form the cohort. Defaults are the paper's (Table 1)."""
+
+    conditions: tuple[str, ...] = CONDITIONS
+    light_fst: tuple[int, ...] = LIGHT_FST
+    dark_fst: tuple[int, ...] = DARK_FST
+
+    def check(self) -> None:
+        if not self.conditions:
+            raise DataValidationError("conditions: at least one condition is needed")
+        if len(set(self.conditions)) != len(self.conditions):
+            raise DataValidationError(f"conditions: listed twice in {list(self.conditions)}")
+        for name, values in (("light_fst", self.light_fst), ("dark_fst", self.dark_fst)):
+            if not values or not set(values) <= {1, 2, 3, 4, 5, 6}:
+                raise DataValidationError(f"{name}: needs skin types from 1-6, got {values}")
+        if set(self.light_fst) & set(self.dark_fst):
+            raise DataValidationError(
+                f"light_fst {self.light_fst} and dark_fst {self.dark_fst} overlap"
+            )
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Conditions in alphabetical order: the classifiers' class indices."""
+        return tuple(sorted(self.conditions))
+
+
+@dataclass(frozen=True)
+class PrepareConfig(Settings):
+    """Inputs of the `prepare` stage. No `metadata_csv` and `image_dir`: the demo dataset."""
+
+    metadata_csv: str | None = setting(
+        None,
+        "Fitzpatrick17k-format metadata CSV. Empty: the embedded demo dataset.",
+    )
+    image_dir: str | None = setting(
+        None,
+        "Folder of the images (<md5hash>.jpg, or the CSV's `path` column relative to it). "
+        "Empty: the embedded demo dataset.",
+    )
+    scenario: Scenario = setting(
+        Scenario.I,
+        "i: train on light+dark; ii: light + the dark flexible subset; iii: light only.",
+    )
+    seed: int = setting(0, "Repeat seed: picks the flexible subsets and seeds every stage.")
+    val_fraction: float = setting(
+        0.1,
+        "Share of each (condition, skin group) of the training set held out for validation. "
+        "0 gives the paper's split sizes.",
+    )
+    conditions: tuple[str, ...] = setting(
+        CONDITIONS, "Comma list of the conditions (labels) to classify."
+    )
+    light_fst: tuple[int, ...] = setting(
+        LIGHT_FST, "Comma list of the majority (light) skin types."
+    )
+    dark_fst: tuple[int, ...] = setting(DARK_FST, "Comma list of the minority (dark) skin types.")
+    flexible_per_condition: int = setting(
+        FLEXIBLE_PER_CONDITION, "Images per condition in each flexible subset."
+    )
+    skip_missing: bool = setting(
+        False,
+        "true: drop rows whose image is missing or corrupt (listed in "
+        "splits/dropped_images.csv) instead of stopping.",
+    )
+
+    def check(self) -> None:
+        self.cohort  # noqa: B018 - constructing it checks conditions and skin types
+        if (self.metadata_csv is None) != (self.image_dir is None):
+            missing = "metadata_csv" if self.metadata_csv is None else "image_dir"
+            raise DataValidationError(
+                f"{missing} is empty: give both metadata_csv and image_dir, "
+                "or neither for the demo data"
+            )
+        if self.seed < 0:
+            raise DataValidationError(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.val_fraction < 1:
+            raise DataValidationError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.flexible_per_condition < 1:
+            raise DataValidationError(
+                f"flexible_per_condition must be at least 1, got {self.flexible_per_condition}"
+            )
+
+    @property
+    def cohort(self) -> CohortSpec:
+        return CohortSpec(self.conditions, self.light_fst, self.dark_fst)

@@ -1,0 +1,237 @@
+"""Settings of the generator stages: Textual Inversion, LoRA and generation.
+
+Defaults are the reference code's: Textual Inversion one token per condition from the word
+"skin", 500 steps of batch 4 x accumulation 4 at lr 5e-4 scaled by batch x accumulation;
+LoRA rank 8, alpha 8 on to_q/to_k/to_v/to_out.0, lr 5e-6, 3000 steps of batch 4, gradient
+norm clipped at 1; img2img at strength 0.5 with 100 scheduler steps, guidance 2.0, 5 images
+per training image, the model's own scheduler, light sources moved to FST 5 or 6.
+"""
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from skindiff.core.settings import Precision, Settings, setting
+from skindiff.data.fitzpatrick import CONDITIONS, DARK_FST
+from skindiff.diffusion.prompts import INITIALIZER_WORD, SKIN_TYPE_PHRASES, placeholder_token
+from skindiff.errors import require
+
+
+class Pipeline(StrEnum):
+    IMG2IMG = "img2img"
+    TXT2IMG = "txt2img"
+
+
+class GenerationMode(StrEnum):
+    """A pipeline and the adapters it uses; vanilla = the base model, the condition in words."""
+
+    IMG2IMG_TI_LORA = "img2img/ti+lora"  # the paper's method
+    IMG2IMG_TI = "img2img/ti"
+    IMG2IMG_LORA = "img2img/lora"
+    IMG2IMG_VANILLA = "img2img/vanilla"
+    TXT2IMG_TI = "txt2img/ti"
+    TXT2IMG_VANILLA = "txt2img/vanilla"
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return _MODE_PARTS[self][0]
+
+    @property
+    def uses_ti(self) -> bool:
+        return _MODE_PARTS[self][1]
+
+    @property
+    def uses_lora(self) -> bool:
+        return _MODE_PARTS[self][2]
+
+
+# mode -> (pipeline, uses Textual Inversion tokens, uses LoRA weights)
+_MODE_PARTS = {
+    GenerationMode.IMG2IMG_TI_LORA: (Pipeline.IMG2IMG, True, True),
+    GenerationMode.IMG2IMG_TI: (Pipeline.IMG2IMG, True, False),
+    GenerationMode.IMG2IMG_LORA: (Pipeline.IMG2IMG, False, True),
+    GenerationMode.IMG2IMG_VANILLA: (Pipeline.IMG2IMG, False, False),
+    GenerationMode.TXT2IMG_TI: (Pipeline.TXT2IMG, True, False),
+    GenerationMode.TXT2IMG_VANILLA: (Pipeline.TXT2IMG, False, False),
+}
+
+
+class SchedulerName(StrEnum):
+    """Sampling scheduler; `default` keeps the base model's own (PNDM for SD 2.1 base)."""
+
+    DEFAULT = "default"
+    PNDM = "pndm"
+    DDIM = "ddim"
+    DPM_PLUS_PLUS = "dpm++"
+    EULER = "euler"
+    EULER_ANCESTRAL = "euler-a"
+
+
+BASE_MODEL_HELP = (
+    "tiny (built-in, CPU-sized), sd21-random (full SD 2.1-base architecture, random weights), "
+    "a local diffusers folder, or a hub id such as stabilityai/stable-diffusion-2-1-base."
+)
+RESOLUTION_HELP = "Training and img2img resolution in pixels; 0 = the model's native size."
+PRECISION_HELP = "auto (fp16 on a GPU, full on a CPU), no, fp16 or bf16."
+SEED_HELP = "Seed of the stage's randomness."
+
+
+def _check_training(config: "TextualInversionConfig | LoraConfig") -> None:
+    """The checks of the fields Textual Inversion and LoRA share."""
+    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps"):
+        value = getattr(config, name)
+        require(value >= 1, f"{name} must be at least 1, got {value}")
+    require(
+        config.checkpoint_every >= 1,
+        f"checkpoint_every must be at least 1, got {config.checkpoint_every}",
+    )
+    require(config.learning_rate > 0, f"learning_rate must be positive, got {config.learning_rate}")
+    require(config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}")
+    _check_model(config)
+
+
+def _check_model(config: "TextualInversionConfig | LoraConfig | GenerateConfig") -> None:
+    require(config.seed >= 0, f"seed must be >= 0, got {config.seed}")
+    require(
+        config.resolution >= 0 and config.resolution % 8 == 0,
+        f"resolution must be 0 (native) or a positive multiple of 8, got {config.resolution}",
+    )
+    require(bool(config.base_model), "base_model is empty: use 'tiny', a folder or a hub id")
+
+
+@dataclass(frozen=True)
+class TextualInversionConfig(Settings):
+    """Settings of a Textual Inversion run."""
+
+    base_model: str = setting("tiny", BASE_MODEL_HELP)
+    conditions: tuple[str, ...] = setting(CONDITIONS, "Conditions to learn a token for.")
+    num_vectors: int = setting(1, "Textual Inversion: embedding vectors per token.")
+    initializer_word: str = setting(
+        INITIALIZER_WORD, "Textual Inversion: the word whose embedding starts every token."
+    )
+    max_train_steps: int = setting(
+        500, "Textual Inversion: optimizer steps (all conditions' tokens together)."
+    )
+    train_batch_size: int = setting(4, "Textual Inversion: images per micro-batch.")
+    gradient_accumulation_steps: int = setting(
+        4, "Textual Inversion: micro-batches per optimizer step."
+    )
+    learning_rate: float = setting(5e-4, "Textual Inversion: AdamW learning rate before scaling.")
+    scale_lr: bool = setting(
+        True, "true: multiply the learning rate by batch x accumulation (reference)."
+    )
+    weight_decay: float = setting(1e-2, "Textual Inversion: AdamW weight decay.")
+    resolution: int = setting(0, RESOLUTION_HELP)
+    mixed_precision: Precision = setting(Precision.AUTO, PRECISION_HELP)
+    checkpoint_every: int = setting(100, "Textual Inversion: steps between resumable checkpoints.")
+    seed: int = setting(0, SEED_HELP)
+
+    def check(self) -> None:
+        _check_training(self)
+        require(self.num_vectors >= 1, f"num_vectors must be at least 1, got {self.num_vectors}")
+        require(len(self.conditions) > 0, "conditions is empty")
+        tokens = [placeholder_token(c) for c in self.conditions]
+        require(
+            len(set(tokens)) == len(tokens),
+            f"conditions must give distinct tokens; {self.conditions} give {tokens}",
+        )
+
+
+@dataclass(frozen=True)
+class LoraConfig(Settings):
+    """Settings of a LoRA run."""
+
+    base_model: str = setting("tiny", BASE_MODEL_HELP)
+    rank: int = setting(8, "LoRA: rank of the adapter matrices.")
+    alpha: int = setting(8, "LoRA: scaling alpha (the update is scaled by alpha / rank).")
+    target_modules: tuple[str, ...] = setting(
+        ("to_q", "to_k", "to_v", "to_out.0"),
+        "LoRA: comma list of UNet attention modules to adapt.",
+    )
+    learning_rate: float = setting(5e-6, "LoRA: AdamW learning rate.")
+    max_train_steps: int = setting(3000, "LoRA: optimizer steps.")
+    train_batch_size: int = setting(4, "LoRA: images per micro-batch.")
+    gradient_accumulation_steps: int = setting(1, "LoRA: micro-batches per optimizer step.")
+    weight_decay: float = setting(1e-2, "LoRA: AdamW weight decay.")
+    max_grad_norm: float = setting(1.0, "LoRA: gradient clipping norm (0 = none).")
+    snr_gamma: float = setting(0.0, "LoRA: Min-SNR loss weighting gamma (0 = off; 5 is common).")
+    gradient_checkpointing: bool = setting(False, "true: trade compute for memory in the UNet.")
+    resolution: int = setting(0, RESOLUTION_HELP)
+    mixed_precision: Precision = setting(Precision.AUTO, PRECISION_HELP)
+    checkpoint_every: int = setting(500, "LoRA: steps between resumable checkpoints.")
+    seed: int = setting(0, SEED_HELP)
+
+    def check(self) -> None:
+        _check_training(self)
+        require(self.rank >= 1, f"rank must be at least 1, got {self.rank}")
+        require(self.alpha > 0, f"alpha must be positive, got {self.alpha}")
+        require(len(self.target_modules) > 0, "target_modules is empty")
+        require(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        require(self.snr_gamma >= 0, f"snr_gamma must be >= 0 (0 = off), got {self.snr_gamma}")
+
+
+@dataclass(frozen=True)
+class GenerateConfig(Settings):
+    """Settings of the `generate` stage."""
+
+    base_model: str = setting("tiny", BASE_MODEL_HELP)
+    mode: GenerationMode = setting(
+        GenerationMode.IMG2IMG_TI_LORA,
+        "pipeline/adapters: img2img/ti+lora (the paper's method), img2img/ti, img2img/lora, "
+        "img2img/vanilla, txt2img/ti, txt2img/vanilla.",
+    )
+    num_per_image: int = setting(5, "Synthetic images per training image.")
+    strength: float = setting(
+        0.5, "img2img: how far from the source image (0-1; 0.5 = half the steps)."
+    )
+    guidance_scale: float = setting(2.0, "Classifier-free guidance scale.")
+    num_inference_steps: int = setting(100, "Scheduler steps (img2img runs strength x this many).")
+    scheduler: SchedulerName = setting(
+        SchedulerName.DEFAULT,
+        "default (the model's own: PNDM for SD 2.1 base), pndm, ddim, dpm++, euler, euler-a.",
+    )
+    resolution: int = setting(0, RESOLUTION_HELP)
+    output_size: int = setting(256, "Side of the saved synthetic images in pixels.")
+    generation_batch_size: int = setting(8, "Images per pipeline call.")
+    target_fst: tuple[int, ...] = setting(
+        DARK_FST,
+        "Comma list of skin types a light source image is moved to (one drawn per image); "
+        "dark sources keep their own.",
+    )
+    mixed_precision: Precision = setting(Precision.AUTO, PRECISION_HELP)
+    seed: int = setting(0, SEED_HELP)
+
+    def check(self) -> None:
+        _check_model(self)
+        problems = []
+        if self.pipeline == Pipeline.IMG2IMG and not 0 < self.strength <= 1:
+            problems.append(f"strength must be in (0, 1] for img2img, got {self.strength}")
+        elif (
+            self.pipeline == Pipeline.IMG2IMG and int(self.strength * self.num_inference_steps) < 1
+        ):
+            problems.append(
+                f"strength x num_inference_steps must give at least one denoising step, got "
+                f"{self.strength} x {self.num_inference_steps}"
+            )
+        for name in (
+            "num_per_image",
+            "num_inference_steps",
+            "generation_batch_size",
+            "output_size",
+        ):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.target_fst or any(fst not in SKIN_TYPE_PHRASES for fst in self.target_fst):
+            problems.append(f"target_fst must be Fitzpatrick types 1..6, got {self.target_fst}")
+        require(not problems, "; ".join(problems))
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.mode.pipeline
+
+    @property
+    def uses_ti(self) -> bool:
+        return self.mode.uses_ti
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.mode.uses_lora

@@ -1,0 +1,98 @@
+"""Every name skindiff gives things in MLflow: stages (entry points), tags, artifacts, models.
+
+A run is found, compared and re-used by these names, so each is spelled here and nowhere else.
+"""
+
+from enum import StrEnum
+
+from skindiff.diffusion.adapters import LORA_WEIGHTS_FILE
+
+
+class Stage(StrEnum):
+    """The MLproject entry points; every stage run carries its name as ENTRY_POINT_TAG."""
+
+    MAIN = "main"
+    TUNE = "tune"
+    PREPARE = "prepare"
+    TEXTUAL_INVERSION = "textual_inversion"
+    LORA = "lora"
+    GENERATE = "generate"
+    TRAIN_CLASSIFIER = "train_classifier"
+    EVALUATE = "evaluate"
+    ABLATION = "ablation"
+    REPORT = "report"
+
+
+# MLflow's own tags.
+ENTRY_POINT_TAG = "mlflow.project.entryPoint"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+
+# Tags of every stage run.
+VERSION_TAG = "skindiff.version"
+RUN_KEY_TAG = "skindiff.run_key"
+
+
+def upstream_tag(stage: Stage) -> str:
+    """Tag naming the run of `stage` a run was made from: `skindiff.prepare_run_id`, ..."""
+    return f"skindiff.{stage}_run_id"
+
+
+# prepare
+DATASET_DIGEST_TAG = "skindiff.dataset_digest"
+DATASET_TAGS = ("skindiff.metadata_csv", "skindiff.image_dir", "skindiff.demo_data")
+
+
+def split_digest_tag(split: str) -> str:
+    """Tag holding the content digest of one split of a prepare run."""
+    return f"skindiff.digest.{split}"
+
+
+def token_tag(condition: str) -> str:
+    """Tag of a textual_inversion run naming a condition's token."""
+    return f"skindiff.token.{condition}"
+
+
+# generate with a generator model
+GENERATOR_URI_TAG = "skindiff.generator_uri"
+GENERATOR_SETTING_TAG_PREFIX = "skindiff.generator."
+
+# main
+SCENARIO_TAG = "skindiff.scenario"
+FROZEN_PARAMS_TAG = "skindiff.frozen_params"
+FROZEN_PARAM_PREFIX = "frozen."  # params of the frozen values a main run used
+
+# tune
+STUDY_TAG = "skindiff.study_name"
+STORAGE_TAG = "skindiff.storage"
+TRIAL_TAG = "skindiff.trial_number"
+TUNED_TAG = "skindiff.tuned"
+BEST_VALUE_TAG = "skindiff.best_value"
+BEST_TRIAL_TAG = "skindiff.best_trial"
+FROZEN_TAG_PREFIX = "skindiff.frozen."
+
+# report
+REPORT_EXPERIMENT_TAG = "skindiff.report_experiment_id"
+
+# Artifacts.
+SPLITS_DIR = "splits"
+
+
+def split_artifact(split: str) -> str:
+    return f"{SPLITS_DIR}/{split}.csv"
+
+
+EMBEDDINGS_DIR = "embeddings"
+LORA_WEIGHTS_ARTIFACT = f"lora/{LORA_WEIGHTS_FILE}"
+VALIDATION_DIR = "validation"
+SYNTHETIC_DIR = "synthetic"
+SYNTHETIC_MANIFEST = "manifest.csv"
+PREDICTIONS_DIR = "predictions"
+RESULTS_FILE = "results.csv"
+ABLATION_FILE = "ablation.csv"
+FROZEN_PARAMS_FILE = "frozen_params.yaml"
+
+# Models.
+CLASSIFIER_MODEL = "model"
+GENERATOR_MODEL = "generator"
+DEFAULT_REGISTERED_MODEL = "skin-diff-generator"
+CHAMPION_ALIAS = "champion"

@@ -1,0 +1,193 @@
+"""Settings of the tracked commands beyond the science stages' own configs: which runs to
+chain, what `main`, `ablation`, `tune`, `evaluate` and `report` cover.
+
+Like the stage configs, these import neither MLflow nor torch, so `skindiff --help` is fast.
+"""
+
+from dataclasses import dataclass
+
+from skindiff.classify.config import PAPER_ARCHS, Arch, TrainType
+from skindiff.core.settings import Settings, setting
+from skindiff.data.config import Scenario
+from skindiff.data.fitzpatrick import DARK_FST, LIGHT_FST, PAPER_SEEDS
+from skindiff.errors import require
+from skindiff.tracking.names import DEFAULT_REGISTERED_MODEL
+
+
+def _run_id_help(stage: str, options: str) -> str:
+    return (
+        f"Id of a finished {stage} run to use. Empty: find a finished {stage} run with the "
+        f"same inputs and {options}, or run it first."
+    )
+
+
+@dataclass(frozen=True)
+class UpstreamRuns(Settings):
+    """The runs a stage is made from, where the user names them (None: found or run)."""
+
+    prepare_run_id: str | None = setting(None, _run_id_help("prepare", "data options"))
+    ti_run_id: str | None = setting(None, _run_id_help("textual_inversion", "ti_ options"))
+    lora_run_id: str | None = setting(None, _run_id_help("lora", "lora_ options"))
+    generate_run_id: str | None = setting(None, _run_id_help("generate", "generator options"))
+    generator_uri: str | None = setting(
+        None,
+        "A registered generator model (models:/skin-diff-generator@champion, runs:/<run id>/"
+        "generator) to generate with: its embeddings, LoRA weights, base model, resolution, "
+        "mode, strength, guidance scale, steps and scheduler replace those options, and no "
+        "textual_inversion or lora run is used. Empty: the runs.",
+    )
+    use_ti: bool = setting(True, "false: train without TI tokens (ablation).")
+
+    def check(self) -> None:
+        require(
+            not (self.generator_uri and (self.ti_run_id or self.lora_run_id)),
+            "give generator_uri or ti_run_id/lora_run_id, not both",
+        )
+
+
+@dataclass(frozen=True)
+class StudyPlan(Settings):
+    """What `main` runs: every scenario x seed, and per pair every arch x train type."""
+
+    scenarios: tuple[Scenario, ...] = setting(
+        tuple(Scenario), "Comma list of scenarios to run (i, ii, iii)."
+    )
+    seeds: tuple[int, ...] = setting(
+        PAPER_SEEDS, "Comma list of repeat seeds (the paper's: 0,42,123,1111,1234)."
+    )
+    archs: tuple[Arch, ...] = setting(
+        PAPER_ARCHS, "Comma list of classifier architectures (vgg16, resnet18, vit_b_16, tiny)."
+    )
+    train_types: tuple[TrainType, ...] = setting(
+        tuple(TrainType), "Comma list of classifier training sets: real, syn, real+syn."
+    )
+    frozen_params: str | None = setting(
+        None,
+        "Tuned settings to use unchanged: a tune run id, a frozen_params.yaml file, or a "
+        "generator model URI (models:/skin-diff-generator@champion). Empty: the options as "
+        "given.",
+    )
+
+    def check(self) -> None:
+        for name, choices in (
+            ("scenarios", "i, ii, iii"),
+            ("archs", ", ".join(Arch)),
+            ("train_types", ", ".join(TrainType)),
+        ):
+            require(bool(getattr(self, name)), f"{name} must be a comma list of {choices}, got ''")
+        _check_seeds(self.seeds)
+
+
+def _check_seeds(seeds: tuple[int, ...]) -> None:
+    require(bool(seeds), "seeds must be a comma list of integers, got ''")
+    require(all(seed >= 0 for seed in seeds), f"seeds must be >= 0, got {seeds}")
+
+
+@dataclass(frozen=True)
+class AblationPlan(Settings):
+    """The seeds of the ablation (Table 5)."""
+
+    seeds: tuple[int, ...] = setting((0,), "Comma list of repeat seeds to run the ablation for.")
+
+    def check(self) -> None:
+        _check_seeds(self.seeds)
+
+
+@dataclass(frozen=True)
+class ReportConfig(Settings):
+    experiment: str | None = setting(
+        None,
+        "Experiment (name or id) whose finished main and ablation runs to report. Empty: the "
+        "current one (MLFLOW_EXPERIMENT_ID / MLFLOW_EXPERIMENT_NAME, else Default).",
+    )
+    output_dir: str = setting(
+        "report",
+        "Folder for the tables, plots and report.md: new, empty, or an earlier report (only "
+        "its files are replaced).",
+    )
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(Settings):
+    """What to evaluate, on which images. Give `manifest`, or `metadata_csv` + `image_dir`."""
+
+    model_uri: str | None = setting(
+        None, "Classifier to evaluate: runs:/<run id>/model or models:/<name>@<alias>."
+    )
+    manifest: str | None = setting(
+        None,
+        "Split manifest CSV (columns md5hash, label, fitzpatrick_scale, path), a path or an "
+        "artifact URI such as runs:/<prepare run>/splits/test.csv.",
+    )
+    metadata_csv: str | None = setting(
+        None, "Fitzpatrick17k-format metadata CSV to evaluate on (with image_dir)."
+    )
+    image_dir: str | None = setting(None, "Folder of the images of metadata_csv.")
+    conditions: tuple[str, ...] = setting((), "Conditions to keep. Empty: the model's classes.")
+    light_fst: tuple[int, ...] = setting(
+        LIGHT_FST, "Comma list of the majority (light) skin types."
+    )
+    dark_fst: tuple[int, ...] = setting(DARK_FST, "Comma list of the minority (dark) skin types.")
+    name: str = setting("test", "Prefix of the metric names (test -> test_accuracy, ...).")
+    batch_size: int = setting(64, "Images per inference batch.")
+
+    def check(self) -> None:
+        require(
+            self.model_uri is not None,
+            "model_uri is empty: give runs:/<run id>/model or models:/...",
+        )
+        require(
+            (self.manifest is None) != (self.metadata_csv is None and self.image_dir is None),
+            "give either manifest, or metadata_csv and image_dir",
+        )
+        require(
+            self.manifest is not None or (self.metadata_csv is not None and self.image_dir),
+            "metadata_csv and image_dir must be given together",
+        )
+        require(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class TuneConfig(Settings):
+    """Settings of a `tune` worker; every worker of a study uses the same storage and name."""
+
+    n_trials: int = setting(
+        10, "Tune: trials this worker runs (every worker of a study adds its own)."
+    )
+    storage: str = setting(
+        "sqlite:///optuna.db",
+        "Tune: Optuna storage URL the workers share: sqlite:///optuna.db (a file in the "
+        "working directory, workers on one machine) or an RDB URL such as "
+        "postgresql://user:password@host/db for workers on several machines.",
+    )
+    study_name: str = setting(
+        "skindiff-tune",
+        "Tune: name of the Optuna study; workers with the same name and storage share it, and "
+        "a later call continues it.",
+    )
+    registered_model: str | None = setting(
+        DEFAULT_REGISTERED_MODEL,
+        "Tune: registered model to add the best trial's generator to (alias champion moved "
+        "when it beats the current one). Empty: do not register.",
+    )
+    search_space: str | None = setting(
+        None,
+        "Tune: YAML file of option name -> {low, high[, log][, step]} or {choices}; it "
+        "replaces the built-in space. Empty: the built-in space around the reference values.",
+    )
+    heartbeat_interval: int = setting(60, "Tune: seconds between a running trial's heartbeats.")
+    grace_period: int = setting(
+        180,
+        "Tune: seconds without a heartbeat after which a trial's worker counts as dead: the "
+        "trial is failed and queued again.",
+    )
+
+    def check(self) -> None:
+        for name in ("n_trials", "heartbeat_interval", "grace_period"):
+            value = getattr(self, name)
+            require(value >= 1, f"{name} must be at least 1, got {value}")
+        require(
+            self.grace_period > self.heartbeat_interval,
+            f"grace_period ({self.grace_period} s) must exceed heartbeat_interval "
+            f"({self.heartbeat_interval} s), or live trials would be failed",
+        )

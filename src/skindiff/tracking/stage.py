@@ -1,0 +1,185 @@
+"""The stage protocol: how every stage run is found, or opened, keyed and tagged.
+
+A stage run's key (tag `skindiff.run_key`) is the SHA-256 of
+- the stage and its settings (its own options, as logged);
+- what it reads: the content digests of the splits it loads (not where they lie), the keys of
+  the upstream runs whose outputs it uses, and other content (the base model's fingerprint, a
+  generator model's weights);
+- the code version: a digest of the source files of the science packages the stage runs plus
+  the ground floor they share (`core`, `errors.py`), so editing the classifier does not
+  invalidate trained generators, nor generator code a classifier trained on real images.
+
+`run_stage` is the one way a stage runs. With `reuse` (a pipeline, or one stage resolving
+another) it computes the key first and returns the FINISHED run with that key in the active
+experiment, else opens the stage run, nested under the active run. As a command (`skindiff
+generate`, `mlflow run -e generate`) it opens its run first, so that the upstream runs it has
+to make nest under it. The key also names the stage's work folder in the cache, so a run
+killed mid-way resumes from its checkpoints when the same key is run again.
+"""
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.entities import Run
+
+import skindiff
+from skindiff import __version__
+from skindiff.core.files import cache_dir
+from skindiff.core.manifest import content_digest
+from skindiff.tracking.names import (
+    ENTRY_POINT_TAG,
+    RUN_KEY_TAG,
+    VERSION_TAG,
+    Stage,
+    upstream_tag,
+)
+
+# The science packages whose code decides each stage's results (besides the ground floor).
+STAGE_CODE = {
+    Stage.PREPARE: ("data",),
+    Stage.TEXTUAL_INVERSION: ("data", "diffusion"),
+    Stage.LORA: ("data", "diffusion"),
+    Stage.GENERATE: ("data", "diffusion"),
+    Stage.TRAIN_CLASSIFIER: ("data", "classify"),
+    Stage.EVALUATE: ("data", "classify"),
+}
+GROUND_FLOOR = ("core", "errors.py")
+
+
+@dataclass(frozen=True)
+class StageCall:
+    """One call of a stage: `settings` decide its outputs (in the key, logged as params);
+    `context` is logged too but not keyed (the data options: the splits' content is keyed)."""
+
+    stage: Stage
+    run_name: str
+    settings: Mapping[str, str]
+    context: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StageInputs:
+    """What a stage reads besides its settings."""
+
+    prepare_run_id: str | None = None
+    splits: dict[str, pd.DataFrame] = field(default_factory=dict)  # split name -> manifest
+    upstream: dict[Stage, str | None] = field(default_factory=dict)  # run ids it builds on
+    digests: dict[str, str] = field(default_factory=dict)  # other content it depends on
+
+
+def run_stage(
+    call: StageCall,
+    resolve: Callable[[], StageInputs],
+    work: Callable[[StageInputs, str], None],
+    *,
+    reuse: bool,
+) -> str:
+    """Runs a stage by the protocol of the module docstring; returns its run id.
+
+    `resolve()` finds or runs the upstream runs and loads the splits, once; `work(inputs,
+    key)` does the stage's work and logs its results into the active (stage) run."""
+    inputs = key = None
+    if reuse:
+        inputs = resolve()
+        key = stage_key(call, inputs)
+        found = find_finished_run(key)
+        if found is not None:
+            return found.info.run_id
+    with open_stage_run(call.stage, call.run_name, {**call.context, **call.settings}) as run:
+        if inputs is None:
+            inputs = resolve()
+            key = stage_key(call, inputs)
+        mlflow.set_tags(_standard_tags(key, inputs))
+        work(inputs, key)
+    return run.info.run_id
+
+
+@contextmanager
+def open_stage_run(
+    stage: Stage, run_name: str, params: Mapping[str, str], tags: Mapping[str, str] | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """Opens the run of `stage`: the `mlflow run` run when there is one, else a new run, nested
+    under the active run when there is one. It ends FAILED if the block raises.
+
+    `mlflow run` has already logged the entry point's parameters (as it quoted them for the
+    shell); MLflow forbids changing a param, so only the others are added."""
+    with mlflow.start_run(
+        run_name=run_name,
+        nested=mlflow.active_run() is not None,
+        tags={ENTRY_POINT_TAG: str(stage), VERSION_TAG: __version__, **(tags or {})},
+    ) as run:
+        logged = mlflow.get_run(run.info.run_id).data.params
+        missing = {key: value for key, value in params.items() if key not in logged}
+        if missing:
+            mlflow.log_params(missing)
+        yield run
+
+
+def _standard_tags(key: str, inputs: StageInputs) -> dict[str, str]:
+    tags = {RUN_KEY_TAG: key}
+    if inputs.prepare_run_id:
+        tags[upstream_tag(Stage.PREPARE)] = inputs.prepare_run_id
+    for stage, run_id in inputs.upstream.items():
+        tags[upstream_tag(stage)] = run_id or ""
+    return tags
+
+
+@cache
+def code_version(packages: tuple[str, ...]) -> str:
+    """Digest of the Python sources of skindiff's `packages` and of its ground floor: a change
+    to them gives new keys."""
+    root = Path(skindiff.__file__).parent
+    files = []
+    for name in (*GROUND_FLOOR, *packages):
+        path = root / name
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def upstream_key(run_id: str | None) -> str:
+    """What identifies an upstream run's output: its reuse key, else its id; "" for none."""
+    if not run_id:
+        return ""
+    return mlflow.get_run(run_id).data.tags.get(RUN_KEY_TAG, run_id)
+
+
+def stage_key(call: StageCall, inputs: StageInputs) -> str:
+    """The reuse key of a stage run (see the module docstring)."""
+    content = {name: content_digest(rows) for name, rows in inputs.splits.items()}
+    content |= {str(stage): upstream_key(run_id) for stage, run_id in inputs.upstream.items()}
+    content |= inputs.digests
+    payload = {
+        "stage": str(call.stage),
+        "params": dict(call.settings),
+        "inputs": content,
+        "code": code_version(STAGE_CODE[call.stage]),
+    }
+    text = json.dumps(payload, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def find_finished_run(key: str) -> Run | None:
+    """The newest FINISHED run of the active experiment with this key, if any."""
+    runs = mlflow.search_runs(
+        filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0] if runs else None
+
+
+def work_dir(stage: Stage, key: str) -> Path:
+    """Where a stage with this key keeps its checkpoints and outputs between attempts."""
+    return cache_dir() / "work" / str(stage) / key
