@@ -24,27 +24,22 @@ from skindiff.core.settings import as_text
 from skindiff.errors import SkindiffError
 from skindiff.options import (
     ABLATION,
-    ABLATION_CLASSIFIER,
-    ABLATION_GENERATE,
+    ABLATION_STUDY,
     CLASSIFIER,
     DATA,
     EVALUATE,
     GENERATE,
     LORA,
-    PAIR_CLASSIFIER,
-    PAIR_DATA,
-    PAIR_GENERATE,
-    PAIR_LORA,
-    PAIR_TEXTUAL_INVERSION,
+    MAIN_STUDY,
     REPORT,
     RUNS,
-    SCENARIO_I_DATA,
     STUDY,
-    SYN_CLASSIFIER,
     TEXTUAL_INVERSION,
     TUNE,
+    TUNE_STUDY,
     Option,
     OptionGroup,
+    StudyGroups,
 )
 
 app = typer.Typer(
@@ -78,7 +73,7 @@ def _cli_annotation(option: Option) -> tuple[Any, Any]:
 COMMAND_OPTIONS: dict[str, list[Option]] = {}
 
 
-def _command_options(groups: dict[str, OptionGroup]) -> list[Option]:
+def _command_options(groups: dict[str, OptionGroup | StudyGroups]) -> list[Option]:
     options: dict[str, Option] = {}
     for group in groups.values():
         for option in group.options():
@@ -97,7 +92,7 @@ def _parameter(option: Option) -> inspect.Parameter:
     )
 
 
-def stage_command(name: str, **groups: OptionGroup) -> Callable:
+def stage_command(name: str, **groups: OptionGroup | StudyGroups) -> Callable:
     """Registers `body(**configs)` as the command `name`: one option per config field of the
     `groups`, and the body gets each group's config under the group's keyword."""
 
@@ -216,44 +211,27 @@ def evaluate(config) -> None:
     typer.echo(f"evaluate run {run_id}: metrics and predictions/{config.name}.csv logged")
 
 
-@stage_command(
-    "main",
-    data=PAIR_DATA,
-    ti_config=PAIR_TEXTUAL_INVERSION,
-    lora_config=PAIR_LORA,
-    generate_config=PAIR_GENERATE,
-    classifier_config=PAIR_CLASSIFIER,
-    plan=STUDY,
-)
-def main(data, ti_config, lora_config, generate_config, classifier_config, plan) -> None:
+@stage_command("main", configs=MAIN_STUDY, plan=STUDY)
+def main(configs, plan) -> None:
     """Run the whole study: for each scenario and seed a parent MLflow run with prepare,
     textual_inversion, lora, generate and one train_classifier per arch x train type as
     child runs; finished runs with the same inputs are re-used."""
-    from skindiff.tracking.pipeline import StudyConfigs, run_main
+    from skindiff.tracking.pipeline import run_main
 
-    configs = StudyConfigs(data, ti_config, lora_config, generate_config, classifier_config)
     for (scenario, seed), ids in run_main(plan, configs).items():
         typer.echo(f"scenario {scenario}, seed {seed}: run {ids.parent}")
         for (arch, train_type), run_id in ids.classifiers.items():
             typer.echo(f"  {arch:<9} {train_type:<9} train_classifier run {run_id}")
 
 
-@stage_command(
-    "ablation",
-    data=PAIR_DATA,
-    ti_config=PAIR_TEXTUAL_INVERSION,
-    lora_config=PAIR_LORA,
-    generate_config=ABLATION_GENERATE,
-    classifier_config=ABLATION_CLASSIFIER,
-    plan=ABLATION,
-)
-def ablation(data, ti_config, lora_config, generate_config, classifier_config, plan) -> None:
+@stage_command("ablation", configs=ABLATION_STUDY, plan=ABLATION)
+def ablation(configs, plan) -> None:
     """Table 5: scenario i, all six generation modes, a classifier (VGG-16 by default) on each
     mode's synthetic images only, tested on the light and the dark flexible subsets; logs
     ablation.csv. Finished stage runs are re-used."""
     from skindiff.tracking.ablation import run_ablation
 
-    run_id = run_ablation(plan, data, ti_config, lora_config, generate_config, classifier_config)
+    run_id = run_ablation(plan, configs)
     typer.echo(f"ablation run {run_id}: ablation.csv logged")
 
 
@@ -268,24 +246,14 @@ def report(config) -> None:
     typer.echo(f"report run {run_id}: written to {config.output_dir}/report.md")
 
 
-@stage_command(
-    "tune",
-    data=SCENARIO_I_DATA,
-    ti_config=TEXTUAL_INVERSION,
-    lora_config=LORA,
-    generate_config=GENERATE,
-    classifier_config=SYN_CLASSIFIER,
-    config=TUNE,
-)
-def tune(data, ti_config, lora_config, generate_config, classifier_config, config) -> None:
+@stage_command("tune", configs=TUNE_STUDY, config=TUNE)
+def tune(configs, config) -> None:
     """Optuna study of the generator's hyperparameters on scenario i (objective: validation
     macro-F1 of a classifier trained on synthetic images only); run it on several processes
     or machines with one storage to share the study. Ends by freezing the best trial's params
     (frozen_params.yaml) and registering its generator (MLflow run per worker and trial)."""
-    from skindiff.tracking.pipeline import StudyConfigs
     from skindiff.tracking.tune import run_tune
 
-    configs = StudyConfigs(data, ti_config, lora_config, generate_config, classifier_config)
     result = run_tune(configs, config)
     typer.echo(
         f"tune run {result.run_id}: best trial {result.best_trial}, "

@@ -8,13 +8,14 @@ them, so `--seed 3` seeds every stage of a command.
 """
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import Field, dataclass, fields, replace
 from typing import Any
 
 from skindiff.classify.config import Arch, ClassifierConfig
-from skindiff.core.settings import as_text, field_types, help_of
-from skindiff.data.config import PrepareConfig
+from skindiff.core.settings import as_text, coerce, field_types, help_of
+from skindiff.data.config import PrepareConfig, Scenario
 from skindiff.diffusion.config import GenerateConfig, LoraConfig, TextualInversionConfig
+from skindiff.errors import SkindiffError
 from skindiff.tracking.settings import (
     AblationPlan,
     EvaluateConfig,
@@ -49,49 +50,46 @@ class OptionGroup:
     def option_name(self, field_name: str) -> str:
         return field_name if field_name in self.shared else self.prefix + field_name
 
-    def options(self) -> Iterator[Option]:
+    def _option_fields(self) -> Iterator[tuple[Field, str, Any]]:
+        """(field, option name, type) of every field that is an option of this group."""
         kinds = field_types(self.config)
-        defaults = dict(self.defaults)
         for config_field in fields(self.config):
             if config_field.name not in self.omit:
-                yield Option(
-                    self.option_name(config_field.name),
-                    kinds[config_field.name],
-                    defaults.get(config_field.name, config_field.default),
-                    help_of(config_field),
-                )
+                name = config_field.name
+                yield config_field, self.option_name(name), kinds[name]
+
+    def options(self) -> Iterator[Option]:
+        defaults = dict(self.defaults)
+        for config_field, name, kind in self._option_fields():
+            default = defaults.get(config_field.name, config_field.default)
+            yield Option(name, kind, default, help_of(config_field))
 
     def only(self, *names: str) -> "OptionGroup":
         """This group with just the fields `names` as options."""
         rest = tuple(f.name for f in fields(self.config) if f.name not in names)
         return replace(self, omit=rest)
 
+    def _parse(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Field -> value of the options found in `values` (text or typed), parsed here so
+        that an error names the option, not the field."""
+        return {
+            config_field.name: coerce(kind, name, values[name])
+            for config_field, name, kind in self._option_fields()
+            if name in values
+        }
+
     def build(self, values: Mapping[str, Any]) -> Any:
-        """The config from option values (text or typed); a field without a value keeps its
-        default (the group's, else the config's)."""
-        chosen = dict(self.defaults)
-        for config_field in fields(self.config):
-            name = self.option_name(config_field.name)
-            if config_field.name not in self.omit and name in values:
-                chosen[config_field.name] = values[name]
-        return self.config(**chosen)
+        """The config from option values; a field without a value keeps its default (the
+        group's, else the config's)."""
+        return self.config(**dict(self.defaults) | self._parse(values))
 
     def values(self, config: Any) -> dict[str, str]:
         """The options of this group set from `config`, as text: the MLflow params of a stage."""
-        return {
-            self.option_name(f.name): as_text(getattr(config, f.name))
-            for f in fields(self.config)
-            if f.name not in self.omit
-        }
+        return {name: as_text(getattr(config, f.name)) for f, name, _ in self._option_fields()}
 
-    def with_values(self, config: Any, values: Mapping[str, str]) -> Any:
-        """`config` with the options of this group found in `values` (text) set."""
-        changes = {
-            f.name: values[self.option_name(f.name)]
-            for f in fields(self.config)
-            if f.name not in self.omit and self.option_name(f.name) in values
-        }
-        return replace(config, **changes)
+    def with_values(self, config: Any, values: Mapping[str, Any]) -> Any:
+        """`config` with the options of this group found in `values` set; others unchanged."""
+        return replace(config, **self._parse(values))
 
 
 # Fields a diffusion config takes from one option shared by every stage of a command.
@@ -128,3 +126,81 @@ ABLATION_CLASSIFIER = replace(
 )
 SCENARIO_I_DATA = omitting(DATA, "scenario")
 SYN_CLASSIFIER = omitting(CLASSIFIER, "train_type")
+
+
+@dataclass(frozen=True)
+class StudyConfigs:
+    """The settings of every stage of the study; `for_pair` gives those of one (scenario,
+    seed)."""
+
+    data: PrepareConfig
+    textual_inversion: TextualInversionConfig
+    lora: LoraConfig
+    generate: GenerateConfig
+    classifier: ClassifierConfig
+
+    def groups(self) -> tuple[tuple[OptionGroup, Any], ...]:
+        """(option group, config) of each stage, in pipeline order."""
+        return (
+            (DATA, self.data),
+            (TEXTUAL_INVERSION, self.textual_inversion),
+            (LORA, self.lora),
+            (GENERATE, self.generate),
+            (CLASSIFIER, self.classifier),
+        )
+
+    def with_frozen(self, frozen: Mapping[str, str], source: str) -> "StudyConfigs":
+        """These settings with the frozen ones replacing theirs; unknown names are refused."""
+        known = {option.name for group, _ in self.groups() for option in group.options()}
+        unknown = sorted(set(frozen) - known)
+        if unknown:
+            raise SkindiffError(f"frozen params {source}: unknown option(s) {', '.join(unknown)}")
+        return StudyConfigs(*(group.with_values(c, frozen) for group, c in self.groups()))
+
+    def for_pair(self, scenario: Scenario, seed: int) -> "StudyConfigs":
+        return StudyConfigs(
+            replace(self.data, scenario=scenario, seed=seed),
+            replace(self.textual_inversion, seed=seed),
+            replace(self.lora, seed=seed),
+            replace(self.generate, seed=seed),
+            replace(self.classifier, seed=seed),
+        )
+
+
+@dataclass(frozen=True)
+class StudyGroups:
+    """The option groups of a command that sets every stage of the study (main, ablation,
+    tune); builds their StudyConfigs."""
+
+    data: OptionGroup
+    textual_inversion: OptionGroup
+    lora: OptionGroup
+    generate: OptionGroup
+    classifier: OptionGroup
+
+    def _groups(self) -> tuple[OptionGroup, ...]:
+        return (self.data, self.textual_inversion, self.lora, self.generate, self.classifier)
+
+    def options(self) -> Iterator[Option]:
+        for group in self._groups():
+            yield from group.options()
+
+    def build(self, values: Mapping[str, Any]) -> StudyConfigs:
+        return StudyConfigs(*(group.build(values) for group in self._groups()))
+
+    def values(self, configs: StudyConfigs) -> dict[str, str]:
+        """The options of these groups set from `configs`: the params of the command's run."""
+        stage_configs = [config for _, config in configs.groups()]
+        values: dict[str, str] = {}
+        for group, config in zip(self._groups(), stage_configs, strict=True):
+            values |= group.values(config)
+        return values
+
+
+MAIN_STUDY = StudyGroups(
+    PAIR_DATA, PAIR_TEXTUAL_INVERSION, PAIR_LORA, PAIR_GENERATE, PAIR_CLASSIFIER
+)
+ABLATION_STUDY = StudyGroups(
+    PAIR_DATA, PAIR_TEXTUAL_INVERSION, PAIR_LORA, ABLATION_GENERATE, ABLATION_CLASSIFIER
+)
+TUNE_STUDY = StudyGroups(SCENARIO_I_DATA, TEXTUAL_INVERSION, LORA, GENERATE, SYN_CLASSIFIER)

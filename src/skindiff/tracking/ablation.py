@@ -15,22 +15,12 @@ import mlflow
 import pandas as pd
 from tqdm.auto import tqdm
 
-from skindiff.classify.config import ClassifierConfig, TrainType
-from skindiff.data.config import PrepareConfig, Scenario
+from skindiff.classify.config import TrainType
+from skindiff.data.config import Scenario
 from skindiff.diffusion.config import (
-    GenerateConfig,
     GenerationMode,
-    LoraConfig,
-    TextualInversionConfig,
 )
-from skindiff.options import (
-    ABLATION,
-    ABLATION_CLASSIFIER,
-    ABLATION_GENERATE,
-    PAIR_DATA,
-    PAIR_LORA,
-    PAIR_TEXTUAL_INVERSION,
-)
+from skindiff.options import ABLATION, ABLATION_STUDY, StudyConfigs
 from skindiff.tracking.evaluate import run_evaluate
 from skindiff.tracking.generate import ensure_generator_chain
 from skindiff.tracking.names import ABLATION_FILE, CLASSIFIER_MODEL, Stage, split_artifact
@@ -47,24 +37,16 @@ def mode_metric_name(test_set: str, metric: str, mode: GenerationMode) -> str:
     return f"{test_set}_{metric}_{mode.replace('/', '_').replace('+', '-')}"
 
 
-def seed_rows(
-    seed: int,
-    data: PrepareConfig,
-    ti_config: TextualInversionConfig,
-    lora_config: LoraConfig,
-    generate_config: GenerateConfig,
-    classifier_config: ClassifierConfig,
-    bar: tqdm,
-) -> list[list]:
+def seed_rows(seed: int, configs: StudyConfigs, bar: tqdm) -> list[list]:
     """ablation.csv rows of one seed: every mode on the light and the dark flexible subset."""
-    data = replace(data, scenario=Scenario.I, seed=seed)
-    ti, lora = replace(ti_config, seed=seed), replace(lora_config, seed=seed)
-    classifier = replace(classifier_config, seed=seed, train_type=TrainType.SYN)
+    configs = configs.for_pair(Scenario.I, seed)
+    data, ti, lora = configs.data, configs.textual_inversion, configs.lora
+    classifier = replace(configs.classifier, train_type=TrainType.SYN)
     prepare = ensure_prepare(data)
     rows = []
     for mode in GenerationMode:
         bar.set_description(f"ablation seed {seed} {mode}")
-        generate = replace(generate_config, seed=seed, mode=mode)
+        generate = replace(configs.generate, mode=mode)
         generate_run = ensure_generator_chain(data, ti, lora, generate, prepare)[2]
         run_id = run_train_classifier(
             data, classifier, ti, lora, generate, prepare, generate_run, reuse=True
@@ -86,28 +68,17 @@ def seed_rows(
     return rows
 
 
-def run_ablation(
-    plan: AblationPlan,
-    data: PrepareConfig,
-    ti_config: TextualInversionConfig,
-    lora_config: LoraConfig,
-    generate_config: GenerateConfig,
-    classifier_config: ClassifierConfig,
-) -> str:
+def run_ablation(plan: AblationPlan, configs: StudyConfigs) -> str:
     """Runs (or re-uses) every stage of Table 5 for each seed; logs `ablation.csv` (accuracy
     and macro F1 as fractions, per seed, mode and test set) and the means over seeds as
     metrics; returns the ablation run id."""
-    configs = (data, ti_config, lora_config, generate_config, classifier_config)
-    groups = (PAIR_DATA, PAIR_TEXTUAL_INVERSION, PAIR_LORA, ABLATION_GENERATE, ABLATION_CLASSIFIER)
-    params = ABLATION.values(plan)
-    for group, config in zip(groups, configs, strict=True):
-        params |= group.values(config)
+    params = ABLATION.values(plan) | ABLATION_STUDY.values(configs)
     seeds = plan.seeds
     with (
         open_stage_run(Stage.ABLATION, str(Stage.ABLATION), params) as run,
         tqdm(total=len(seeds) * len(GenerationMode)) as bar,
     ):
-        rows = [row for seed in seeds for row in seed_rows(seed, *configs, bar)]
+        rows = [row for seed in seeds for row in seed_rows(seed, configs, bar)]
         table = pd.DataFrame(rows, columns=COLUMNS)
         with tempfile.TemporaryDirectory() as tmp:
             table.to_csv(Path(tmp) / ABLATION_FILE, index=False)

@@ -22,7 +22,7 @@ from skindiff.data.images import check_images
 from skindiff.data.metadata import read_metadata
 from skindiff.errors import SkindiffError
 from skindiff.options import EVALUATE
-from skindiff.tracking.names import PREDICTIONS_DIR, Stage
+from skindiff.tracking.names import PREDICTIONS_DIR, Stage, confusion_figure
 from skindiff.tracking.settings import EvaluateConfig
 from skindiff.tracking.stage import StageCall, StageInputs, run_stage
 
@@ -37,9 +37,7 @@ def log_evaluation(predictions: pd.DataFrame, labels: Sequence[str], prefix: str
         path = Path(tmp) / f"{prefix}.csv"
         predictions[list(PREDICTION_COLUMNS)].to_csv(path, index=False)
         mlflow.log_artifact(str(path), PREDICTIONS_DIR)
-    mlflow.log_figure(
-        confusion_matrix_figure(predictions, labels), f"figures/confusion_{prefix}.png"
-    )
+    mlflow.log_figure(confusion_matrix_figure(predictions, labels), confusion_figure(prefix))
     return metrics
 
 

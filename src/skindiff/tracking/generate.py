@@ -16,7 +16,7 @@ from skindiff.core.settings import as_text
 from skindiff.data.config import PrepareConfig
 from skindiff.diffusion.config import GenerateConfig, LoraConfig, TextualInversionConfig
 from skindiff.diffusion.figures import real_synthetic_pairs
-from skindiff.diffusion.generate import generate_synthetic
+from skindiff.diffusion.generate import IMAGE_DIR, generate_synthetic
 from skindiff.errors import require
 from skindiff.options import DATA, GENERATE, LORA, TEXTUAL_INVERSION
 from skindiff.tracking.lora import run_lora
@@ -26,6 +26,7 @@ from skindiff.tracking.names import (
     GENERATOR_URI_TAG,
     LORA_WEIGHTS_ARTIFACT,
     SYNTHETIC_DIR,
+    SYNTHETIC_GRID,
     SYNTHETIC_MANIFEST,
     Stage,
     upstream_tag,
@@ -149,9 +150,10 @@ def _generate_and_log(
     )
     with tempfile.TemporaryDirectory() as tmp:
         manifest.to_csv(Path(tmp) / SYNTHETIC_MANIFEST, index=False)
-        real_synthetic_pairs(manifest, out_dir).save(Path(tmp) / "grid.png")
+        real_synthetic_pairs(manifest, out_dir).save(Path(tmp) / SYNTHETIC_GRID)
         mlflow.log_artifacts(tmp, SYNTHETIC_DIR)
-    mlflow.log_artifacts(str(out_dir / "images"), f"{SYNTHETIC_DIR}/images")
+    # The manifest's paths are relative to the work folder: the artifacts keep its layout.
+    mlflow.log_artifacts(str(out_dir / IMAGE_DIR), f"{SYNTHETIC_DIR}/{IMAGE_DIR}")
     mlflow.log_metric("n_synthetic", len(manifest))
     for fst, n in manifest.groupby("fitzpatrick_scale").size().items():
         mlflow.log_metric(f"n_synthetic_fst{fst}", n)

@@ -86,7 +86,14 @@ LORA_WEIGHTS_ARTIFACT = f"lora/{LORA_WEIGHTS_FILE}"
 VALIDATION_DIR = "validation"
 SYNTHETIC_DIR = "synthetic"
 SYNTHETIC_MANIFEST = "manifest.csv"
+SYNTHETIC_GRID = "grid.png"
 PREDICTIONS_DIR = "predictions"
+
+
+def confusion_figure(prefix: str) -> str:
+    return f"figures/confusion_{prefix}.png"
+
+
 RESULTS_FILE = "results.csv"
 ABLATION_FILE = "ablation.csv"
 FROZEN_PARAMS_FILE = "frozen_params.yaml"

@@ -13,23 +13,10 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from skindiff.classify.config import Arch, ClassifierConfig, TrainType
-from skindiff.data.config import PrepareConfig, Scenario
-from skindiff.diffusion.config import GenerateConfig, LoraConfig, TextualInversionConfig
+from skindiff.classify.config import Arch, TrainType
+from skindiff.data.config import Scenario
 from skindiff.errors import SkindiffError
-from skindiff.options import (
-    CLASSIFIER,
-    DATA,
-    GENERATE,
-    LORA,
-    PAIR_CLASSIFIER,
-    PAIR_DATA,
-    PAIR_GENERATE,
-    PAIR_LORA,
-    PAIR_TEXTUAL_INVERSION,
-    STUDY,
-    TEXTUAL_INVERSION,
-)
+from skindiff.options import MAIN_STUDY, STUDY, StudyConfigs
 from skindiff.tracking.frozen import read_frozen_params, tune_run_frozen_params
 from skindiff.tracking.generate import ensure_generator_chain
 from skindiff.tracking.names import (
@@ -58,44 +45,6 @@ RESULT_COLUMNS = [
     "test_accuracy",
     "test_f1_macro",
 ]
-
-
-@dataclass(frozen=True)
-class StudyConfigs:
-    """The settings of every stage; `for_pair` gives those of one (scenario, seed)."""
-
-    data: PrepareConfig
-    textual_inversion: TextualInversionConfig
-    lora: LoraConfig
-    generate: GenerateConfig
-    classifier: ClassifierConfig
-
-    def groups(self) -> tuple:
-        """(option group, config) of each stage, in pipeline order."""
-        return (
-            (DATA, self.data),
-            (TEXTUAL_INVERSION, self.textual_inversion),
-            (LORA, self.lora),
-            (GENERATE, self.generate),
-            (CLASSIFIER, self.classifier),
-        )
-
-    def with_frozen(self, frozen: dict[str, str], source: str) -> "StudyConfigs":
-        """These settings with the frozen ones replacing theirs; unknown names are refused."""
-        known = {option.name for group, _ in self.groups() for option in group.options()}
-        unknown = sorted(set(frozen) - known)
-        if unknown:
-            raise SkindiffError(f"frozen params {source}: unknown option(s) {', '.join(unknown)}")
-        return StudyConfigs(*(group.with_values(c, frozen) for group, c in self.groups()))
-
-    def for_pair(self, scenario: Scenario, seed: int) -> "StudyConfigs":
-        return StudyConfigs(
-            replace(self.data, scenario=scenario, seed=seed),
-            replace(self.textual_inversion, seed=seed),
-            replace(self.lora, seed=seed),
-            replace(self.generate, seed=seed),
-            replace(self.classifier, seed=seed),
-        )
 
 
 @dataclass(frozen=True)
@@ -133,14 +82,8 @@ def run_main(plan: StudyPlan, configs: StudyConfigs) -> dict[tuple[Scenario, int
     frozen = load_frozen_params(plan.frozen_params) if plan.frozen_params else {}
     if frozen:
         configs = configs.with_frozen(frozen, plan.frozen_params)
-    params = STUDY.values(plan)
-    for group, config in zip(
-        (PAIR_DATA, PAIR_TEXTUAL_INVERSION, PAIR_LORA, PAIR_GENERATE, PAIR_CLASSIFIER),
-        (config for _, config in configs.groups()),
-        strict=True,
-    ):
-        params |= group.values(config)
     results = {}
+    params = STUDY.values(plan) | MAIN_STUDY.values(configs)
     with open_stage_run(Stage.MAIN, str(Stage.MAIN), params):
         if frozen:
             # `mlflow run` has logged the command-line values of these; the used ones are here.

@@ -131,11 +131,13 @@ def _standard_tags(key: str, inputs: StageInputs) -> dict[str, str]:
     return tags
 
 
+PACKAGE_ROOT = Path(skindiff.__file__).parent
+
+
 @cache
-def code_version(packages: tuple[str, ...]) -> str:
-    """Digest of the Python sources of skindiff's `packages` and of its ground floor: a change
-    to them gives new keys."""
-    root = Path(skindiff.__file__).parent
+def code_version(packages: tuple[str, ...], root: Path = PACKAGE_ROOT) -> str:
+    """Digest of the Python sources of `packages` and of the ground floor under `root` (the
+    installed skindiff): a change to them gives new keys."""
     files = []
     for name in (*GROUND_FLOOR, *packages):
         path = root / name

@@ -33,7 +33,7 @@ from skindiff.classify.config import TrainType
 from skindiff.core.settings import as_text
 from skindiff.data.config import Scenario
 from skindiff.errors import SkindiffError
-from skindiff.options import TUNE
+from skindiff.options import TUNE, StudyConfigs
 from skindiff.search_space import Dimension, load_search_space
 from skindiff.tracking.frozen import write_frozen_params
 from skindiff.tracking.generate import ensure_generator_chain
@@ -50,7 +50,6 @@ from skindiff.tracking.names import (
     TUNED_TAG,
     Stage,
 )
-from skindiff.tracking.pipeline import StudyConfigs
 from skindiff.tracking.prepare import ensure_prepare
 from skindiff.tracking.registry import log_generator_model, register_generator
 from skindiff.tracking.settings import TuneConfig
