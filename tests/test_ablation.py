@@ -12,6 +12,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from conftest import CONDITIONS, fast_configs, runs_by_stage
 from skindiff.classify.train import ClassifierConfig, predict
 from skindiff.diffusion.config import GenerationMode
+from skindiff.options import StudyConfigs
 from skindiff.tracking.ablation import mode_metric_name, run_ablation
 from skindiff.tracking.runs import load_split
 from skindiff.tracking.settings import AblationPlan
@@ -25,7 +26,8 @@ def test_ablation_runs_all_modes_on_both_subsets_and_reuses_runs(
     data, ti, lora, generate = fast_configs()
     generate = replace(generate, num_per_image=1)
     classifier = ClassifierConfig(arch="tiny", epochs=1, batch_size=16, image_size=32)
-    run_id = run_ablation(AblationPlan(seeds=(0,)), data, ti, lora, generate, classifier)
+    configs = StudyConfigs(data, ti, lora, generate, classifier)
+    run_id = run_ablation(AblationPlan(seeds=(0,)), configs)
 
     path = mlflow.artifacts.download_artifacts(
         run_id=run_id, artifact_path="ablation.csv", dst_path=str(tmp_path)
@@ -74,7 +76,7 @@ def test_ablation_runs_all_modes_on_both_subsets_and_reuses_runs(
         assert "+" not in name and ablation_metrics[name] == pytest.approx(row.accuracy)
 
     counts = {stage: len(stages[stage]) for stage in STAGES}
-    second = run_ablation(AblationPlan(seeds=(0,)), data, ti, lora, generate, classifier)
+    second = run_ablation(AblationPlan(seeds=(0,)), configs)
     again = runs_by_stage(tracking)
     assert {stage: len(again[stage]) for stage in STAGES} == counts
     assert len(again["ablation"]) == 2 and mlflow.get_run(second).info.status == "FINISHED"

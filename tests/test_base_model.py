@@ -1,20 +1,26 @@
 """Base models resolve offline: built-in random models, local folders, and a clear hub error."""
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from skindiff.data.fitzpatrick import CONDITIONS
+from skindiff.diffusion import base_model
 from skindiff.diffusion.base_model import (
     base_model_fingerprint,
     build_builtin_pipeline,
     resolve_base_model,
 )
+from skindiff.diffusion.tokenizer import PROMPT_TEXTS
 from skindiff.errors import SkindiffError
 
 
-def test_tiny_is_a_diffusers_folder_that_loads_and_generates() -> None:
+def test_tiny_is_a_diffusers_folder_that_loads_and_generates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     folder = resolve_base_model("tiny")
     assert (folder / "model_index.json").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(folder)
@@ -27,7 +33,15 @@ def test_tiny_is_a_diffusers_folder_that_loads_and_generates() -> None:
         generator=torch.Generator().manual_seed(0),
     ).images[0]
     assert image.shape == (64, 64, 3)
-    assert resolve_base_model("tiny") == folder  # built once, then re-used
+    # Built once, then re-used: a second resolve neither builds nor rewrites anything.
+    before = {path: path.stat().st_mtime_ns for path in folder.rglob("*")}
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the tiny model was built again")
+
+    monkeypatch.setattr(base_model, "build_builtin_pipeline", no_rebuild)
+    assert resolve_base_model("tiny") == folder
+    assert {path: path.stat().st_mtime_ns for path in folder.rglob("*")} == before
 
 
 def test_tiny_weights_follow_the_seed() -> None:
@@ -41,7 +55,32 @@ def test_tiny_weights_follow_the_seed() -> None:
 def test_prompt_words_are_single_tokens() -> None:
     tokenizer = build_builtin_pipeline("tiny").tokenizer
     ids = tokenizer("An image of psoriasis on the skin of a very dark-skinned individual").input_ids
-    assert len(ids) == 16  # bos + 14 words and the hyphen + eos: no word split into pieces
+    words = [
+        "an",
+        "image",
+        "of",
+        "psoriasis",
+        "on",
+        "the",
+        "skin",
+        "of",
+        "a",
+        "very",
+        "dark",
+        "-",
+        "skinned",
+        "individual",
+    ]
+    assert tokenizer.convert_ids_to_tokens(ids) == [
+        tokenizer.bos_token,
+        *(f"{word}</w>" for word in words),
+        tokenizer.eos_token,
+    ]
+    # Every word of every prompt text and condition is one whole-word token.
+    every_word = set(re.findall(r"[a-z]+", " ".join((*PROMPT_TEXTS, *CONDITIONS)).lower()))
+    assert every_word
+    for word in sorted(every_word):
+        assert tokenizer.tokenize(word) == [f"{word}</w>"], word
 
 
 # Parameter counts of the published Stable Diffusion 2.1-base components.

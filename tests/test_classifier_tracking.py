@@ -3,8 +3,10 @@
 from pathlib import Path
 
 import mlflow
+import mlflow.pytorch
 import pandas as pd
 import pytest
+import torch
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
 from conftest import CONDITIONS, fast_configs, mlflow_run, runs_by_stage
@@ -127,7 +129,18 @@ def test_evaluate_on_an_external_metadata_csv(
     )
 
 
-def test_evaluate_refuses_what_is_not_a_classifier(tracking: str, upstream: dict) -> None:
+def test_evaluate_refuses_what_is_not_a_classifier(tracking: str) -> None:
+    # A real MLflow PyTorch model, but without the labels a skindiff classifier carries.
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(
+            torch.nn.Linear(2, 2),
+            name="model",
+            serialization_format="pickle",
+            pip_requirements=["torch"],
+        )
+    with pytest.raises(SkindiffError, match=r"is not a skindiff classifier \(no labels\)"):
+        run_evaluate(EvaluateConfig(model_uri=info.model_uri, manifest="x.csv"))
+    assert [r.info.status for r in runs_by_stage(tracking)["evaluate"]] == ["FAILED"]
     with pytest.raises(SkindiffError, match="model_uri 'runs:/0123456789abcdef/model'"):
         run_evaluate(EvaluateConfig(model_uri="runs:/0123456789abcdef/model", manifest="x.csv"))
     with pytest.raises(SkindiffError, match="either manifest, or metadata_csv"):

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from PIL import ImageOps
 from safetensors.torch import save_file
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+from torch import nn
 from torchvision.models import resnet18
 
 from skindiff.classify import data as classify_data
@@ -225,21 +226,34 @@ ARCH_CASES = [
 ]
 
 
+# The module each architecture's new head replaces, and that module's input width.
+LAST_LAYER = {"tiny": "fc", "resnet18": "fc", "vgg16": "classifier.6", "vit_b_16": "heads.head"}
+HEAD_INPUT = {"tiny": 128, "resnet18": 512, "vgg16": 4096, "vit_b_16": 768}
+
+
 @pytest.mark.parametrize(("arch", "size", "finetune"), ARCH_CASES)
 def test_every_architecture_trains(arch, size, finetune):
     torch.manual_seed(0)
     model = build_classifier(arch, 7, finetune=finetune)
+    # The reference head: Linear(in, 256)-ReLU-Dropout(0.4)-Linear(256, 7).
+    head = model.get_submodule(LAST_LAYER[arch])
+    assert [type(m) for m in head] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+    assert (head[0].in_features, head[0].out_features) == (HEAD_INPUT[arch], 256)
+    assert head[2].p == 0.4
+    assert (head[3].in_features, head[3].out_features) == (256, 7)
     batch = 1 if arch == "vit_b_16" else 2
     logits = model(torch.randn(batch, 3, size, size))
     assert logits.shape == (batch, 7)
     torch.nn.functional.cross_entropy(logits, torch.zeros(batch, dtype=torch.long)).backward()
-    trained = {name for name, p in model.named_parameters() if p.grad is not None}
-    head = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trained == head
+    # Exactly the head (finetune=head) or everything (full) learns.
+    trained = {
+        name
+        for name, p in model.named_parameters()
+        if p.grad is not None and p.grad.abs().sum() > 0
+    }
+    head_names = {f"{LAST_LAYER[arch]}.{name}" for name, _ in head.named_parameters()}
     everything = {name for name, _ in model.named_parameters()}
-    assert (head == everything) == (finetune == "full")
-    # The new head ends in Linear(256, 7).
-    assert sum(p.numel() for name, p in model.named_parameters() if name in head) >= 256 * 7
+    assert trained == (everything if finetune == "full" else head_names)
 
 
 def test_all_architectures_are_covered():

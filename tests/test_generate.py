@@ -12,7 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
@@ -279,11 +284,28 @@ def test_refuses_a_foreign_out_dir(train: pd.DataFrame, tmp_path: Path):
 
 
 def run_mode(mode: str, train: pd.DataFrame, out_dir: Path, **files) -> np.ndarray:
-    """Two images (one light source, one dark) in `mode`; their pixels."""
+    """Two images (one light source, one dark) in `mode`; their pixels. Checks that the images
+    came from the mode's pipeline (read from the mode's name: img2img or txt2img), whose
+    tokenizer knows the Textual Inversion tokens exactly when the mode uses them."""
     config = dataclasses.replace(SMALL, mode=mode, num_per_image=1, num_inference_steps=4)
     two = pd.concat([train.head(1), train.tail(1)])
-    manifest = generate_synthetic(config, two, out_dir, progress=False, **files)
+    used, real_batch = [], generate._generate_batch
+
+    def recording(pipe, config, chunk, resolution):
+        used.append(pipe)
+        return real_batch(pipe, config, chunk, resolution)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generate, "_generate_batch", recording)
+        manifest = generate_synthetic(config, two, out_dir, progress=False, **files)
     assert (manifest["mode"] == mode).all()
+    pipeline, adapters = str(mode).split("/")
+    expected = {"img2img": StableDiffusionImg2ImgPipeline, "txt2img": StableDiffusionPipeline}
+    assert used and {type(pipe) for pipe in used} == {expected[pipeline]}, mode
+    uses_ti = "ti" in adapters.split("+")
+    vocab = used[0].tokenizer.get_vocab()
+    for label in two["label"]:
+        assert (placeholder_token(label) in vocab) == uses_ti, (mode, label)
     return pixels(out_dir)
 
 

@@ -15,6 +15,7 @@ from skindiff.diffusion.generate import GenerateConfig
 from skindiff.diffusion.prompts import placeholder_token
 from skindiff.errors import SkindiffError
 from skindiff.tracking.generate import run_generate
+from skindiff.tracking.runs import load_split
 
 
 def test_generate_from_nothing_then_reuse(tracking: str, tmp_path: Path) -> None:
@@ -57,8 +58,11 @@ def test_generate_from_nothing_then_reuse(tracking: str, tmp_path: Path) -> None
         run_id=gen_id, artifact_path="synthetic", dst_path=str(tmp_path / "gen")
     )
     manifest = pd.read_csv(Path(manifest_path) / "manifest.csv")
-    n_train = generate.data.metrics["n_synthetic"] / 2
-    assert len(manifest) == n_train * 2 == len(list((Path(manifest_path) / "images").iterdir()))
+    # num_per_image=2 images of every training image of the prepare run, each a file.
+    train = load_split(stages["prepare"][0].info.run_id, "train")
+    n_images = len(list((Path(manifest_path) / "images").iterdir()))
+    assert len(manifest) == 2 * len(train) == generate.data.metrics["n_synthetic"] == n_images
+    assert set(manifest["md5hash"]) == set(train["md5hash"])
     for path in manifest["path"]:
         with Image.open(Path(manifest_path) / path) as image:
             assert image.size == (32, 32)

@@ -6,6 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.utils.checkpoint
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
@@ -67,9 +68,23 @@ def test_lora_images_are_random_square_crops_of_the_resized_image(train, tmp_pat
     Image.fromarray(np.stack([gradient] * 3, axis=-1)).save(wide)
     rows = train.iloc[:1].assign(path=str(wide), fitzpatrick_scale=5)
     images = ManifestImageDataset(rows, 32, "lora", seed=0)
-    crops = [images[d]["pixel_values"] for d in range(20)]
-    assert crops[0].shape == (3, 32, 32)  # 96x48 -> 64x32 -> a 32x32 crop
-    assert len({tuple(c[0, 0, [0, -1]].tolist()) for c in crops}) > 2  # crops at many offsets
+    # 96x48 -> 64x32 (shorter side to 32, bicubic), then a 32x32 window at a random offset,
+    # maybe flipped: every crop is a window of the resized image, not of the original.
+    resized = Image.open(wide).convert("RGB").resize((64, 32), Image.Resampling.BICUBIC)
+    resized = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    offsets = set()
+    for d in range(20):
+        crop = images[d]["pixel_values"]
+        assert crop.shape == (3, 32, 32)
+        windows = [resized[:, :, left : left + 32] for left in range(64 - 32 + 1)]
+        matches = [
+            left
+            for left, window in enumerate(windows)
+            if torch.equal(crop, window) or torch.equal(crop, window.flip(-1))
+        ]
+        assert matches, f"draw {d} is not a window of the resized image"
+        offsets.add(matches[0])
+    assert len(offsets) > 2  # crops at many offsets
     assert images[3]["fitzpatrick_scale"] == 5
 
 
@@ -136,12 +151,28 @@ def test_run_interrupted_in_optimizer_step_3_resumes_from_step_2_checkpoint_to_s
     assert all(torch.equal(first[key], second[key]) for key in first)
 
 
-def test_gradient_checkpointing_trains_the_same_adapter(trained, train, embeddings_dir, tmp_path):
-    result, _ = trained
+def test_gradient_checkpointing_trains_the_same_adapter(
+    trained, train, embeddings_dir, tmp_path, monkeypatch
+):
+    result, plain_pipeline = trained
+    assert not plain_pipeline.unet.is_gradient_checkpointing
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(1)
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
     config = replace(CONFIG, gradient_checkpointing=True)
-    checkpointed = train_lora(config, train, embeddings_dir, tmp_path, progress=False)
+    with keeping_base_pipeline(lora) as pipelines:
+        checkpointed = train_lora(config, train, embeddings_dir, tmp_path, progress=False)
+    # Checkpointing was on: the UNet says so and its blocks ran under torch.utils.checkpoint.
+    assert pipelines[0].unet.is_gradient_checkpointing
+    assert calls, "no UNet block ran under torch.utils.checkpoint"
     np.testing.assert_allclose(checkpointed.losses, result.losses, rtol=1e-5)
     first, second = load_file(result.weights_path), load_file(checkpointed.weights_path)
+    assert first.keys() == second.keys()
     assert all(torch.allclose(first[key], second[key], atol=1e-6) for key in first)
 
 
@@ -163,8 +194,13 @@ def test_without_embeddings_conditions_are_named_in_words(train, tmp_path, monke
         return skin_prompt(concept, fitzpatrick_scale)
 
     monkeypatch.setattr(lora, "skin_prompt", recording_prompt)
-    result = train_lora(replace(CONFIG, max_train_steps=1), train, None, tmp_path, progress=False)
+    config = replace(CONFIG, max_train_steps=1)
+    result = train_lora(config, train, None, tmp_path, progress=False)
     assert result.weights_path.is_file()
+    # One caption per image drawn: 1 step x batch 2 x accumulation 1.
+    assert len(captions) == (
+        config.max_train_steps * config.train_batch_size * config.gradient_accumulation_steps
+    )
     assert {concept for concept, _ in captions} <= set(train["label"])
     assert {fst for _, fst in captions} <= {1, 2, 5, 6}
 

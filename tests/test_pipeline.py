@@ -9,7 +9,8 @@ import pytest
 from conftest import ENTRY_POINT, FAST, fast_configs, mlflow_run, runs_by_stage
 from skindiff.classify.train import ClassifierConfig
 from skindiff.errors import SkindiffError
-from skindiff.tracking.pipeline import StudyConfigs, run_main
+from skindiff.options import StudyConfigs
+from skindiff.tracking.pipeline import run_main
 from skindiff.tracking.report import run_report
 from skindiff.tracking.settings import ReportConfig, StudyPlan
 

@@ -16,10 +16,12 @@ from conftest import CONDITIONS, fast_configs, runs_by_stage
 from skindiff.diffusion.generate import GenerateConfig, image_seed
 from skindiff.diffusion.prompts import placeholder_token
 from skindiff.errors import SkindiffError
+from skindiff.tracking import generate as tracking_generate
 from skindiff.tracking.generate import ensure_generator_chain, run_generate
 from skindiff.tracking.prepare import ensure_prepare
 from skindiff.tracking.registry import (
     CHAMPION_ALIAS,
+    PackagedGenerator,
     generator_frozen_params,
     log_generator_model,
     register_generator,
@@ -104,7 +106,10 @@ def test_champion_moves_only_on_improvement(
 
 
 def test_generate_from_registered_model(
-    tracking: str, generator: dict, request: pytest.FixtureRequest
+    tracking: str,
+    generator: dict,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     name = unique_name(request)
     register_generator(generator["uri"], name, "i", "val_f1_macro", 0.5)
@@ -129,9 +134,32 @@ def test_generate_from_registered_model(
     with Image.open(Path(folder) / manifest["path"].iloc[0]) as image:
         assert image.size == (24, 24)
 
-    # The run key follows the model's contents, not the URI that names it.
+    # The run key follows the model's contents, not the URI that names it: the same model by
+    # another URI gives the same key ...
+    key = run.data.tags["skindiff.run_key"]
     again = run_generate(data, ti_config, lora_config, command, generator_uri=generator["uri"])
-    assert mlflow.get_run(again).data.tags["skindiff.run_key"] == run.data.tags["skindiff.run_key"]
+    assert mlflow.get_run(again).data.tags["skindiff.run_key"] == key
+
+    # ... and the same URI with other weights (their digests) gives another. Generation is
+    # stopped once the run is open and keyed.
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    real_digest = PackagedGenerator.weights_digest
+    monkeypatch.setattr(
+        PackagedGenerator,
+        "weights_digest",
+        lambda self: {name: "0" * 64 for name in real_digest(self)},
+    )
+    monkeypatch.setattr(tracking_generate, "generate_synthetic", stop)
+    with pytest.raises(Stop):
+        run_generate(data, ti_config, lora_config, command, generator_uri=uri)
+    (changed,) = [r for r in runs_by_stage(tracking)["generate"] if r.info.status == "FAILED"]
+    assert changed.data.params["generator_uri"] == uri
+    assert changed.data.tags["skindiff.run_key"] != key
 
 
 def test_bad_generator_uri_is_refused(tracking: str, generator: dict) -> None:
@@ -141,4 +169,5 @@ def test_bad_generator_uri_is_refused(tracking: str, generator: dict) -> None:
     not_a_model = f"runs:/{generator['ti']}/embeddings"
     with pytest.raises(SkindiffError, match="is not a skindiff generator model"):
         run_generate(data, ti_config, lora_config, config, generator_uri=not_a_model)
-    assert [r.info.status for r in runs_by_stage(tracking)["generate"]] == ["FAILED"] * 2
+    # The model is checked before the run opens: nothing half-logged is left behind.
+    assert "generate" not in runs_by_stage(tracking)

@@ -53,11 +53,20 @@ class Runs:
         self.client.set_terminated(run_id, status, end_time=self.clock + 500)
         return run_id
 
-    def main_pair(self, scenario: str, seed: int, archs, rng: random.Random, status="FINISHED"):
-        """A main pair run listing one classifier run per (arch, train type), random scores."""
+    def main_pair(
+        self,
+        scenario: str,
+        seed: int,
+        archs,
+        rng: random.Random,
+        status="FINISHED",
+        train_types=("real", "syn", "real+syn"),
+    ):
+        """A main pair run listing one classifier run per (arch, train type), random scores,
+        in the order given."""
         rows, scores = [], {}
         for arch in archs:
-            for train_type in ("real", "syn", "real+syn"):
+            for train_type in train_types:
                 values = {m: rng.uniform(0.2, 0.9) for m in TEST_METRICS}
                 run_id = self.make(
                     {ENTRY_POINT: "train_classifier"},
@@ -90,13 +99,20 @@ def assert_close(actual: float, expected: float) -> None:
 @pytest.fixture()
 def study(tracking: str, tmp_path: Path) -> dict:
     """Scenario i with 3 seeds and scenario iii with 1, two archs; a superseded, a failed and a
-    resultless pair run; two ablation runs, the newer one re-running seed 1."""
+    resultless pair run; two ablation runs, the newer one re-running seed 1. The classifier
+    runs are listed in the reverse of the paper's order (archs and train types), so only the
+    report's own sorting can put its tables in the paper's order."""
     rng = random.Random(7)
     runs = Runs(tracking, tmp_path / "made")
-    runs.main_pair("i", 0, ["vgg16", "tiny"], rng)  # superseded by the newer seed-0 run below
-    kept = {("i", s): runs.main_pair("i", s, ["vgg16", "tiny"], rng) for s in (0, 1, 2)}
-    kept[("iii", 5)] = runs.main_pair("iii", 5, ["vgg16", "tiny"], rng)
-    runs.main_pair("i", 1, ["vgg16", "tiny"], rng, status="FAILED")
+    archs, train_types = ["tiny", "vgg16"], ("real+syn", "syn", "real")
+
+    def pair(scenario: str, seed: int, status: str = "FINISHED") -> dict:
+        return runs.main_pair(scenario, seed, archs, rng, status, train_types)
+
+    pair("i", 0)  # superseded by the newer seed-0 run below
+    kept = {("i", s): pair("i", s) for s in (0, 1, 2)}
+    kept[("iii", 5)] = pair("iii", 5)
+    pair("i", 1, status="FAILED")
     pair_tags = {ENTRY_POINT: "main", "skindiff.scenario": "ii"}
     runs.make(pair_tags, {"scenario": "ii", "seed": 0}, {})  # no results.csv: skipped
 
@@ -138,8 +154,15 @@ def test_report_tables_are_means_and_sample_stds_over_seeds(
         first = table.iloc[0]
         ours = f"{first['accuracy_mean']:.2f}"
         assert (f"{ours} ± {first['accuracy_std']:.2f}" in markdown) == (len(seeds) > 1)
-        assert list(table["arch"][:3]) == ["vgg16"] * 3  # the paper's archs first
-        assert table["paper_accuracy_mean"][3:].isna().all()  # tiny has no published numbers
+        # The paper's order: its archs first (vgg16 before tiny), train types real, syn,
+        # real+syn, although the runs were listed the other way round.
+        assert list(zip(table["arch"], table["train_type"], strict=True)) == [
+            (arch, train_type)
+            for arch in ("vgg16", "tiny")
+            for train_type in ("real", "syn", "real+syn")
+        ]
+        assert table["paper_accuracy_mean"][:3].notna().all()  # vgg16 has published numbers
+        assert table["paper_accuracy_mean"][3:].isna().all()  # tiny has none
     paper = pd.read_csv(out / "table2_scenario_i.csv").set_index(["arch", "train_type"])
     assert paper.loc[("vgg16", "real+syn"), "paper_f1_mean"] == 77.45
     assert not (out / "table3_scenario_ii.csv").exists()

@@ -17,9 +17,9 @@ from optuna.trial import TrialState
 from conftest import FAST, REPO, fast_configs
 from skindiff.classify.train import ClassifierConfig
 from skindiff.errors import SkindiffError
-from skindiff.options import GENERATE, LORA, TEXTUAL_INVERSION, as_text
+from skindiff.options import GENERATE, LORA, TEXTUAL_INVERSION, StudyConfigs, as_text
 from skindiff.search_space import load_search_space
-from skindiff.tracking.pipeline import StudyConfigs, load_frozen_params, run_main
+from skindiff.tracking.pipeline import load_frozen_params, run_main
 from skindiff.tracking.settings import StudyPlan
 from skindiff.tracking.tune import (
     INFEASIBLE_ATTR,

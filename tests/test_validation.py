@@ -22,9 +22,14 @@ def config_for(csv: Path, images: Path, **overrides) -> PrepareConfig:
 
 
 def test_valid_dataset_passes(tmp_path: Path) -> None:
-    csv, images = write_dataset(tmp_path, cohort_rows())
+    rows = cohort_rows()
+    csv, images = write_dataset(tmp_path, rows)
     prepared = prepare_scenario(config_for(csv, images))
-    assert len(prepared.splits.train) + len(prepared.splits.val) > 0
+    assert prepared.dropped.empty
+    # Scenario i places every cohort row in exactly one split.
+    s = prepared.splits
+    placed = pd.concat([s.train, s.val, s.test, s.flexible_light])
+    assert sorted(placed["md5hash"]) == sorted(row["md5hash"] for row in rows)
 
 
 def test_missing_column_is_named(tmp_path: Path) -> None:

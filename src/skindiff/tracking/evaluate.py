@@ -15,7 +15,7 @@ import pandas as pd
 
 from skindiff.classify.metrics import classification_metrics, confusion_matrix_figure
 from skindiff.classify.train import predict
-from skindiff.core.manifest import PREDICTION_COLUMNS, require_columns
+from skindiff.core.manifest import IMAGE_COLUMNS, PREDICTION_COLUMNS, require_columns
 from skindiff.data.cohort import select_cohort
 from skindiff.data.config import CohortSpec
 from skindiff.data.images import check_images
@@ -52,12 +52,12 @@ def evaluation_rows(config: EvaluateConfig, labels: Sequence[str]) -> pd.DataFra
             if not Path(config.manifest).is_file():
                 raise SkindiffError(f"manifest not found: {config.manifest}")
             rows = pd.read_csv(config.manifest, keep_default_na=False)
-        require_columns(rows, ("md5hash", "label", "fitzpatrick_scale", "path"), config.manifest)
-        if "group" not in rows.columns:
+        if "group" not in rows.columns and "fitzpatrick_scale" in rows.columns:
             groups = dict.fromkeys(config.light_fst, "light") | dict.fromkeys(
                 config.dark_fst, "dark"
             )
             rows["group"] = rows["fitzpatrick_scale"].map(groups).fillna("other")
+        require_columns(rows, IMAGE_COLUMNS, config.manifest)
     else:
         spec = CohortSpec(config.conditions or tuple(labels), config.light_fst, config.dark_fst)
         cohort = select_cohort(read_metadata(Path(config.metadata_csv)), spec)

@@ -17,7 +17,6 @@ from skindiff.data.config import PrepareConfig
 from skindiff.diffusion.config import GenerateConfig, LoraConfig, TextualInversionConfig
 from skindiff.diffusion.figures import real_synthetic_pairs
 from skindiff.diffusion.generate import IMAGE_DIR, generate_synthetic
-from skindiff.errors import require
 from skindiff.options import DATA, GENERATE, LORA, TEXTUAL_INVERSION
 from skindiff.tracking.lora import run_lora
 from skindiff.tracking.names import (
@@ -33,6 +32,7 @@ from skindiff.tracking.names import (
 )
 from skindiff.tracking.registry import MODEL_SETTINGS, fetch_generator
 from skindiff.tracking.runs import download_run_dir, fetch_upstream, require_stage_run
+from skindiff.tracking.settings import UpstreamRuns
 from skindiff.tracking.stage import StageCall, StageInputs, run_stage, work_dir
 from skindiff.tracking.textual_inversion import generator_inputs, run_textual_inversion
 
@@ -56,9 +56,8 @@ def run_generate(
     the adapters and MODEL_SETTINGS come from the model, no textual_inversion or lora run is
     used, and the settings the model fixed are logged as tags `skindiff.generator.<name>`."""
     if generator_uri:
-        require(
-            not (ti_run_id or lora_run_id), "give generator_uri or ti_run_id/lora_run_id, not both"
-        )
+        # The one rule for the combination: a model brings its own adapters.
+        UpstreamRuns(ti_run_id=ti_run_id, lora_run_id=lora_run_id, generator_uri=generator_uri)
         return _generate_with_model(data, config, prepare_run_id, generator_uri)
     context = DATA.values(data) | TEXTUAL_INVERSION.values(ti_config) | LORA.values(lora_config)
     context |= {"ti_run_id": as_text(ti_run_id), "lora_run_id": as_text(lora_run_id)}
