@@ -93,7 +93,6 @@ BUILTIN_CONFIGS = {
         },
     },
 }
-BUILTIN_MODELS = tuple(BUILTIN_CONFIGS)
 
 
 def build_builtin_pipeline(name: str, seed: int = 0) -> StableDiffusionPipeline:
