@@ -31,6 +31,8 @@ from skindiff.options import (
     GENERATE,
     LORA,
     MAIN_STUDY,
+    PRETRAIN,
+    PRETRAIN_TARGET,
     REPORT,
     RUNS,
     STUDY,
@@ -294,6 +296,16 @@ def demo_data(
 
     demo = write_demo_dataset(output, seed=seed)
     typer.echo(f"metadata: {demo.metadata_csv}\nimages:   {demo.image_dir}")
+
+
+@stage_command("pretrain-base", config=PRETRAIN, target=PRETRAIN_TARGET)
+def pretrain_base(config, target) -> None:
+    """Pretrain the `tiny` architecture on the procedural skin corpus (all six skin types,
+    generic marks, none of the study's conditions) and save it as a diffusers folder, for
+    any stage's --base-model."""
+    from skindiff.diffusion.pretrain import pretrain_base_model
+
+    typer.echo(f"pretrained base model: {pretrain_base_model(config, Path(target.output_dir))}")
 
 
 MLPROJECT_HEADER = """\

@@ -14,7 +14,13 @@ from typing import Any
 from skindiff.classify.config import Arch, ClassifierConfig
 from skindiff.core.settings import as_text, coerce, field_types, help_of
 from skindiff.data.config import PrepareConfig, Scenario
-from skindiff.diffusion.config import GenerateConfig, LoraConfig, TextualInversionConfig
+from skindiff.diffusion.config import (
+    GenerateConfig,
+    LoraConfig,
+    PretrainConfig,
+    PretrainTarget,
+    TextualInversionConfig,
+)
 from skindiff.errors import SkindiffError
 from skindiff.tracking.settings import (
     AblationPlan,
@@ -107,6 +113,8 @@ ABLATION = OptionGroup(AblationPlan)
 EVALUATE = OptionGroup(EvaluateConfig)
 REPORT = OptionGroup(ReportConfig)
 TUNE = OptionGroup(TuneConfig)
+PRETRAIN = OptionGroup(PretrainConfig)
+PRETRAIN_TARGET = OptionGroup(PretrainTarget)
 
 
 def omitting(group: OptionGroup, *names: str) -> OptionGroup:

@@ -91,7 +91,7 @@ _Coords = float | np.ndarray  # one value or one per shape
 
 
 @dataclass
-class _Canvas:
+class Canvas:
     pixels: np.ndarray  # float32 (size, size, 3), 0..255
     skin: np.ndarray  # base skin colour; lesion colours are mixed relative to it
     rng: np.random.Generator
@@ -166,7 +166,7 @@ class _Canvas:
         return np.asarray(mask, dtype=np.float32) / 255
 
 
-def _blob(x: float, y: float, r: float, rng: np.random.Generator, wobble: float) -> list:
+def blob_outline(x: float, y: float, r: float, rng: np.random.Generator, wobble: float) -> list:
     """Vertices of an irregular closed outline: a circle with a few random low harmonics."""
     theta = np.linspace(0, 2 * np.pi, 48, endpoint=False)
     radius = np.ones_like(theta)
@@ -176,8 +176,8 @@ def _blob(x: float, y: float, r: float, rng: np.random.Generator, wobble: float)
     return list(zip(x + radius * np.cos(theta), y + radius * np.sin(theta), strict=True))
 
 
-def _skin_background(skin: np.ndarray, rng: np.random.Generator, size: int) -> _Canvas:
-    canvas = _Canvas(np.empty((size, size, 3), np.float32), skin, rng)
+def skin_background(skin: np.ndarray, rng: np.random.Generator, size: int) -> Canvas:
+    canvas = Canvas(np.empty((size, size, 3), np.float32), skin, rng)
     # Uneven lighting and the curvature of the photographed body part.
     yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
     angle = rng.uniform(0, 2 * np.pi)
@@ -190,11 +190,11 @@ def _skin_background(skin: np.ndarray, rng: np.random.Generator, size: int) -> _
     return canvas
 
 
-def _basal_cell_carcinoma(c: _Canvas) -> None:
+def _basal_cell_carcinoma(c: Canvas) -> None:
     rng, u = c.rng, c.unit
     x, y = c.point(0.35)
     r = rng.uniform(16, 28) * u
-    nodule = c.polygon(_blob(x, y, r, rng, 0.08), blur=1.5)
+    nodule = c.polygon(blob_outline(x, y, r, rng, 0.08), blur=1.5)
     c.paint(nodule, c.tint((230, 172, 170), (125, 95, 100), 0.85))
     # The rolled, pearly border is the tell-tale sign.
     ring = c.circles(x, y, 0.85 * r, blur=1.5, width=0.3 * r)
@@ -208,7 +208,7 @@ def _basal_cell_carcinoma(c: _Canvas) -> None:
     c.paint(c.circles(x - 0.45 * r, y - 0.45 * r, 0.2 * r, blur=1.5), (255, 255, 255), 0.5)
 
 
-def _folliculitis(c: _Canvas) -> None:
+def _folliculitis(c: Canvas) -> None:
     rng, u = c.rng, c.unit
     count = rng.integers(25, 60)
     xs, ys = rng.uniform(4 * u, c.size - 4 * u, (2, count))
@@ -219,7 +219,7 @@ def _folliculitis(c: _Canvas) -> None:
     c.paint(pustules, c.tint((248, 238, 200), (215, 195, 160), 1.0), 0.9)
 
 
-def _nematode_infection(c: _Canvas) -> None:
+def _nematode_infection(c: Canvas) -> None:
     rng, u = c.rng, c.unit
     for _ in range(rng.integers(1, 3)):
         x, y = c.point(0.2)
@@ -238,19 +238,19 @@ def _nematode_infection(c: _Canvas) -> None:
         c.paint(c.line(track, 2.5 * u, blur=0.6), c.tint((180, 70, 55), (140, 72, 72), 0.95))
 
 
-def _neutrophilic_dermatoses(c: _Canvas) -> None:
+def _neutrophilic_dermatoses(c: Canvas) -> None:
     rng, u = c.rng, c.unit
     for _ in range(rng.integers(2, 5)):
         x, y = c.point(0.2)
         r = rng.uniform(12, 24) * u
-        plaque = c.polygon(_blob(x, y, r, rng, 0.35), blur=4)
+        plaque = c.polygon(blob_outline(x, y, r, rng, 0.35), blur=4)
         c.paint(plaque, c.tint((185, 55, 95), (85, 32, 58), 0.9))
         # Swollen, almost vesicular centres look paler.
-        core = c.polygon(_blob(x, y, 0.45 * r, rng, 0.3), blur=3)
+        core = c.polygon(blob_outline(x, y, 0.45 * r, rng, 0.3), blur=3)
         c.paint(core, c.tint((215, 125, 140), (125, 70, 90), 0.6))
 
 
-def _prurigo_nodularis(c: _Canvas) -> None:
+def _prurigo_nodularis(c: Canvas) -> None:
     rng, u = c.rng, c.unit
     for _ in range(rng.integers(5, 12)):
         x, y = c.point(0.12)
@@ -268,45 +268,45 @@ def _prurigo_nodularis(c: _Canvas) -> None:
         c.paint(scratch, c.tint((175, 55, 50), (70, 28, 25), 0.9), 0.7)
 
 
-def _psoriasis(c: _Canvas) -> None:
+def _psoriasis(c: Canvas) -> None:
     rng, u = c.rng, c.unit
     for _ in range(rng.integers(1, 4)):
         x, y = c.point(0.25)
         r = rng.uniform(16, 30) * u
-        plaque = c.polygon(_blob(x, y, r, rng, 0.2), blur=0.8)
+        plaque = c.polygon(blob_outline(x, y, r, rng, 0.2), blur=0.8)
         c.paint(plaque, c.tint((228, 125, 115), (112, 62, 72), 0.9))
         # Silvery scale in clumps: coarse noise for the clumps, fine noise for the flakes.
         flakes = (c.noise(12) * 0.6 + rng.random((c.size, c.size)) * 0.4) > 0.55
         c.paint(plaque**2 * flakes, c.tint((236, 234, 232), (205, 200, 202), 1.0), 0.85)
 
 
-def _squamous_cell_carcinoma(c: _Canvas) -> None:
+def _squamous_cell_carcinoma(c: Canvas) -> None:
     rng, u = c.rng, c.unit
     x, y = c.point(0.35)
     r = rng.uniform(16, 26) * u
-    halo = c.polygon(_blob(x, y, 1.35 * r, rng, 0.2), blur=4)
+    halo = c.polygon(blob_outline(x, y, 1.35 * r, rng, 0.2), blur=4)
     c.paint(halo, c.tint((215, 100, 90), (100, 45, 45), 0.6))
-    rim = c.polygon(_blob(x, y, r, rng, 0.25), blur=1)
+    rim = c.polygon(blob_outline(x, y, r, rng, 0.25), blur=1)
     c.paint(rim, c.tint((222, 196, 128), (150, 125, 80), 0.85))
-    ulcer = c.polygon(_blob(x, y, 0.7 * r, rng, 0.3), blur=1)
+    ulcer = c.polygon(blob_outline(x, y, 0.7 * r, rng, 0.3), blur=1)
     c.paint(ulcer, c.tint((170, 50, 45), (90, 30, 28), 0.9))
-    crust = c.polygon(_blob(x, y, 0.5 * r, rng, 0.35), blur=0.8)
+    crust = c.polygon(blob_outline(x, y, 0.5 * r, rng, 0.35), blur=0.8)
     c.paint(crust * (0.6 + 0.4 * c.noise(20)), c.tint((62, 38, 25), (30, 18, 12), 1.0))
 
 
-def _other_condition(c: _Canvas) -> None:
+def _other_condition(c: Canvas) -> None:
     rng, u = c.rng, c.unit
     patches = np.zeros((c.size, c.size), np.float32)
     for _ in range(rng.integers(2, 6)):
         x, y = c.point(0.15)
         r = rng.uniform(10, 30) * u
-        patches = np.maximum(patches, c.polygon(_blob(x, y, r, rng, 0.35), blur=6))
+        patches = np.maximum(patches, c.polygon(blob_outline(x, y, r, rng, 0.35), blur=6))
     c.paint(patches, c.tint((215, 130, 115), (100, 60, 55), 0.55))
     dry = rng.random((c.size, c.size)) > 0.8
     c.paint(patches * dry, c.tint((232, 215, 205), (150, 130, 120), 1.0), 0.35)
 
 
-_PAINTERS: dict[str, Callable[[_Canvas], None]] = {
+_PAINTERS: dict[str, Callable[[Canvas], None]] = {
     "basal cell carcinoma": _basal_cell_carcinoma,
     "folliculitis": _folliculitis,
     "nematode infection": _nematode_infection,
@@ -327,7 +327,7 @@ def draw_lesion_image(label: str, fst: int, rng: np.random.Generator, size: int)
     if fst not in SKIN_TONES:
         raise ValueError(f"unknown Fitzpatrick skin type {fst!r}; expected one of {VALID_FST}")
     skin = np.array(SKIN_TONES[fst]) * rng.uniform(0.95, 1.05) * rng.normal(1, 0.02, 3)
-    canvas = _skin_background(skin, rng, size)
+    canvas = skin_background(skin, rng, size)
     _PAINTERS.get(label, _other_condition)(canvas)
     image = Image.fromarray(np.clip(canvas.pixels, 0, 255).astype(np.uint8), "RGB")
     # A camera never renders perfectly sharp edges.

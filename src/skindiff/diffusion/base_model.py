@@ -20,7 +20,7 @@ from skindiff.diffusion.tokenizer import MAX_LENGTH, build_offline_tokenizer
 from skindiff.errors import SkindiffError
 
 DEFAULT_HUB_ID = "stabilityai/stable-diffusion-2-1-base"
-BUILTIN_VERSION = 1  # bump when a built-in config changes, so cached copies are rebuilt
+BUILTIN_VERSION = 2  # bump when a built-in config changes, so cached copies are rebuilt
 # Files of a diffusers SD folder; the hub repo also holds .ckpt files we never need.
 HUB_PATTERNS = ["*.json", "*.txt", "*/diffusion_pytorch_model.safetensors", "*/model.safetensors"]
 

@@ -235,3 +235,45 @@ class GenerateConfig(Settings):
     @property
     def uses_lora(self) -> bool:
         return self.mode.uses_lora
+
+
+@dataclass(frozen=True)
+class PretrainConfig(Settings):
+    """How the `tiny` architecture is pretrained on the procedural skin corpus."""
+
+    seed: int = setting(0, "Seed of the corpus, the initial weights and every draw.")
+    corpus_size: int = setting(4096, "Captioned skin images in the pretraining corpus.")
+    vae_steps: int = setting(1500, "Autoencoder optimizer steps.")
+    unet_steps: int = setting(3000, "UNet optimizer steps.")
+    batch_size: int = setting(16, "Images per optimizer step.")
+    vae_learning_rate: float = setting(2e-3, "Autoencoder AdamW learning rate (cosine decay).")
+    unet_learning_rate: float = setting(1e-3, "UNet AdamW learning rate (cosine decay).")
+    caption_dropout: float = setting(
+        0.1, "Share of captions replaced by the empty one (for classifier-free guidance)."
+    )
+    offset_noise: float = setting(
+        0.15,
+        "Scale of a per-image, per-channel constant added to the training noise, so that the "
+        "UNet learns the overall skin tone from the caption rather than from the noise.",
+    )
+
+    def check(self) -> None:
+        for name in ("corpus_size", "vae_steps", "unet_steps", "batch_size"):
+            value = getattr(self, name)
+            require(value >= 1, f"{name} must be at least 1, got {value}")
+        for name in ("vae_learning_rate", "unet_learning_rate"):
+            value = getattr(self, name)
+            require(value > 0, f"{name} must be positive, got {value}")
+        require(
+            0 <= self.caption_dropout < 1,
+            f"caption_dropout must be in [0, 1), got {self.caption_dropout}",
+        )
+        require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+
+
+@dataclass(frozen=True)
+class PretrainTarget(Settings):
+    output_dir: str | None = setting(None, "New folder for the model (must not exist).")
+
+    def check(self) -> None:
+        require(self.output_dir is not None, "output_dir is empty: name a new folder")

@@ -44,6 +44,19 @@ SKIN_TYPE_PHRASES = {
     6: "a very dark-skinned",
 }
 SKIN_PROMPT = "An image of {concept} on the skin of {phrase} individual"
+# Generic skin marks of the built-in model's pretraining corpus, as its captions name them (none
+# is one of the study's conditions): mark -> words.
+SKIN_MARKS = {
+    "none": "healthy skin",
+    "mole": "a mole",
+    "freckles": "freckles",
+    "scratch": "a scratch",
+    "spot": "a red spot",
+    "hair": "hairs",
+    "birthmark": "a birthmark",
+    "bruise": "a bruise",
+    "scar": "a scar",
+}
 
 
 def placeholder_token(condition: str) -> str:

@@ -14,6 +14,7 @@ from transformers import CLIPTokenizer
 from skindiff.data.fitzpatrick import CONDITIONS
 from skindiff.diffusion.prompts import (
     INITIALIZER_WORD,
+    SKIN_MARKS,
     SKIN_PROMPT,
     SKIN_TYPE_PHRASES,
     TI_TEMPLATES,
@@ -22,7 +23,13 @@ from skindiff.diffusion.prompts import (
 MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Texts our prompts are made of; the offline vocabulary holds each of their words whole.
-PROMPT_TEXTS = (*TI_TEMPLATES, SKIN_PROMPT, *SKIN_TYPE_PHRASES.values(), INITIALIZER_WORD)
+PROMPT_TEXTS = (
+    *TI_TEMPLATES,
+    SKIN_PROMPT,
+    *SKIN_TYPE_PHRASES.values(),
+    *SKIN_MARKS.values(),
+    INITIALIZER_WORD,
+)
 
 
 def _byte_alphabet() -> list[str]:
