@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from diffusers import StableDiffusionPipeline
 
+from conftest import sample_image
 from skindiff.data.fitzpatrick import CONDITIONS
 from skindiff.diffusion.base_model import resolve_base_model
 from skindiff.diffusion.config import PretrainConfig, PretrainTarget
@@ -34,13 +34,8 @@ def test_same_seed_same_weights_and_a_loadable_base_model(tmp_path: Path) -> Non
     pipe = StableDiffusionPipeline.from_pretrained(
         resolve_base_model(str(first)), safety_checker=None, requires_safety_checker=False
     )
-    image = pipe(
-        "An image of a mole on the skin of a dark-skinned individual",
-        num_inference_steps=2,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    ).images[0]
-    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+    image = sample_image(pipe, "An image of a mole on the skin of a dark-skinned individual")[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
 
 
 def test_the_corpus_covers_every_skin_type_and_no_study_condition() -> None:

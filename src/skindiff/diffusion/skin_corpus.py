@@ -9,6 +9,7 @@ streams are keyed apart from the demo dataset's, so no corpus image is a demo im
 """
 
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -33,13 +34,28 @@ def _tone(fst: int, rng: np.random.Generator) -> np.ndarray:
     return tone * rng.uniform(0.93, 1.07) * rng.normal(1, 0.02, 3)
 
 
-def _mole(c: Canvas) -> None:
-    x, y = c.point(0.2)
-    r = c.rng.uniform(3, 9) * c.unit
-    c.paint(
-        c.polygon(blob_outline(x, y, r, c.rng, 0.1), blur=1),
-        c.tint((95, 60, 40), (30, 18, 12), 0.95),
-    )
+RGB = tuple[int, int, int]
+
+
+def _blotch(
+    margin: float,
+    radius: tuple[float, float],
+    wobble: float,
+    blur: float,
+    light: RGB,
+    dark: RGB,
+    amount: float,
+) -> Callable[[Canvas], None]:
+    """A painter of one irregular patch (a mole, a red spot, a birthmark, a bruise): where,
+    how large (in 128 px pixels), how irregular and soft, and its colour on light and dark skin."""
+
+    def paint(c: Canvas) -> None:
+        x, y = c.point(margin)
+        r = c.rng.uniform(*radius) * c.unit
+        patch = c.polygon(blob_outline(x, y, r, c.rng, wobble), blur=blur)
+        c.paint(patch, c.tint(light, dark, amount))
+
+    return paint
 
 
 def _freckles(c: Canvas) -> None:
@@ -56,33 +72,12 @@ def _scratch(c: Canvas) -> None:
     c.paint(c.line([(x, y), end], 1.5 * c.unit, blur=0.5), c.tint((190, 80, 70), (80, 35, 30), 0.8))
 
 
-def _spot(c: Canvas) -> None:
-    x, y = c.point(0.2)
-    r = c.rng.uniform(4, 12) * c.unit
-    spot = c.polygon(blob_outline(x, y, r, c.rng, 0.2), blur=2.5)
-    c.paint(spot, c.tint((215, 110, 100), (105, 50, 50), 0.7))
-
-
 def _hair(c: Canvas) -> None:
     for _ in range(c.rng.integers(4, 12)):
         x, y = c.rng.uniform(0, c.size, 2)
         length, angle = c.rng.uniform(10, 30) * c.unit, c.rng.normal(0.8, 0.3)
         end = (x + length * np.cos(angle), y + length * np.sin(angle))
         c.paint(c.line([(x, y), end], 0.8 * c.unit), c.tint((60, 40, 30), (20, 14, 10), 0.9), 0.8)
-
-
-def _birthmark(c: Canvas) -> None:
-    x, y = c.point(0.25)
-    r = c.rng.uniform(10, 26) * c.unit
-    patch = c.polygon(blob_outline(x, y, r, c.rng, 0.4), blur=3)
-    c.paint(patch, c.tint((200, 140, 110), (70, 45, 35), 0.6))
-
-
-def _bruise(c: Canvas) -> None:
-    x, y = c.point(0.25)
-    r = c.rng.uniform(8, 20) * c.unit
-    patch = c.polygon(blob_outline(x, y, r, c.rng, 0.3), blur=5)
-    c.paint(patch, c.tint((120, 80, 130), (50, 35, 60), 0.6))
 
 
 def _scar(c: Canvas) -> None:
@@ -95,13 +90,13 @@ def _scar(c: Canvas) -> None:
 
 
 _PAINTERS = {
-    "mole": _mole,
+    "mole": _blotch(0.2, (3, 9), 0.1, 1, (95, 60, 40), (30, 18, 12), 0.95),
     "freckles": _freckles,
     "scratch": _scratch,
-    "spot": _spot,
+    "spot": _blotch(0.2, (4, 12), 0.2, 2.5, (215, 110, 100), (105, 50, 50), 0.7),
     "hair": _hair,
-    "birthmark": _birthmark,
-    "bruise": _bruise,
+    "birthmark": _blotch(0.25, (10, 26), 0.4, 3, (200, 140, 110), (70, 45, 35), 0.6),
+    "bruise": _blotch(0.25, (8, 20), 0.3, 5, (120, 80, 130), (50, 35, 60), 0.6),
     "scar": _scar,
 }
 

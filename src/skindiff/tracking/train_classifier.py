@@ -99,7 +99,7 @@ def run_train_classifier(
 
     def work(inputs: StageInputs, key: str) -> None:
         train, val, test = (inputs.splits[name] for name in SPLITS)
-        labels = tuple(sorted(data.conditions))
+        labels = data.cohort.labels
         with tempfile.TemporaryDirectory() as tmp:
             generate = inputs.upstream[Stage.GENERATE]
             images = load_synthetic(generate, Path(tmp)) if generate else None
