@@ -14,14 +14,12 @@ from skindiff.diffusion.base_model import (
     build_builtin_pipeline,
     resolve_base_model,
 )
-from skindiff.diffusion.tokenizer import PROMPT_TEXTS
+from skindiff.diffusion.tokenizer import PROMPT_TEXTS, build_offline_tokenizer
 from skindiff.errors import SkindiffError
 
 
-def test_tiny_is_a_diffusers_folder_that_loads_and_generates(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    folder = resolve_base_model("tiny")
+def test_tiny_random_is_built_once_into_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = resolve_base_model("tiny-random")
     assert (folder / "model_index.json").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     assert pipe.tokenizer.model_max_length == 77
@@ -37,23 +35,45 @@ def test_tiny_is_a_diffusers_folder_that_loads_and_generates(
     before = {path: path.stat().st_mtime_ns for path in folder.rglob("*")}
 
     def no_rebuild(*args, **kwargs):
-        raise AssertionError("the tiny model was built again")
+        raise AssertionError("the tiny-random model was built again")
 
     monkeypatch.setattr(base_model, "build_builtin_pipeline", no_rebuild)
-    assert resolve_base_model("tiny") == folder
+    assert resolve_base_model("tiny-random") == folder
     assert {path: path.stat().st_mtime_ns for path in folder.rglob("*")} == before
 
 
+def test_tiny_is_the_shipped_pretrained_tiny_random_architecture(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_build(*args, **kwargs):
+        raise AssertionError("the shipped tiny model must not be built")
+
+    monkeypatch.setattr(base_model, "build_builtin_pipeline", no_build)
+    shipped = StableDiffusionPipeline.from_pretrained(resolve_base_model("tiny"))
+    monkeypatch.undo()
+    random = build_builtin_pipeline("tiny-random")
+    for name in ("unet", "vae", "text_encoder"):
+        trained = dict(getattr(shipped, name).named_parameters())
+        initial = dict(getattr(random, name).named_parameters())
+        assert {k: t.shape for k, t in trained.items()} == {k: t.shape for k, t in initial.items()}
+        changed = [key for key, tensor in initial.items() if not torch.equal(tensor, trained[key])]
+        assert len(changed) > 0.9 * len(initial), f"{name}: only {len(changed)} tensors trained"
+    # The code's offline tokenizer is the one the model was trained with.
+    assert shipped.tokenizer.get_vocab() == build_offline_tokenizer().get_vocab()
+    assert shipped.vae.config.scaling_factor != 0.18215  # set from the corpus's latents
+
+
 def test_tiny_weights_follow_the_seed() -> None:
-    a, b = build_builtin_pipeline("tiny", seed=0), build_builtin_pipeline("tiny", seed=0)
-    c = build_builtin_pipeline("tiny", seed=1)
+    a = build_builtin_pipeline("tiny-random", seed=0)
+    b = build_builtin_pipeline("tiny-random", seed=0)
+    c = build_builtin_pipeline("tiny-random", seed=1)
     for name, tensor in a.unet.state_dict().items():
         assert torch.equal(tensor, b.unet.state_dict()[name]), name
     assert not torch.equal(a.unet.conv_in.weight, c.unet.conv_in.weight)
 
 
 def test_prompt_words_are_single_tokens() -> None:
-    tokenizer = build_builtin_pipeline("tiny").tokenizer
+    tokenizer = build_builtin_pipeline("tiny-random").tokenizer
     ids = tokenizer("An image of psoriasis on the skin of a very dark-skinned individual").input_ids
     words = [
         "an",
@@ -103,7 +123,7 @@ def test_local_folder_is_used_as_is_and_fingerprinted(tmp_path: Path) -> None:
     assert resolve_base_model(str(tiny)) == tiny
     fingerprint = base_model_fingerprint(tiny)
     assert fingerprint == base_model_fingerprint(tiny)
-    assert fingerprint != base_model_fingerprint(resolve_base_model("tiny").parent)
+    assert fingerprint != base_model_fingerprint(resolve_base_model("tiny-random"))
 
 
 def test_folder_that_is_not_a_model(tmp_path: Path) -> None:

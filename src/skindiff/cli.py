@@ -302,7 +302,7 @@ def demo_data(
 def pretrain_base(config, target) -> None:
     """Pretrain the `tiny` architecture on the procedural skin corpus (all six skin types,
     generic marks, none of the study's conditions) and save it as a diffusers folder, for
-    any stage's --base-model."""
+    any stage's --base-model. The built-in `tiny` was made by this with the defaults."""
     from skindiff.diffusion.pretrain import pretrain_base_model
 
     typer.echo(f"pretrained base model: {pretrain_base_model(config, Path(target.output_dir))}")

@@ -1,10 +1,13 @@
-"""Base Stable Diffusion models: a hub id, a local diffusers folder, or a built-in random one.
+"""Base Stable Diffusion models: a hub id, a local diffusers folder, or a built-in one.
 
-Built-in models are made offline from configs with random weights and saved once as a normal
-diffusers folder, so every stage loads every base model the same way (`from_pretrained`):
-- `tiny`: an SD-2-style stack small enough for every stage to run in seconds on a CPU;
-- `sd21-random`: the full Stable Diffusion 2.1-base architecture, to measure speed and memory
-  at real scale without downloading the weights.
+Every base model is a normal diffusers folder, so every stage loads it the same way
+(`from_pretrained`). The built-in ones need no download:
+- `tiny`: an SD-2-style stack small enough for every stage to run in seconds on a CPU,
+  pretrained by `skindiff pretrain-base` on a procedural skin corpus and shipped in the package;
+- `tiny-random`: the same architecture with random weights (what the pretraining starts from);
+- `sd21-random`: the full Stable Diffusion 2.1-base architecture with random weights, to measure
+  speed and memory at real scale without downloading the weights.
+Random-weight models are made offline from configs and saved once in the cache.
 """
 
 import hashlib
@@ -20,7 +23,7 @@ from skindiff.diffusion.tokenizer import MAX_LENGTH, build_offline_tokenizer
 from skindiff.errors import SkindiffError
 
 DEFAULT_HUB_ID = "stabilityai/stable-diffusion-2-1-base"
-BUILTIN_VERSION = 2  # bump when a built-in config changes, so cached copies are rebuilt
+BUILTIN_VERSION = 3  # bump when a built-in config changes, so cached copies are rebuilt
 # Files of a diffusers SD folder; the hub repo also holds .ckpt files we never need.
 HUB_PATTERNS = ["*.json", "*.txt", "*/diffusion_pytorch_model.safetensors", "*/model.safetensors"]
 
@@ -37,7 +40,7 @@ SD21_SCHEDULER = {
 }
 
 BUILTIN_CONFIGS = {
-    "tiny": {
+    "tiny-random": {
         "unet": {
             "sample_size": 16,
             "block_out_channels": (32, 64),
@@ -47,6 +50,7 @@ BUILTIN_CONFIGS = {
             "attention_head_dim": (2, 4),
             "cross_attention_dim": 32,
             "use_linear_projection": True,
+            "norm_num_groups": 8,  # as the autoencoder's, below
         },
         "vae": {
             "sample_size": 64,
@@ -55,6 +59,9 @@ BUILTIN_CONFIGS = {
             "down_block_types": ("DownEncoderBlock2D",) * 3,
             "up_block_types": ("UpDecoderBlock2D",) * 3,
             "latent_channels": 4,
+            # 32 groups of 32 channels would normalise each channel on its own, erasing the
+            # image's colour at every layer; groups of 4 channels keep it.
+            "norm_num_groups": 8,
         },
         "text_encoder": {
             "hidden_size": 32,
@@ -93,6 +100,12 @@ BUILTIN_CONFIGS = {
         },
     },
 }
+
+
+# Built-in pretrained models, shipped in the package as diffusers folders.
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+PRETRAINED_MODELS = {"tiny": PRETRAINED_DIR / "tiny"}
+BUILTIN_NAMES = (*PRETRAINED_MODELS, *BUILTIN_CONFIGS)
 
 
 def build_builtin_pipeline(name: str, seed: int = 0) -> StableDiffusionPipeline:
@@ -146,9 +159,17 @@ def _hub_dir(hub_id: str) -> Path:
 
 
 def resolve_base_model(base_model: str) -> Path:
-    """Local diffusers folder of `base_model`: `tiny`, `sd21-random`, a folder, or a hub id."""
+    """Local diffusers folder of `base_model`: a built-in name, a folder, or a hub id."""
     if not base_model:
         raise SkindiffError(f"base_model is empty: use 'tiny', a folder or e.g. {DEFAULT_HUB_ID!r}")
+    if base_model in PRETRAINED_MODELS:
+        folder = PRETRAINED_MODELS[base_model]
+        if not (folder / "model_index.json").is_file():
+            raise SkindiffError(
+                f"the built-in {base_model!r} model is missing from {folder}: reinstall skindiff "
+                f"from a complete checkout, or rebuild it with `skindiff pretrain-base`"
+            )
+        return folder
     if base_model in BUILTIN_CONFIGS:
         return _builtin_dir(base_model)
     local = Path(base_model).expanduser()

@@ -67,8 +67,9 @@ class SchedulerName(StrEnum):
 
 
 BASE_MODEL_HELP = (
-    "tiny (built-in, CPU-sized), sd21-random (full SD 2.1-base architecture, random weights), "
-    "a local diffusers folder, or a hub id such as stabilityai/stable-diffusion-2-1-base."
+    "tiny (built-in, CPU-sized, pretrained on procedural skin), tiny-random (its architecture, "
+    "random weights), sd21-random (full SD 2.1-base architecture, random weights), a local "
+    "diffusers folder, or a hub id such as stabilityai/stable-diffusion-2-1-base."
 )
 RESOLUTION_HELP = "Training and img2img resolution in pixels; 0 = the model's native size."
 PRECISION_HELP = "auto (fp16 on a GPU, full on a CPU), no, fp16 or bf16."
@@ -243,7 +244,7 @@ class PretrainConfig(Settings):
 
     seed: int = setting(0, "Seed of the corpus, the initial weights and every draw.")
     corpus_size: int = setting(4096, "Captioned skin images in the pretraining corpus.")
-    vae_steps: int = setting(1500, "Autoencoder optimizer steps.")
+    vae_steps: int = setting(2500, "Autoencoder optimizer steps.")
     unet_steps: int = setting(3000, "UNet optimizer steps.")
     batch_size: int = setting(16, "Images per optimizer step.")
     vae_learning_rate: float = setting(2e-3, "Autoencoder AdamW learning rate (cosine decay).")
@@ -252,9 +253,10 @@ class PretrainConfig(Settings):
         0.1, "Share of captions replaced by the empty one (for classifier-free guidance)."
     )
     offset_noise: float = setting(
-        0.15,
+        0.5,
         "Scale of a per-image, per-channel constant added to the training noise, so that the "
-        "UNet learns the overall skin tone from the caption rather than from the noise.",
+        "UNet learns the overall skin tone from the caption rather than from the noise (img2img "
+        "at strength 0.5 then moves the skin to the prompt's type).",
     )
 
     def check(self) -> None:

@@ -27,7 +27,7 @@ from skindiff.diffusion.skin_corpus import draw_corpus_image
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURE = "tiny"  # the built-in random model this pretraining starts from
+ARCHITECTURE = "tiny-random"  # the built-in random model this pretraining starts from
 LATENT_STD_SAMPLE = 512  # corpus images whose latents set the scaling factor
 
 

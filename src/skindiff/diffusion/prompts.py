@@ -56,6 +56,12 @@ SKIN_MARKS = {
     "birthmark": "a birthmark",
     "bruise": "a bruise",
     "scar": "a scar",
+    "rash": "a rash",
+    "ring": "a ring",
+    "spots": "spots",
+    "patch": "a patch",
+    "lesion": "a lesion",
+    "streak": "a streak",
 }
 
 
