@@ -12,6 +12,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from conftest import CONDITIONS, fast_configs, runs_by_stage
 from skindiff.classify.train import ClassifierConfig, predict
 from skindiff.diffusion.config import GenerationMode
+from skindiff.errors import SkindiffError
 from skindiff.options import StudyConfigs
 from skindiff.tracking.ablation import mode_metric_name, run_ablation
 from skindiff.tracking.runs import load_split
@@ -80,3 +81,14 @@ def test_ablation_runs_all_modes_on_both_subsets_and_reuses_runs(
     again = runs_by_stage(tracking)
     assert {stage: len(again[stage]) for stage in STAGES} == counts
     assert len(again["ablation"]) == 2 and mlflow.get_run(second).info.status == "FINISHED"
+
+
+def test_missing_imagenet_weights_stop_the_ablation_before_any_run(
+    tracking: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torch hub cache
+    classifier = ClassifierConfig(arch="vgg16", epochs=1, batch_size=16, image_size=32)
+    configs = StudyConfigs(*fast_configs(), classifier)
+    with pytest.raises(SkindiffError, match=r"vgg16-397923af\.pth \(vgg16\)"):
+        run_ablation(AblationPlan(seeds=(0,)), configs)
+    assert not mlflow.search_runs([tracking], output_format="list")

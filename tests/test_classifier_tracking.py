@@ -1,5 +1,6 @@
 """train_classifier and evaluate as MLflow runs, through `mlflow run` on a real server."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -10,11 +11,14 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
 from conftest import CONDITIONS, fast_configs, mlflow_run, runs_by_stage
+from skindiff.classify.config import ClassifierConfig
+from skindiff.data.config import PrepareConfig
 from skindiff.errors import SkindiffError
 from skindiff.tracking.evaluate import run_evaluate
 from skindiff.tracking.generate import run_generate
 from skindiff.tracking.prepare import run_prepare
 from skindiff.tracking.settings import EvaluateConfig
+from skindiff.tracking.train_classifier import check_classifiers, run_train_classifier
 
 CLASSIFIER = {
     "conditions": ",".join(CONDITIONS),
@@ -147,3 +151,51 @@ def test_evaluate_refuses_what_is_not_a_classifier(tracking: str) -> None:
         EvaluateConfig(model_uri="runs:/x/model")
     with pytest.raises(SkindiffError, match="model_uri is empty"):
         EvaluateConfig(manifest="x.csv")
+
+
+def test_classifier_settings_are_checked_before_anything_runs(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torch hub cache
+    data, archs = PrepareConfig(), ["vgg16", "resnet18", "tiny"]
+    with pytest.raises(SkindiffError) as error:
+        check_classifiers(data, ClassifierConfig(), archs)
+    assert "vgg16-397923af.pth (vgg16), resnet18-f37072fd.pth (resnet18)." in str(error.value)
+    check_classifiers(data, ClassifierConfig(weights="none"), archs)
+    with pytest.raises(SkindiffError, match="image_size must be 224 for arch vit_b_16"):
+        check_classifiers(data, ClassifierConfig(weights="none", image_size=64), ["vit_b_16"])
+
+    no_val = PrepareConfig(val_fraction=0)
+    ways_out = r"val_fraction is 0.0: .*--val-fraction > 0, or use --selection last \(or test\)$"
+    with pytest.raises(SkindiffError, match=ways_out):
+        check_classifiers(no_val, ClassifierConfig(), ["tiny"])
+    for selection in ("last", "test"):
+        check_classifiers(no_val, ClassifierConfig(selection=selection), ["tiny"])
+
+
+@pytest.mark.parametrize("selection", ["last", "test"])
+def test_selection_without_a_validation_split(tracking: str, selection: str) -> None:
+    data, ti, lora, generate = fast_configs()
+    data = replace(data, val_fraction=0)
+    config = ClassifierConfig(
+        arch="tiny", epochs=3, batch_size=32, image_size=32, selection=selection
+    )
+    with pytest.raises(SkindiffError, match=r"but val_fraction is 0\.0"):
+        run_train_classifier(data, replace(config, selection="val"), ti, lora, generate)
+    assert not mlflow.search_runs([tracking], output_format="list")  # refused before any run
+
+    run = mlflow.get_run(run_train_classifier(data, config, ti, lora, generate))
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["skindiff.selection"] == selection
+    metrics = run.data.metrics
+    assert not [name for name in metrics if "val_" in name]
+    artifacts = mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="predictions")
+    assert [Path(a.path).name for a in artifacts] == ["test.csv"]
+    client = mlflow.MlflowClient()
+    losses = client.get_metric_history(run.info.run_id, "epoch_train_loss")
+    assert sorted(m.step for m in losses) == [1, 2, 3]
+    if selection == "last":
+        assert metrics["best_epoch"] == 3
+    else:
+        curve = client.get_metric_history(run.info.run_id, "epoch_test_f1_macro")
+        f1 = {m.step: m.value for m in curve}
+        assert metrics["best_epoch"] == min(s for s in f1 if f1[s] == max(f1.values()))
+        assert metrics["test_f1_macro"] == pytest.approx(max(f1.values()))

@@ -20,7 +20,7 @@ from skindiff.classify import train as train_module
 from skindiff.classify.config import Arch
 from skindiff.classify.data import build_training_set, weighted_sampler
 from skindiff.classify.metrics import classification_metrics, confusion_matrix_figure
-from skindiff.classify.models import build_classifier
+from skindiff.classify.models import build_classifier, require_imagenet_files
 from skindiff.classify.train import ClassifierConfig, predict, train_classifier
 from skindiff.core.manifest import slug
 from skindiff.data.fitzpatrick import CONDITIONS
@@ -260,10 +260,11 @@ def test_all_architectures_are_covered():
     assert sorted(arch for arch, _, _ in ARCH_CASES) == sorted(Arch)
 
 
-def test_imagenet_weights_come_only_from_the_local_cache(tmp_path, monkeypatch):
+@pytest.mark.parametrize("weights", ["imagenet", "auto"])
+def test_imagenet_weights_come_only_from_the_local_cache(tmp_path, monkeypatch, weights):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(SkindiffError, match=r"resnet18-f37072fd\.pth") as error:
-        build_classifier("resnet18", 7, weights="imagenet")
+        build_classifier("resnet18", 7, weights=weights)
     assert str(tmp_path / "hub" / "checkpoints") in str(error.value)
     with pytest.raises(SkindiffError, match="no ImageNet weights"):
         build_classifier("tiny", 7, weights="imagenet")
@@ -272,9 +273,43 @@ def test_imagenet_weights_come_only_from_the_local_cache(tmp_path, monkeypatch):
     cached = resnet18().state_dict()
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     torch.save(cached, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
-    model = build_classifier("resnet18", 7, weights="imagenet")
+    model = build_classifier("resnet18", 7, weights=weights)
     assert torch.equal(model.conv1.weight, cached["conv1.weight"])
     assert model.fc[-1].out_features == 7
+
+
+def test_auto_weights_are_random_for_tiny(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: no file is needed
+    torch.manual_seed(3)
+    auto = build_classifier("tiny", 7, weights="auto")
+    torch.manual_seed(3)
+    random = build_classifier("tiny", 7, weights="none")
+    for name, value in auto.state_dict().items():
+        assert torch.equal(value, random.state_dict()[name]), name
+
+
+def test_missing_imagenet_files_are_listed_in_one_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    folder = tmp_path / "hub" / "checkpoints"
+    with pytest.raises(SkindiffError) as error:
+        require_imagenet_files(["vgg16", "tiny", "resnet18", "vgg16"], "auto")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.count("vgg16-397923af.pth") == 2  # its name, then its URL
+    assert message.count("resnet18-f37072fd.pth") == 2
+    assert str(folder) in message and "vit_b_16" not in message
+    assert "torchvision.models.vgg16(weights='IMAGENET1K_V1')" in message
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+
+    require_imagenet_files(["vgg16", "resnet18"], "none")  # nothing to read
+    require_imagenet_files(["tiny"], "auto")
+    folder.mkdir(parents=True)
+    (folder / "vgg16-397923af.pth").touch()
+    with pytest.raises(
+        SkindiffError, match=r"checkpoints: resnet18-f37072fd\.pth \(resnet18\)\."
+    ) as error:
+        require_imagenet_files(["vgg16", "resnet18"], "imagenet")
+    assert "vgg16-397923af.pth" not in str(error.value)
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
@@ -321,6 +356,7 @@ def test_bad_checkpoints_are_refused(tmp_path):
         ({"arch": "vit_b_16", "image_size": 64}, "image_size must be 224 for arch vit_b_16"),
         ({"learning_rate": 0.0}, "learning_rate must be positive"),
         ({"seed": -1}, "seed must be >= 0"),
+        ({"selection": "best"}, "selection must be one of val, last, test"),
     ],
 )
 def test_bad_config_values_are_refused(splits, change, message):
@@ -331,7 +367,8 @@ def test_bad_config_values_are_refused(splits, change, message):
 
 
 def test_bad_data_is_refused(splits):
-    with pytest.raises(SkindiffError, match="val_fraction > 0"):
+    refused = r"but val is empty: .*--val-fraction > 0, or use --selection last \(or test\)$"
+    with pytest.raises(SkindiffError, match=refused):
         train_classifier(QUICK, splits.train, splits.val.iloc[:0], splits.test, LABELS, False)
     with pytest.raises(SkindiffError, match=r"train: label.*'eczema'"):
         train = splits.train.assign(label="eczema")
@@ -433,3 +470,71 @@ def test_learns_the_demo_data(demo_dataset, seed):
     metrics = classification_metrics(result.test_predictions, LABELS, "test")
     # Seeds 0-3, 42 and 123 scored 0.50-0.77.
     assert metrics["test_accuracy"] > 0.35
+
+
+def test_selection_last_keeps_the_last_epoch(quick_run, splits):
+    """Same training as with selection val (the selection changes nothing else); the last
+    epoch's weights and validation predictions are kept."""
+    last = train_classifier(
+        replace(QUICK, selection="last"), splits.train, splits.val, splits.test, LABELS, False
+    )
+    pd.testing.assert_frame_equal(last.history, quick_run.history)
+    assert last.best_epoch == QUICK.epochs
+    f1 = classification_metrics(last.val_predictions, LABELS, "val")["val_f1_macro"]
+    assert f1 == pytest.approx(last.history["val_f1_macro"].iloc[-1])
+    again = predict(last.model, splits.test, LABELS, image_size=64, batch_size=16)
+    pd.testing.assert_frame_equal(again, last.test_predictions)
+
+
+def test_selection_last_needs_no_validation_split(splits):
+    config = replace(QUICK, epochs=2, selection="last")
+    reported = []
+    result = train_classifier(
+        config,
+        splits.train,
+        splits.val.iloc[:0],
+        splits.test,
+        LABELS,
+        False,
+        on_epoch=lambda *args: reported.append(args),
+    )
+    assert list(result.history.columns) == ["epoch", "train_loss", "lr"]
+    assert result.val_predictions is None and reported == []
+    assert result.best_epoch == 2
+    assert len(result.test_predictions) == len(splits.test)
+
+
+def test_selection_test_is_the_reference_protocol(splits, monkeypatch):
+    """The test split is scored every epoch and the epoch with its best macro-F1 is kept."""
+    inferred = []
+    logits = train_module._logits
+
+    def recording(model, loader, device):
+        inferred.append(len(loader.dataset))
+        return logits(model, loader, device)
+
+    monkeypatch.setattr(train_module, "_logits", recording)
+    config = replace(QUICK, selection="test")
+    result = train_classifier(config, splits.train, splits.val, splits.test, LABELS, False)
+
+    history = result.history
+    assert list(history.columns) == [
+        "epoch",
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "val_f1_macro",
+        "test_loss",
+        "test_accuracy",
+        "test_f1_macro",
+        "lr",
+    ]
+    assert inferred == [len(splits.val), len(splits.test)] * QUICK.epochs + [len(splits.test)]
+    assert result.best_epoch == int(history.loc[history["test_f1_macro"].idxmax(), "epoch"])
+    kept = classification_metrics(result.test_predictions, LABELS, "test")
+    assert kept["test_f1_macro"] == pytest.approx(history["test_f1_macro"].max())
+    assert kept["test_accuracy"] == pytest.approx(
+        history.loc[result.best_epoch - 1, "test_accuracy"]
+    )
+    val = classification_metrics(result.val_predictions, LABELS, "val")
+    assert val["val_f1_macro"] == pytest.approx(history.loc[result.best_epoch - 1, "val_f1_macro"])

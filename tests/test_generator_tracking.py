@@ -9,6 +9,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from conftest import CONDITIONS, FAST, fast_configs, mlflow_run, runs_by_stage
+from skindiff.core.manifest import slug
 from skindiff.diffusion.adapters import token_file_name
 from skindiff.diffusion.base_model import resolve_base_model
 from skindiff.diffusion.generate import GenerateConfig
@@ -117,6 +118,9 @@ def test_stage_entry_points_chain_by_run_id(tracking: str, tmp_path: Path) -> No
     (ti_run,) = runs_by_stage(tracking)["textual_inversion"]
     assert ti_run.info.status == "FINISHED" and ti_run.data.metrics["loss"] > 0
     assert len(mlflow.MlflowClient().get_metric_history(ti_run.info.run_id, "loss")) == 2
+    # One curve per token; `loss` is their mean.
+    per_token = [ti_run.data.metrics[f"loss/{slug(c)}"] for c in CONDITIONS]
+    assert ti_run.data.metrics["loss"] == pytest.approx(sum(per_token) / len(per_token))
 
     lora_params = {k: v for k, v in FAST.items() if k.startswith("lora_") or k == "conditions"}
     mlflow_run("lora", tracking, tmp_path, ti_run_id=ti_run.info.run_id, **lora_params)

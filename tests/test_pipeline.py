@@ -1,5 +1,6 @@
 """The `main` pipeline: its run tree, reuse, failure and resume, frozen params."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -126,3 +127,20 @@ def test_frozen_params_replace_the_options(tracking: str, tmp_path: Path) -> Non
         StudyPlan(["iv"], [0], ["tiny"], ["syn"])
     with pytest.raises(SkindiffError, match="train_types must be a comma list"):
         StudyPlan(["ii"], [0], ["tiny"], ["synthetic"])
+
+
+def test_classifiers_that_cannot_train_stop_main_before_any_run(
+    tracking: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torch hub cache
+    plan = StudyPlan(["i"], [0], ["vgg16", "resnet18"], ["real"])
+    with pytest.raises(SkindiffError) as error:
+        run_main(plan, study_configs())  # weights auto: ImageNet for both
+    message = str(error.value)
+    for name in ("vgg16-397923af.pth", "resnet18-f37072fd.pth", str(tmp_path / "hub")):
+        assert name in message
+    configs = study_configs(weights="none")
+    configs = replace(configs, data=replace(configs.data, val_fraction=0))
+    with pytest.raises(SkindiffError, match=r"val_fraction is 0\.0: .* or use --selection last"):
+        run_main(plan, configs)
+    assert not mlflow.search_runs([tracking], output_format="list")

@@ -14,7 +14,7 @@ from skindiff.core.manifest import SPLIT_COLUMNS as MANIFEST_COLUMNS
 from skindiff.core.manifest import content_digest
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.data.splits import SPLIT_NAMES
-from skindiff.tracking.prepare import run_prepare
+from skindiff.tracking.prepare import ensure_prepare, run_prepare
 
 ENTRY_POINT = "mlflow.project.entryPoint"
 
@@ -112,3 +112,21 @@ def test_skip_missing_logs_dropped_images(tracking: str, tmp_path: Path) -> None
     assert dropped["md5hash"].tolist() == [rows[0]["md5hash"]]
     assert dropped["problem"].tolist() == ["missing"]
     assert mlflow.get_run(run_id).data.tags["skindiff.demo_data"] == "false"
+
+
+def test_prepare_without_the_test_images_of_ii_and_iii(tracking: str, demo_dataset) -> None:
+    paper = mlflow.get_run(run_prepare(PrepareConfig()))
+    excluding = PrepareConfig(exclude_test_of=("ii", "iii"))
+    run_id = ensure_prepare(excluding)
+    assert run_id != paper.info.run_id  # keyed by the option: the paper's splits not re-used
+    assert ensure_prepare(excluding) == run_id
+    run = mlflow.get_run(run_id)
+    assert run.data.params["exclude_test_of"] == "ii,iii"
+    assert paper.data.params["exclude_test_of"] == ""
+    counts, before = run.data.metrics, paper.data.metrics
+    assert "n_train_dark" not in counts and "n_val_dark" not in counts
+    dark = before["n_train_dark"] + before["n_val_dark"]
+    assert counts["n_train"] + counts["n_val"] == before["n_train"] + before["n_val"] - dark
+    assert counts["n_test"] == counts["n_test_dark"] == before["n_test"]
+    table = mlflow.artifacts.load_text(f"runs:/{run_id}/splits/counts.md")
+    assert table.startswith("# Scenario i, seed 0, without the test images of ii, iii\n")

@@ -103,6 +103,9 @@ def test_champion_moves_only_on_improvement(
     assert champion.tags == {"scenario": "i", "objective": "val_f1_macro", "value": "0.7"}
     assert client.get_model_version(name, "3").tags["scenario"] == "ii"
     assert register_generator(generator["uri"], name, "i", "val_f1_macro", 0.71) == ("5", True)
+    # Another objective's value is not comparable, however high: the champion stays.
+    assert register_generator(generator["uri"], name, "i", "test_f1_macro", 0.9) == ("6", False)
+    assert client.get_model_version_by_alias(name, CHAMPION_ALIAS).version == "5"
 
 
 def test_generate_from_registered_model(

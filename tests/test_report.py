@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from PIL import Image
 
 from skindiff.cli import run as cli
 from skindiff.errors import SkindiffError
@@ -26,6 +27,7 @@ TEST_METRICS = {
 }
 MODES = ("txt2img/vanilla", "txt2img/ti", "img2img/vanilla", "img2img/ti", "img2img/lora")
 MODES += ("img2img/ti+lora",)
+CONDITIONS = ("acne", "psoriasis", "lupus erythematosus")
 
 
 class Runs:
@@ -45,11 +47,15 @@ class Runs:
             params=[Param(k, str(v)) for k, v in params.items()],
         )
         if artifact is not None:
-            name, table = artifact
+            name, content = artifact  # a CSV table, or an image under a folder
             path = self.tmp / run_id / name
             path.parent.mkdir(parents=True)
-            table.to_csv(path, index=False)
-            self.client.log_artifact(run_id, str(path))
+            if isinstance(content, pd.DataFrame):
+                content.to_csv(path, index=False)
+            else:
+                content.save(path)
+            folder = str(Path(name).parent)
+            self.client.log_artifact(run_id, str(path), None if folder == "." else folder)
         self.client.set_terminated(run_id, status, end_time=self.clock + 500)
         return run_id
 
@@ -61,23 +67,30 @@ class Runs:
         rng: random.Random,
         status="FINISHED",
         train_types=("real", "syn", "real+syn"),
+        parent: str | None = None,
+        classifier_tags: dict | None = None,
+        classifier_metrics: dict | None = None,
     ):
-        """A main pair run listing one classifier run per (arch, train type), random scores,
-        in the order given."""
+        """A main pair run (under the `main` run `parent`) listing one classifier run per
+        (arch, train type), random scores, in the order given."""
         rows, scores = [], {}
         for arch in archs:
             for train_type in train_types:
                 values = {m: rng.uniform(0.2, 0.9) for m in TEST_METRICS}
                 run_id = self.make(
-                    {ENTRY_POINT: "train_classifier"},
-                    {"arch": arch, "train_type": train_type, "seed": seed},
-                    {TEST_METRICS[m]: v for m, v in values.items()} | {"test_accuracy_dark": 0.1},
+                    {ENTRY_POINT: "train_classifier"} | (classifier_tags or {}),
+                    {"arch": arch, "train_type": train_type, "seed": seed}
+                    | {"conditions": ",".join(CONDITIONS)},
+                    {TEST_METRICS[m]: v for m, v in values.items()}
+                    | {"test_accuracy_dark": 0.1}
+                    | (classifier_metrics or {}).get(train_type, {}),
                 )
                 rows.append([scenario, seed, arch, train_type, run_id])
                 scores[(arch, train_type)] = values
         results = pd.DataFrame(rows, columns=["scenario", "seed", "arch", "train_type", "run_id"])
+        parent_tag = {"mlflow.parentRunId": parent} if parent else {}
         self.make(
-            {ENTRY_POINT: "main", "skindiff.scenario": scenario},
+            {ENTRY_POINT: "main", "skindiff.scenario": scenario} | parent_tag,
             {"scenario": scenario, "seed": seed},
             {},
             ("results.csv", results),
@@ -209,3 +222,80 @@ def test_report_refuses_a_users_folder_and_explains_bad_input(
     assert error.startswith("error: experiment 'no-such-experiment' not found")
     assert "\n" not in error
     assert not mlflow.search_runs([tracking], output_format="list")  # no report run left behind
+
+
+def test_runs_made_with_different_settings_are_reported_apart(tracking: str, tmp_path: Path):
+    """Two `main` calls with different epochs (and a third repeating the first's settings with
+    another seed list) give two groups: each table averages its own group's runs only, is
+    titled with the setting that differs, and gains the train size, the construction notes
+    (from the prepare run's test counts) and the Fig. 2 grid of a generate run."""
+    runs, rng = Runs(tracking, tmp_path / "made"), random.Random(11)
+    per_class = {f"n_test_{c.replace(' ', '_')}": 8.0 for c in CONDITIONS}
+    prepare = runs.make({ENTRY_POINT: "prepare"}, {}, {"n_test": 24.0} | per_class)
+    grid = Image.new("RGB", (24, 8), (200, 30, 30))
+    generate = runs.make({ENTRY_POINT: "generate"}, {}, {}, ("synthetic/grid.png", grid))
+    upstream = {"skindiff.prepare_run_id": prepare, "skindiff.generate_run_id": generate}
+    sizes = {
+        "real": {"n_train_real": 100.0, "n_train_synthetic": 0.0},
+        "syn": {"n_train_real": 0.0, "n_train_synthetic": 500.0},
+        "real+syn": {"n_train_real": 100.0, "n_train_synthetic": 500.0},
+    }
+
+    def main_call(epochs: str, seeds: list[int]) -> dict:
+        plan = {"seeds": ",".join(map(str, seeds)), "scenarios": "i", "archs": "tiny"}
+        selection = "test" if epochs == "20" else "val"
+        settings = {"epochs": epochs, "finetune": "full", "selection": selection}
+        parent = runs.make({ENTRY_POINT: "main"}, plan | settings, {})
+        return {
+            seed: runs.main_pair(
+                "i",
+                seed,
+                ["tiny"],
+                rng,
+                "FINISHED",
+                ("real", "syn", "real+syn"),
+                parent,
+                upstream,
+                sizes,
+            )
+            for seed in seeds
+        }
+
+    long = main_call("30", [0, 1])
+    short = main_call("20", [0, 1])
+    long |= main_call("30", [2])  # the same settings, another call: the same group
+
+    out = tmp_path / "report"
+    run_report(ReportConfig(tracking, str(out)))
+    settings = pd.read_csv(out / "settings.csv")
+    digests = {
+        row.value: row.settings for row in settings[settings["name"] == "epochs"].itertuples()
+    }
+    assert set(digests) == {"20", "30"}
+    assert set(settings["name"]) == {"epochs", "finetune", "selection"}  # no seeds, archs, ...
+
+    for epochs, made in (("30", long), ("20", short)):
+        table = pd.read_csv(out / f"table2_scenario_i_{digests[epochs]}.csv")
+        assert list(table["n_seeds"]) == [len(made)] * 3
+        for row in table.itertuples():
+            values = [made[seed][(row.arch, row.train_type)]["f1"] for seed in made]
+            assert_close(row.f1_mean, mean_std(values)[0])
+        assert dict(zip(table["train_type"], table["train_size"], strict=True)) == {
+            "real": 100,
+            "syn": 500,
+            "real+syn": 600,
+        }
+        # The paper's sizes: scenario i's 1,519 real images, 5 synthetic per real one.
+        assert list(table["paper_train_size"]) == [1519, 1519 * 5, 1519 * 6]
+
+    report = (out / "report.md").read_text()
+    marked = " (selected on test, as the reference code)"
+    assert f"## settings {digests['20']}: epochs=20, selection=test{marked}\n" in report
+    assert f"## settings {digests['30']}: epochs=30, selection=val\n" in report
+    assert "Recall (macro)" in report and "train size (paper)" in report
+    assert "8 images of every class, so macro recall equals accuracy" in report
+    assert "recall != accuracy in 8 of 9 rows" in report  # counted from the paper's Table 2
+    # 24 test images, 5 seeds: 100 / (24 * sqrt(5)) = 1.86 points, above all of Table 2's stds.
+    assert "smallest non-zero sample std over 5 seeds is 1.86; 9 of the 9" in report
+    figure = Image.open(out / f"figure2_{digests['20']}.png")
+    assert figure.size == grid.size and figure.getpixel((0, 0)) == (200, 30, 30)

@@ -1,11 +1,16 @@
-"""Split properties for several seeds: disjoint, stratified, deterministic, seed-dependent."""
+"""Split properties for several seeds: disjoint, stratified, deterministic, seed-dependent;
+scenario i without scenarios ii's and iii's test images (`exclude_test_of`)."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import REAL_METADATA
 from skindiff.data.cohort import CohortSpec, select_cohort
+from skindiff.data.config import PrepareConfig
+from skindiff.data.metadata import read_metadata
 from skindiff.data.splits import SPLIT_NAMES, build_scenario_splits
+from skindiff.errors import DataValidationError
 
 SEEDS = [0, 1, 42, 123, 2024]
 CONDITIONS = ("c0", "c1", "c2", "c3")
@@ -98,3 +103,65 @@ def test_manifest_columns(cohort: pd.DataFrame) -> None:
         "path",
     ]
     assert set(manifest["split"]) == {"val"}
+
+
+@pytest.fixture(scope="module")
+def demo_cohort(demo_dataset) -> pd.DataFrame:
+    return select_cohort(read_metadata(demo_dataset.metadata_csv), CohortSpec())
+
+
+@pytest.fixture(scope="module")
+def real_cohort() -> pd.DataFrame:
+    if not REAL_METADATA.is_file():
+        pytest.skip(f"real metadata not present at {REAL_METADATA}")
+    return select_cohort(read_metadata(REAL_METADATA), CohortSpec())
+
+
+def trained_on(splits) -> set[str]:
+    return md5s(splits, "train") | md5s(splits, "val")
+
+
+@pytest.mark.parametrize("which", ["demo_cohort", "real_cohort"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_scenario_i_without_the_test_images_of_ii_and_iii(
+    request: pytest.FixtureRequest, which: str, seed: int
+) -> None:
+    cohort = request.getfixturevalue(which)
+    i, ii, iii = (build_scenario_splits(cohort, s, seed) for s in ("i", "ii", "iii"))
+    tuned = build_scenario_splits(cohort, "i", seed, exclude_test_of=("ii", "iii"))
+    assert not trained_on(tuned) & (md5s(ii, "test") | md5s(iii, "test"))
+    assert trained_on(i) - trained_on(tuned) == md5s(ii, "test")
+    for name in ("test", "flexible_light"):
+        pd.testing.assert_frame_equal(tuned.manifest(name), i.manifest(name))
+    # The only dark images left are scenario i's test split: train and val are iii's.
+    assert set(tuned.train["group"]) == set(tuned.val["group"]) == {"light"}
+    for name in ("train", "val"):
+        pd.testing.assert_frame_equal(tuned.manifest(name), iii.manifest(name))
+
+
+@pytest.mark.parametrize("which", ["demo_cohort", "real_cohort"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_paper_protocol_keeps_the_table_of_scenarios(
+    request: pytest.FixtureRequest, which: str, seed: int
+) -> None:
+    cohort = request.getfixturevalue(which)
+    i, ii, iii = (
+        build_scenario_splits(cohort, s, seed, exclude_test_of=()) for s in ("i", "ii", "iii")
+    )
+    light = set(cohort.query("group == 'light'")["md5hash"]) - md5s(i, "flexible_light")
+    dark = set(cohort.query("group == 'dark'")["md5hash"]) - md5s(i, "test")
+    assert trained_on(i) == light | dark and md5s(ii, "test") == md5s(iii, "test") == dark
+    assert trained_on(ii) == light | md5s(i, "test") and trained_on(iii) == light
+
+
+@pytest.mark.parametrize(
+    ("scenario", "excluded"), [("i", "i"), ("i", "ii,i"), ("ii", "iii"), ("iii", "ii")]
+)
+def test_a_scenarios_own_test_images_cannot_be_excluded(
+    cohort: pd.DataFrame, scenario: str, excluded: str
+) -> None:
+    message = rf"^exclude_test_of: the test images of {excluded.split(',')[-1]} are scenario "
+    with pytest.raises(DataValidationError, match=message):
+        build_scenario_splits(cohort, scenario, 0, exclude_test_of=excluded)
+    with pytest.raises(DataValidationError, match=message):
+        PrepareConfig(scenario=scenario, exclude_test_of=excluded)

@@ -99,7 +99,8 @@ def test_only_the_new_token_rows_of_the_embedding_matrix_change(trained):
         assert row >= vocab
         assert torch.equal(saved[token], matrix[row : row + 1])
         assert (matrix[row] - initial).abs().max() > 1e-3
-    assert len(result.losses) == CONFIG.max_train_steps
+    assert list(result.losses) == list(CONFIG.conditions)  # one loss curve per token
+    assert all(len(curve) == CONFIG.max_train_steps for curve in result.losses.values())
     assert result.validation_images is not None and result.validation_images.is_file()
 
 
@@ -125,6 +126,27 @@ def test_same_seed_gives_bit_identical_embeddings(trained, train, tmp_path):
     assert again.losses == result.losses
     first, second = saved_embeddings(result), saved_embeddings(again)
     assert all(torch.equal(first[token], second[token]) for token in first)
+
+
+def test_each_token_trains_as_a_run_on_its_condition_alone(trained, train, tmp_path):
+    """Per token (the default), a run's token equals, within float tolerance, that of a run on
+    its condition's images alone with the same seed; with shared batches it does not."""
+    result, _ = trained
+    joint = saved_embeddings(result)["<psoriasis>"]
+    alone = train_textual_inversion(
+        replace(CONFIG, conditions=("psoriasis",)),
+        train[train["label"] == "psoriasis"],
+        tmp_path / "alone",
+        progress=False,
+    )
+    torch.testing.assert_close(saved_embeddings(alone)["<psoriasis>"], joint, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(alone.losses["psoriasis"], result.losses["psoriasis"], rtol=1e-5)
+
+    shared = train_textual_inversion(
+        replace(CONFIG, per_token=False), train, tmp_path / "shared", progress=False
+    )
+    assert list(shared.losses) == ["all"]
+    assert (saved_embeddings(shared)["<psoriasis>"] - joint).abs().max() > 1e-4
 
 
 KILLED_RUN = """

@@ -1,4 +1,5 @@
-"""`tune`: workers sharing an Optuna study, heartbeat recovery, pruning, the frozen params."""
+"""`tune`: workers sharing an Optuna study, heartbeat recovery, pruning, the frozen params,
+the protocols (scenario ii's and iii's test images left out by default, or the paper's)."""
 
 import os
 import signal
@@ -10,18 +11,23 @@ from pathlib import Path
 
 import mlflow
 import optuna
+import pandas as pd
 import pytest
 import yaml
 from optuna.trial import TrialState
 
-from conftest import FAST, REPO, fast_configs
+from conftest import CONDITIONS, FAST, REPO, fast_configs
 from skindiff.classify.train import ClassifierConfig
+from skindiff.cli import COMMAND_OPTIONS
+from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.errors import SkindiffError
 from skindiff.options import GENERATE, LORA, TEXTUAL_INVERSION, StudyConfigs, as_text
 from skindiff.search_space import load_search_space
+from skindiff.tracking.names import TUNE_PROTOCOL_TAG, Stage, split_artifact, upstream_tag
 from skindiff.tracking.pipeline import load_frozen_params, run_main
 from skindiff.tracking.settings import StudyPlan
 from skindiff.tracking.tune import (
+    CLASSIFIER_RUN_ATTR,
     INFEASIBLE_ATTR,
     PRUNER_STARTUP_TRIALS,
     TRIAL_RUN_ATTR,
@@ -79,6 +85,39 @@ def runs_of(experiment_id: str) -> list:
     return mlflow.search_runs([experiment_id], output_format="list")
 
 
+def logged_split(prepare_run_id: str, split: str, dst: Path) -> set[str]:
+    """The md5hashes of a split a prepare run logged."""
+    path = mlflow.artifacts.download_artifacts(
+        run_id=prepare_run_id, artifact_path=split_artifact(split), dst_path=str(dst)
+    )
+    return set(pd.read_csv(path, dtype={"md5hash": str})["md5hash"])
+
+
+def test_tune_alone_leaves_out_test_images_by_default() -> None:
+    defaults = {name: {o.name: o.default for o in opts} for name, opts in COMMAND_OPTIONS.items()}
+    assert as_text(defaults["tune"]["exclude_test_of"]) == "ii,iii"
+    assert as_text(defaults["prepare"]["exclude_test_of"]) == ""
+    assert "exclude_test_of" not in defaults["main"] | defaults["ablation"]
+
+
+def test_a_study_is_scored_by_one_protocol(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="skindiff-tune", storage=storage, direction="maximize")
+    study.add_trial(  # a trial of a worker older than exclude_test_of: the paper's protocol
+        optuna.trial.create_trial(
+            params={"strength": 0.5},
+            distributions={"strength": optuna.distributions.FloatDistribution(0.4, 0.6)},
+            value=0.5,
+        )
+    )
+    configs = in_process_configs()
+    excluding = replace(configs, data=replace(configs.data, exclude_test_of=("ii", "iii")))
+    config = TuneConfig(n_trials=1, storage=storage, registered_model="")
+    with pytest.raises(SkindiffError, match="by protocol paper, this worker by exclude-test-of"):
+        run_tune(excluding, config)
+    assert len(study.trials) == 1
+
+
 def test_two_workers_share_one_study(tracking: str, warm_cache, tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     space = write_space(tmp_path, TINY_SPACE)
@@ -96,11 +135,28 @@ def test_two_workers_share_one_study(tracking: str, warm_cache, tmp_path: Path) 
     worker_runs = {r.info.run_id: r for r in tune_runs if TRIAL_TAG not in r.data.tags}
     assert len(worker_runs) == 2
     assert {r.info.status for r in worker_runs.values()} == {"FINISHED"}
+    for run in worker_runs.values():  # the CLI's default protocol
+        assert run.data.tags[TUNE_PROTOCOL_TAG] == "exclude-test-of-ii,iii"
+        assert run.data.params["exclude_test_of"] == "ii,iii"
+        assert run.data.params["objective"] == "test_f1_macro"
+    paper = {
+        s: prepare_scenario(PrepareConfig(scenario=s, conditions=CONDITIONS)).splits
+        for s in ("i", "ii")
+    }
+    test_of_ii = set(paper["ii"].test["md5hash"])
     for trial in study.trials:
         run = mlflow.get_run(trial.user_attrs[TRIAL_RUN_ATTR])
         assert run.data.tags[TRIAL_TAG] == str(trial.number)
         assert run.data.params == {name: as_text(v) for name, v in trial.params.items()}
-        assert run.data.metrics["val_f1_macro"] == pytest.approx(trial.value)
+        assert run.data.metrics == {"test_f1_macro": pytest.approx(trial.value)}
+        classifier = mlflow.get_run(trial.user_attrs[CLASSIFIER_RUN_ATTR])
+        assert classifier.data.metrics["test_f1_macro"] == pytest.approx(trial.value)
+        # Its prepare run: none of scenario ii's test images trained or validated on.
+        prepare = classifier.data.tags[upstream_tag(Stage.PREPARE)]
+        dst = tmp_path / "splits" / str(trial.number)
+        trained = logged_split(prepare, "train", dst) | logged_split(prepare, "val", dst)
+        assert trained and test_of_ii and not trained & test_of_ii
+        assert logged_split(prepare, "test", dst) == set(paper["i"].test["md5hash"])
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
         stages = {r.data.tags["mlflow.project.entryPoint"] for r in children}
         assert {"textual_inversion", "lora", "generate", "train_classifier"} <= stages
@@ -147,11 +203,12 @@ def test_a_killed_workers_trial_is_failed_and_retried(
     heartbeat = {"heartbeat_interval": 1, "grace_period": 2}
     # Made here, so that polling it never races the worker creating it.
     study = optuna.create_study(study_name="skindiff-tune", storage=storage, direction="maximize")
-    worker = start_worker(
+    worker = start_worker(  # the paper's protocol, as in_process_configs
         tmp_path,
         storage,
         search_space=space,
         registered_model="",
+        exclude_test_of="",
         **{k: str(v) for k, v in heartbeat.items()},
     )
     deadline = time.monotonic() + 120
@@ -186,6 +243,11 @@ def test_a_killed_workers_trial_is_failed_and_retried(
     champion = mlflow.MlflowClient().get_model_version_by_alias(model, "champion")
     assert champion.version == result.registered_version and result.champion
     assert float(champion.tags["value"]) == pytest.approx(retried.value)
+    # The paper's protocol is scored on validation, and says so.
+    assert result.objective == champion.tags["objective"] == "val_f1_macro"
+    assert mlflow.get_run(result.run_id).data.tags[TUNE_PROTOCOL_TAG] == "paper"
+    for run_id in (retried.user_attrs[TRIAL_RUN_ATTR], retried.user_attrs[CLASSIFIER_RUN_ATTR]):
+        assert mlflow.get_run(run_id).data.metrics["val_f1_macro"] == pytest.approx(retried.value)
     # `main --frozen-params models:/<name>@champion` reads what the tune run froze.
     assert load_frozen_params(f"models:/{model}@champion") == result.frozen_params
     assert load_frozen_params(result.run_id) == result.frozen_params

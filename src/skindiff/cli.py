@@ -187,8 +187,9 @@ def generate(data, ti_config, lora_config, config, runs) -> None:
     runs=RUNS.only("prepare_run_id", "generate_run_id"),
 )
 def train_classifier(data, ti_config, lora_config, generate_config, config, runs) -> None:
-    """Train a classifier on real, synthetic or real+synthetic images; model selection on the
-    validation split, the test split scored once (MLflow run)."""
+    """Train a classifier on real, synthetic or real+synthetic images; the epoch kept is chosen
+    by --selection (validation macro-F1 by default; last; test, as the reference code) (MLflow
+    run)."""
     from skindiff.tracking.train_classifier import run_train_classifier
 
     run_id = run_train_classifier(
@@ -250,16 +251,17 @@ def report(config) -> None:
 
 @stage_command("tune", configs=TUNE_STUDY, config=TUNE)
 def tune(configs, config) -> None:
-    """Optuna study of the generator's hyperparameters on scenario i (objective: validation
-    macro-F1 of a classifier trained on synthetic images only); run it on several processes
-    or machines with one storage to share the study. Ends by freezing the best trial's params
+    """Optuna study of the generator's hyperparameters on scenario i (objective: macro-F1 of a
+    classifier trained on synthetic images only, on scenario i's test split with the default
+    --exclude-test-of ii,iii, else on validation); run it on several processes or machines
+    with one storage to share the study. Ends by freezing the best trial's params
     (frozen_params.yaml) and registering its generator (MLflow run per worker and trial)."""
     from skindiff.tracking.tune import run_tune
 
     result = run_tune(configs, config)
     typer.echo(
         f"tune run {result.run_id}: best trial {result.best_trial}, "
-        f"val_f1_macro {result.best_value:.4f}"
+        f"{result.objective} {result.best_value:.4f}"
     )
     for name, value in result.frozen_params.items():
         typer.echo(f"  {name} = {value}")

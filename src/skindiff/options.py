@@ -122,8 +122,9 @@ def omitting(group: OptionGroup, *names: str) -> OptionGroup:
     return replace(group, omit=(*group.omit, *names))
 
 
-# What the pipeline commands set themselves: each pair's scenario and seed, and so on.
-PAIR_DATA = omitting(DATA, "scenario", "seed")
+# What the pipeline commands set themselves: each pair's scenario and seed, and so on. They
+# keep the paper's splits: only `tune` leaves other scenarios' test images out.
+PAIR_DATA = omitting(DATA, "scenario", "seed", "exclude_test_of")
 PAIR_TEXTUAL_INVERSION = omitting(TEXTUAL_INVERSION, "seed")
 PAIR_LORA = omitting(LORA, "seed")
 PAIR_GENERATE = omitting(GENERATE, "seed")
@@ -132,7 +133,10 @@ ABLATION_GENERATE = omitting(GENERATE, "seed", "mode")
 ABLATION_CLASSIFIER = replace(
     omitting(CLASSIFIER, "seed", "train_type"), defaults=(("arch", Arch.VGG16),)
 )
-SCENARIO_I_DATA = omitting(DATA, "scenario")
+# Tuned on scenario i, frozen for ii and iii: by default none of their test images is used.
+TUNE_DATA = replace(
+    omitting(DATA, "scenario"), defaults=(("exclude_test_of", (Scenario.II, Scenario.III)),)
+)
 SYN_CLASSIFIER = omitting(CLASSIFIER, "train_type")
 
 
@@ -211,4 +215,4 @@ MAIN_STUDY = StudyGroups(
 ABLATION_STUDY = StudyGroups(
     PAIR_DATA, PAIR_TEXTUAL_INVERSION, PAIR_LORA, ABLATION_GENERATE, ABLATION_CLASSIFIER
 )
-TUNE_STUDY = StudyGroups(SCENARIO_I_DATA, TEXTUAL_INVERSION, LORA, GENERATE, SYN_CLASSIFIER)
+TUNE_STUDY = StudyGroups(TUNE_DATA, TEXTUAL_INVERSION, LORA, GENERATE, SYN_CLASSIFIER)

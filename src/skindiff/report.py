@@ -1,11 +1,18 @@
-"""The paper's Tables 2-5 rebuilt from per-run scores, beside its published numbers, with plots.
+"""The paper's Tables 2-5 and Fig. 2 rebuilt from per-run scores, beside its published numbers.
 
-Input scores are fractions (0-1), one row per classifier run; tables show percent, the mean
-and the sample standard deviation (ddof=1) over seeds. A report folder is marked by the first
-line of its report.md, which lists the files the report wrote: only those are ever replaced.
+Scores come in groups of runs made with the same study settings (`SettingsGroup`); each group
+gets its own tables, so runs made with different settings are never averaged together. Input
+scores are fractions (0-1), one row per classifier run; tables show percent, the mean and the
+sample standard deviation (ddof=1) over seeds. A report folder is marked by the first line of
+its report.md, which lists the files the report wrote: only those are ever replaced.
 """
 
-from collections.abc import Sequence
+import hashlib
+import json
+import math
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +23,12 @@ from matplotlib.figure import Figure
 from skindiff.errors import SkindiffError
 
 METRICS = ("accuracy", "precision", "recall", "f1")
-METRIC_TITLES = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall", "f1": "F1"}
+METRIC_TITLES = {
+    "accuracy": "Accuracy",
+    "precision": "Precision (macro)",
+    "recall": "Recall (macro)",
+    "f1": "F1 (macro)",
+}
 ARCHS = ("vgg16", "resnet18", "vit_b_16")  # the paper's, in its order; others follow
 ARCH_TITLES = {"vgg16": "VGG-16", "resnet18": "ResNet-18", "vit_b_16": "ViT-B-16"}
 TRAIN_TYPES = ("real", "syn", "real+syn")
@@ -73,6 +85,11 @@ PAPER_TEXT = {
         vit_b_16 real+syn 60.96 0.31  64.57 0.01  57.51 0.29  58.92 0.31
     """,
 }
+# The paper's "Train size": the real training images of each scenario, and 5 synthetic images
+# per real one.
+PAPER_TRAIN_SIZE = {"i": 1519, "ii": 1284, "iii": 1228}
+PAPER_TRAIN_MULTIPLE = {"real": 1, "syn": 5, "real+syn": 6}
+PAPER_SEEDS = 5
 # Table 5 of the paper: accuracy (percent, no std printed) of a VGG-16 trained on synthetic
 # images only, per generation mode, on the light and the dark flexible subsets (scenario i).
 PAPER_ABLATION = {
@@ -110,9 +127,15 @@ def _order(values: pd.Series, known: Sequence[str]) -> pd.Series:
 def classification_table(scores: pd.DataFrame, scenario: str) -> pd.DataFrame:
     """Table 2, 3 or 4 for `scenario` from rows (scenario, seed, arch, train_type, accuracy,
     precision, recall, f1): one row per (arch, train_type) with ours and the paper's numbers."""
-    ours = _mean_std(scores[scores["scenario"] == scenario], ["arch", "train_type"], METRICS)
+    rows = scores[scores["scenario"] == scenario]
+    ours = _mean_std(rows, ["arch", "train_type"], METRICS)
+    sizes = rows.groupby(["arch", "train_type"], sort=False)["train_size"].mean()
+    ours = ours.merge(sizes.reset_index(), on=["arch", "train_type"], how="left")
     paper = paper_classifiers().query("scenario == @scenario").drop(columns="scenario")
     table = ours.merge(paper, on=["arch", "train_type"], how="left")
+    table["paper_train_size"] = (
+        table["train_type"].map(PAPER_TRAIN_MULTIPLE) * (PAPER_TRAIN_SIZE[scenario])
+    )
     table = table.sort_values(
         ["arch", "train_type"],
         key=lambda c: _order(c, ARCHS if c.name == "arch" else TRAIN_TYPES),
@@ -140,10 +163,18 @@ def _cell(mean: float, std: float = np.nan) -> str:
     return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
 
 
+def _count(value: float) -> str:
+    if pd.isna(value):
+        return "-"
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.1f}"
+
+
 def classification_markdown(table: pd.DataFrame) -> str:
     columns = {"architecture": table["arch"].map(lambda a: ARCH_TITLES.get(a, a))}
     columns["train type"] = table["train_type"]
     columns["n seeds"] = table["n_seeds"]
+    columns["train size"] = table["train_size"].map(_count)
+    columns["train size (paper)"] = table["paper_train_size"].map(_count)
     for metric in METRICS:
         for source, prefix in (("", ""), (" (paper)", "paper_")):
             columns[METRIC_TITLES[metric] + source] = [
@@ -232,52 +263,169 @@ def previous_report_files(output_dir: Path) -> list[str]:
     return first.removeprefix(MARKER).removesuffix(" -->").split(", ")
 
 
-def write_report(
-    classifier_scores: pd.DataFrame, ablation_scores: pd.DataFrame, output_dir: Path, source: str
-) -> list[Path]:
-    """Writes the tables (Markdown + CSV), the plots and report.md to `output_dir` (replacing
-    only an earlier report's files); returns the paths written, report.md last. `source`
-    says in a line where the scores come from."""
+@dataclass(frozen=True)
+class SettingsGroup:
+    """The runs of one set of study settings: classifier scores (rows of scenario, seed, arch,
+    train_type, the METRICS, train_size, n_test, n_test_per_class), ablation rows (seed, mode,
+    test_set, accuracy) and a real/synthetic image grid standing for the paper's Fig. 2."""
+
+    digest: str  # settings_digest(settings)
+    settings: dict[str, str]
+    classifier_scores: pd.DataFrame
+    ablation_scores: pd.DataFrame
+    figure_2: Path | None
+
+
+def settings_digest(settings: Mapping[str, str]) -> str:
+    """A short name of a set of settings: the same settings, the same digest, in any order."""
+    text = json.dumps(dict(sorted(settings.items())))
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def differing_settings(groups: Sequence[SettingsGroup]) -> dict[str, dict[str, str]]:
+    """Per group digest: the settings whose value is not the same in all `groups`."""
+    names = sorted(set().union(*(group.settings for group in groups)))
+    differing = [n for n in names if len({group.settings.get(n) for group in groups}) > 1]
+    return {g.digest: {n: g.settings.get(n, "(unset)") for n in differing} for g in groups}
+
+
+MAX_TITLE_SETTINGS = 6
+
+
+def group_title(group: SettingsGroup, differing: Mapping[str, str]) -> str:
+    """`settings 1a2b3c4d: epochs=20, finetune=full`, marked where the epochs were selected on
+    the test split."""
+    shown = [f"{name}={value}" for name, value in differing.items()]
+    if len(shown) > MAX_TITLE_SETTINGS:
+        rest = len(shown) - MAX_TITLE_SETTINGS
+        shown = [*shown[:MAX_TITLE_SETTINGS], f"and {rest} more (settings.csv)"]
+    title = f"settings {group.digest}" + (f": {', '.join(shown)}" if shown else "")
+    if group.settings.get("selection") == "test":
+        title += " (selected on test, as the reference code)"
+    return title
+
+
+def construction_notes(scores: pd.DataFrame) -> list[str]:
+    """Where the paper's Tables 2-4 cannot be matched by construction, with the numbers of
+    these runs' test splits (the paper's tables are compared with its 5 seeds)."""
+    notes = []
+    paper = paper_classifiers()
+    for scenario, number in SCENARIO_TABLE.items():
+        rows = scores[scores["scenario"] == scenario]
+        n_test = rows["n_test"].dropna()
+        if n_test.empty:
+            continue
+        n = int(n_test.mode().iloc[0])
+        published = paper[paper["scenario"] == scenario]
+        per_class = rows["n_test_per_class"].dropna()
+        if len(per_class) == len(rows):
+            differ = int((published["paper_recall_mean"] != published["paper_accuracy_mean"]).sum())
+            notes.append(
+                f"Scenario {scenario}: the test split holds {int(per_class.iloc[0])} images of "
+                f"every class, so macro recall equals accuracy in every row here; the paper's "
+                f"Table {number} has recall != accuracy in {differ} of {len(published)} rows."
+            )
+        smallest = 100 / (n * math.sqrt(PAPER_SEEDS))
+        stds = published["paper_accuracy_std"]
+        below = int(((stds > 0) & (stds < smallest)).sum())
+        notes.append(
+            f"Scenario {scenario}: an accuracy over {n} test images moves in steps of "
+            f"{100 / n:.2f} points, so the smallest non-zero sample std over {PAPER_SEEDS} seeds "
+            f"is {smallest:.2f}; {below} of the {len(stds)} accuracy stds of the paper's Table "
+            f"{number} ({stds.min():.2f}-{stds.max():.2f}) are below it."
+        )
+    return notes
+
+
+def write_report(groups: Sequence[SettingsGroup], output_dir: Path, source: str) -> list[Path]:
+    """Writes, per group, the tables (Markdown + CSV), the plots and the Fig. 2 grid, then
+    report.md, to `output_dir` (replacing only an earlier report's files); returns the paths
+    written, report.md last. `source` says in a line where the scores come from. With more
+    than one group, file names end in the group's digest."""
     old = previous_report_files(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for name in old:
         (output_dir / Path(name).name).unlink(missing_ok=True)
-    sections, written = [], []
+    written: list[Path] = []
 
-    def save(name: str, content: str | pd.DataFrame | Figure) -> str:
+    def save(name: str, content: str | pd.DataFrame | Figure | Path) -> str:
         path = output_dir / name
         if isinstance(content, pd.DataFrame):
             content.to_csv(path, index=False)
         elif isinstance(content, Figure):
             content.savefig(path, dpi=100)
+        elif isinstance(content, Path):
+            shutil.copyfile(content, path)
         else:
             path.write_text(content + "\n")
         written.append(path)
         return name
 
-    present = set(classifier_scores.get("scenario", ()))
+    main = [g for g in groups if len(g.classifier_scores)]
+    ablation = [g for g in groups if len(g.ablation_scores)]
+    differing = differing_settings(main) | differing_settings(ablation)
+    suffix = {g.digest: f"_{g.digest}" if len(groups) > 1 else "" for g in groups}
+    sections = []
+    for group in groups:
+        title = group_title(group, differing[group.digest])
+        sections.append(f"## {title}")
+        sections.extend(_group_sections(group, suffix[group.digest], save))
+    settings = [
+        {"settings": g.digest, "name": name, "value": value}
+        for g in groups
+        for name, value in sorted(g.settings.items())
+    ]
+    save("settings.csv", pd.DataFrame(settings, columns=["settings", "name", "value"]))
+    all_scores = [g.classifier_scores for g in main]
+    save("scores_classifiers.csv", pd.concat(all_scores) if all_scores else pd.DataFrame())
+    all_rows = [g.ablation_scores.assign(settings=g.digest) for g in ablation]
+    save("scores_ablation.csv", pd.concat(all_rows) if all_rows else pd.DataFrame())
+    names = [path.name for path in written] + [REPORT]
+    header = (
+        f"{MARKER}{', '.join(names)} -->\n# skindiff report\n\n{source} Each group of "
+        f"settings has its own tables; `settings.csv` lists every group's settings.\n\n{STD_NOTE}"
+    )
+    save(REPORT, "\n\n".join([header, *sections]))
+    return written
+
+
+def _group_sections(
+    group: SettingsGroup, suffix: str, save: Callable[[str, object], str]
+) -> list[str]:
+    """The Markdown sections of one group, saving its files with `save(name, content)`."""
+    sections = []
+    scores = group.classifier_scores
+    present = set(scores["scenario"]) if len(scores) else set()
     for scenario, number in SCENARIO_TABLE.items():
         if scenario not in present:
             continue
-        stem = f"table{number}_scenario_{scenario}"
-        table = classification_table(classifier_scores, scenario)
+        stem = f"table{number}_scenario_{scenario}{suffix}"
+        table = classification_table(scores, scenario)
         title = f"Table {number}: scenario {scenario}"
         markdown = classification_markdown(table)
         save(f"{stem}.csv", table)
-        save(f"{stem}.md", f"## {title}\n\n{markdown}")
+        save(f"{stem}.md", f"### {title}\n\n{markdown}")
         plot = save(f"{stem}.png", classification_figure(table, title))
-        sections.append(f"## {title}\n\n{markdown}\n\n![{title}]({plot})")
-    if len(ablation_scores):
-        table = ablation_table(ablation_scores)
+        sections.append(f"### {title}\n\n{markdown}\n\n![{title}]({plot})")
+    notes = construction_notes(scores) if len(scores) else []
+    if notes:
+        listing = "\n".join(f"- {note}" for note in notes)
+        sections.append(
+            f"### Where the paper's numbers cannot be matched by construction\n\n{listing}"
+        )
+    if group.figure_2 is not None:
+        figure = save(f"figure2{suffix}.png", group.figure_2)
+        sections.append(
+            "### Fig. 2: real light-skinned images and their synthetic dark-skinned variants\n\n"
+            f"Per condition, a real training image (light-skinned where there is one) followed by "
+            f"the variants generated from it.\n\n![Fig. 2]({figure})"
+        )
+    if len(group.ablation_scores):
+        table = ablation_table(group.ablation_scores)
         title = "Table 5: ablation (scenario i, synthetic-only classifier, accuracy)"
         markdown = ablation_markdown(table)
-        save("table5_ablation.csv", table)
-        save("table5_ablation.md", f"## {title}\n\n{markdown}")
-        plot = save("table5_ablation_gap.png", ablation_figure(table))
-        sections.append(f"## {title}\n\n{markdown}\n\n![light-vs-dark gap]({plot})")
-    save("scores_classifiers.csv", classifier_scores)
-    save("scores_ablation.csv", ablation_scores)
-    names = [path.name for path in written] + [REPORT]
-    header = f"{MARKER}{', '.join(names)} -->\n# skindiff report\n\n{source}\n\n{STD_NOTE}"
-    save(REPORT, "\n\n".join([header, *sections]))
-    return written
+        save(f"table5_ablation{suffix}.csv", table)
+        save(f"table5_ablation{suffix}.md", f"### {title}\n\n{markdown}")
+        plot = save(f"table5_ablation_gap{suffix}.png", ablation_figure(table))
+        sections.append(f"### {title}\n\n{markdown}\n\n![light-vs-dark gap]({plot})")
+    return sections

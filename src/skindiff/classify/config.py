@@ -1,6 +1,7 @@
 """Settings of a classifier run. Training settings are the reference code's (Adam lr 1e-3,
-StepLR at a third of the epochs, 30 epochs of batch 256, 224 px crops); arch and weights
-default to what runs offline on a CPU (the paper: vgg16 with ImageNet weights)."""
+StepLR at a third of the epochs, 30 epochs of batch 256, 224 px crops). The arch defaults to
+`tiny`, which runs offline on a CPU (the paper: vgg16); weights default to `auto`: ImageNet
+weights for the paper's archs, as the paper, and random ones for `tiny`, which has none."""
 
 from dataclasses import dataclass
 from enum import StrEnum
@@ -26,8 +27,24 @@ MIN_IMAGE_SIZE = 32
 class Weights(StrEnum):
     """Where a classifier's starting weights come from, besides a checkpoint file."""
 
+    AUTO = "auto"  # imagenet for the paper's archs, none for tiny (see resolve_weights)
     NONE = "none"  # random initialisation
     IMAGENET = "imagenet"  # torchvision's IMAGENET1K_V1, from the local torch cache only
+
+
+def resolve_weights(arch: Arch, weights: Weights | Path) -> Weights | Path:
+    """`weights` with `auto` replaced by what it means for `arch`: imagenet or none."""
+    if weights != Weights.AUTO:
+        return weights
+    return Weights.NONE if arch == Arch.TINY else Weights.IMAGENET
+
+
+class Selection(StrEnum):
+    """Which epoch's weights a classifier keeps."""
+
+    VAL = "val"  # the best validation macro-F1 (the earlier on ties)
+    LAST = "last"  # the last epoch; needs no validation split
+    TEST = "test"  # the best test macro-F1: the reference code's protocol, optimistic
 
 
 class Finetune(StrEnum):
@@ -51,8 +68,9 @@ class ClassifierConfig(Settings):
         Arch.TINY, "Classifier: vgg16, resnet18, vit_b_16 or tiny (a small CNN for CPU runs)."
     )
     weights: Weights | Path = setting(
-        Weights.NONE,
-        "imagenet (from the local torch cache, never downloaded), none, or a checkpoint file.",
+        Weights.AUTO,
+        "auto (imagenet for vgg16, resnet18, vit_b_16; none for tiny), imagenet (from the "
+        "local torch hub cache, never downloaded), none (random), or a checkpoint file.",
     )
     finetune: Finetune = setting(
         Finetune.HEAD, "head: frozen backbone, new head (reference); full: train everything."
@@ -60,13 +78,19 @@ class ClassifierConfig(Settings):
     train_type: TrainType = setting(
         TrainType.REAL, "real, syn or real+syn: the images the classifier trains on."
     )
-    epochs: int = setting(30, "Classifier: training epochs; the best is chosen on validation.")
+    epochs: int = setting(30, "Classifier: training epochs; selection picks the one kept.")
     batch_size: int = setting(256, "Classifier: images per batch.")
     learning_rate: float = setting(
         1e-3, "Classifier: Adam learning rate (StepLR divides it by 10 every epochs // 3)."
     )
     image_size: int = setting(224, "Classifier: input crop in pixels (ViT-B-16 needs 224).")
     seed: int = setting(0, "Seed of the classifier's initialisation and sampling.")
+    selection: Selection = setting(
+        Selection.VAL,
+        "The epoch whose weights are kept: val (best validation macro-F1), last (needs no "
+        "validation split) or test (best test macro-F1, the reference code's optimistic "
+        "protocol).",
+    )
 
     def check(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -85,10 +109,24 @@ class ClassifierConfig(Settings):
         require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         require(
             not isinstance(self.weights, Path) or bool(self.weights.name),
-            f"weights must be none, imagenet or a checkpoint path, got {str(self.weights)!r}",
+            f"weights must be auto, none, imagenet or a checkpoint path, got {str(self.weights)!r}",
         )
         require(
             not (self.weights == Weights.IMAGENET and self.arch == Arch.TINY),
             "weights='imagenet': arch 'tiny' has no ImageNet weights; use weights='none' or "
             "the path of a checkpoint",
         )
+
+    @property
+    def resolved_weights(self) -> Weights | Path:
+        """The weights this classifier starts from: imagenet, none or a checkpoint path."""
+        return resolve_weights(self.arch, self.weights)
+
+
+def require_validation(selection: Selection, has_val: bool, why: str) -> None:
+    """Refuses selection on a validation split that there is not (`why`: what is missing)."""
+    require(
+        selection != Selection.VAL or has_val,
+        f"selection 'val' chooses the epoch on the validation split, but {why}: prepare the "
+        "data with --val-fraction > 0, or use --selection last (or test)",
+    )

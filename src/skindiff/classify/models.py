@@ -9,7 +9,7 @@ tiny) still update their running statistics in train mode, as in torchvision's u
 fine-tuning recipe; VGG-16, the reference's network, has none.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision import models
 
-from skindiff.classify.config import Arch, Finetune, Weights
+from skindiff.classify.config import Arch, Finetune, Weights, resolve_weights
 from skindiff.core.settings import coerce
 from skindiff.errors import SkindiffError
 
@@ -78,12 +78,13 @@ def build_classifier(
     """A classifier with the reference head for `num_classes` classes.
 
     weights: none (random init), imagenet (torchvision's IMAGENET1K_V1, read from the local
-    torch hub cache only) or the path of a local state_dict (.pt, .pth or .safetensors) either of
-    the plain architecture (ImageNet-shaped last layer) or of a classifier built here.
+    torch hub cache only), auto (imagenet, none for tiny) or the path of a local state_dict
+    (.pt, .pth or .safetensors) either of the plain architecture (ImageNet-shaped last layer)
+    or of a classifier built here.
     finetune: head freezes everything but the new head (the reference); full trains all.
     """
     arch = coerce(Arch, "arch", arch)
-    weights = coerce(Weights | Path, "weights", weights)
+    weights = resolve_weights(arch, coerce(Weights | Path, "weights", weights))
     finetune = coerce(Finetune, "finetune", finetune)
     if num_classes < 2:
         raise SkindiffError(f"num_classes must be at least 2, got {num_classes}")
@@ -122,15 +123,46 @@ def _requested_state(
             f"weights='imagenet': arch {arch!r} has no ImageNet weights; "
             "use weights='none' or the path of a checkpoint"
         )
+    require_imagenet_files([arch], weights)
+    return _read_state_dict(imagenet_file(arch)), str(imagenet_file(arch))
+
+
+def imagenet_file(arch: Arch) -> Path:
+    """Where torchvision keeps `arch`'s IMAGENET1K_V1 weights: the torch hub checkpoints folder
+    (TORCH_HOME/hub/checkpoints, by default ~/.cache/torch/hub/checkpoints)."""
     url = _TORCHVISION[arch][1].url
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
-    if not path.is_file():
-        # Never download: the user puts the file there (or sets TORCH_HOME to where it is).
-        raise SkindiffError(
-            f"weights='imagenet' for {arch} needs {path.name} in the torch hub cache: "
-            f"download {url} and put it at {path}"
-        )
-    return _read_state_dict(path), str(path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def require_imagenet_files(archs: Iterable[Arch | str], weights: Weights | Path | str) -> None:
+    """Raises one SkindiffError naming every ImageNet weight file that classifiers of `archs`
+    with `weights` need and the torch hub cache lacks, and how to fetch them: nothing is ever
+    downloaded here, and a pipeline should stop before it trains anything, not at its first
+    VGG-16 hours later."""
+    weights = coerce(Weights | Path, "weights", weights)
+    missing = [
+        arch
+        for arch in dict.fromkeys(coerce(Arch, "arch", a) for a in archs)
+        if arch in _TORCHVISION
+        and resolve_weights(arch, weights) == Weights.IMAGENET
+        and not imagenet_file(arch).is_file()
+    ]
+    if not missing:
+        return
+    folder = imagenet_file(missing[0]).parent
+    names = ", ".join(f"{imagenet_file(arch).name} ({arch})" for arch in missing)
+    calls = "; ".join(
+        f"torchvision.models.{builder.__name__}(weights='{enum.name}')"
+        for builder, enum in (_TORCHVISION[arch] for arch in missing)
+    )
+    urls = " ".join(_TORCHVISION[arch][1].url for arch in missing)
+    raise SkindiffError(
+        f"weights {weights}: ImageNet weight files missing from the torch hub cache {folder}: "
+        f"{names}. Nothing is downloaded here: on a machine with internet run "
+        f'python -c "import torchvision; {calls}" and copy the files from its torch hub '
+        f"checkpoints folder into {folder} (or download {urls} there, or set TORCH_HOME to "
+        "where they are), or use --weights none"
+    )
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

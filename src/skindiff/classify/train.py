@@ -1,9 +1,15 @@
-"""Training a skin-condition classifier, with the best epoch chosen on the validation split.
+"""Training a skin-condition classifier, and which epoch's weights it keeps (`selection`).
 
 The loop is the reference code's (Adam, StepLR at a third of the epochs, class-balanced
-sampling, 30 epochs of batch 256), except for its known flaw: the reference kept the epoch that
-scored best on the test set. Here the epoch with the best validation macro-F1 is kept (the
-earlier one on ties), and the test split is predicted exactly once, with those weights.
+sampling, 30 epochs of batch 256). The reference kept the epoch that scored best on the test
+set, which overstates the test scores; `selection` says which epoch is kept:
+- val (default): the best validation macro-F1, the earlier epoch on ties;
+- last: the last epoch; no validation split is needed (val_fraction 0 trains on the paper's
+  full training sets), and without one nothing is scored on validation;
+- test: the best test macro-F1, the reference's protocol, for comparison with the paper only.
+With val and last the test split is predicted exactly once, with the kept weights; with test
+it is also predicted after every epoch. The validation split, when there is one, is scored
+after every epoch whatever the selection.
 """
 
 from collections.abc import Callable, Sequence
@@ -16,7 +22,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from skindiff.classify.config import MIN_IMAGE_SIZE, ClassifierConfig
+from skindiff.classify.config import (
+    MIN_IMAGE_SIZE,
+    ClassifierConfig,
+    Selection,
+    require_validation,
+)
 from skindiff.classify.data import (
     ManifestDataset,
     eval_transform,
@@ -34,11 +45,14 @@ from skindiff.errors import SkindiffError
 class ClassifierResult:
     """A trained classifier with its training curve and its validation and test predictions."""
 
-    model: nn.Module  # weights of the best epoch, eval mode, on CPU
+    model: nn.Module  # weights of the kept epoch, eval mode, on CPU
     labels: tuple[str, ...]  # class index -> label
-    history: pd.DataFrame  # epoch, train_loss, val_loss, val_accuracy, val_f1_macro, lr (used)
-    best_epoch: int
-    val_predictions: pd.DataFrame  # PREDICTION_COLUMNS, then prob_<label slug> per class
+    # epoch, train_loss, then <split>_loss, <split>_accuracy, <split>_f1_macro of each split
+    # scored every epoch (val when there is one, test with selection test), then lr (used).
+    history: pd.DataFrame
+    best_epoch: int  # the kept epoch
+    # PREDICTION_COLUMNS, then prob_<label slug> per class; None without a validation split.
+    val_predictions: pd.DataFrame | None
     test_predictions: pd.DataFrame
 
 
@@ -51,24 +65,22 @@ def train_classifier(
     progress: bool = True,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> ClassifierResult:
-    """Trains on `train` (from build_training_set), picks the epoch on `val`, predicts `test`.
+    """Trains on `train` (from build_training_set), keeps the epoch `config.selection` picks,
+    predicts `test` with it. `val` may be empty unless the selection is val.
 
-    `on_epoch(epoch, val_f1_macro)` is called after every epoch (a tuner reports it and may
-    raise to stop a hopeless run). Deterministic given `config.seed` on a CPU.
+    `on_epoch(epoch, val_f1_macro)` is called after every epoch when there is a validation
+    split (a tuner reports it and may raise to stop a hopeless run). Deterministic given
+    `config.seed` on a CPU.
     """
     labels = _check_labels(labels)
-    if val.empty:
-        raise SkindiffError(
-            "val is empty: the best epoch is chosen on the validation split; "
-            "prepare the data with val_fraction > 0"
-        )
+    require_validation(config.selection, not val.empty, "val is empty")
     for name, rows in (("train", train), ("test", test)):
         if rows.empty:
             raise SkindiffError(f"{name} is empty")
 
     torch.manual_seed(config.seed)
     device = pick_device()
-    model = build_classifier(config.arch, len(labels), config.weights, config.finetune)
+    model = build_classifier(config.arch, len(labels), config.resolved_weights, config.finetune)
     model.to(device)
     train_loader = DataLoader(
         ManifestDataset(train, labels, train_transform(config.image_size), "train"),
@@ -76,18 +88,22 @@ def train_classifier(
         sampler=weighted_sampler(train, labels, config.seed),
     )
     # Built before training so that a missing val or test image stops the run at once.
-    val_loader = _eval_loader(val, labels, config.image_size, config.batch_size, "val")
-    test_loader = _eval_loader(test, labels, config.image_size, config.batch_size, "test")
+    scored = {"val": val} if not val.empty else {}
+    if config.selection == Selection.TEST:
+        scored["test"] = test
+    loaders = {
+        name: _eval_loader(rows, labels, config.image_size, config.batch_size, name)
+        for name, rows in ({"test": test} | scored).items()
+    }
     optimizer = torch.optim.Adam(
         [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate
     )
     scheduler = torch.optim.lr_scheduler.StepLR(
         optimizer, step_size=max(1, config.epochs // 3), gamma=0.1
     )
-    val_targets = torch.tensor(val_loader.dataset.targets)
 
     history = []
-    best_f1 = -1.0
+    best_score, val_predictions = -1.0, None
     for epoch in range(1, config.epochs + 1):
         lr = scheduler.get_last_lr()[0]
         bar = tqdm(
@@ -98,29 +114,32 @@ def train_classifier(
         )
         train_loss = _train_epoch(model, train_loader, optimizer, device, bar)
         scheduler.step()
-        logits = _logits(model, val_loader, device)
-        predictions = _prediction_frame(val, labels, logits)
-        scores = classification_metrics(predictions, labels, "val")
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": F.cross_entropy(logits, val_targets).item(),
-                "val_accuracy": scores["val_accuracy"],
-                "val_f1_macro": scores["val_f1_macro"],
-                "lr": lr,
-            }
-        )
-        bar.set_postfix(train_loss=f"{train_loss:.3f}", val_f1=f"{scores['val_f1_macro']:.3f}")
+        row = {"epoch": epoch, "train_loss": train_loss}
+        predictions = {}
+        for name, rows in scored.items():
+            logits = _logits(model, loaders[name], device)
+            predictions[name] = _prediction_frame(rows, labels, logits)
+            scores = classification_metrics(predictions[name], labels, name)
+            targets = torch.tensor(loaders[name].dataset.targets)
+            row[f"{name}_loss"] = F.cross_entropy(logits, targets).item()
+            for metric in ("accuracy", "f1_macro"):
+                row[f"{name}_{metric}"] = scores[f"{name}_{metric}"]
+        history.append(row | {"lr": lr})
+        f1s = {f"{name}_f1": f"{row[f'{name}_f1_macro']:.3f}" for name in scored}
+        bar.set_postfix(train_loss=f"{train_loss:.3f}", **f1s)
         bar.close()
-        if on_epoch is not None:
-            on_epoch(epoch, scores["val_f1_macro"])
-        if scores["val_f1_macro"] > best_f1:
-            best_f1, best_epoch, val_predictions = scores["val_f1_macro"], epoch, predictions
+        if on_epoch is not None and "val" in scored:
+            on_epoch(epoch, row["val_f1_macro"])
+        # Strictly better: the earlier epoch on ties; with `last` every epoch beats the one
+        # before.
+        score = epoch if config.selection == Selection.LAST else row[f"{config.selection}_f1_macro"]
+        if score > best_score:
+            best_score, best_epoch = score, epoch
+            val_predictions = predictions.get("val")
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
     model.load_state_dict(best_state)
-    test_predictions = _prediction_frame(test, labels, _logits(model, test_loader, device))
+    test_predictions = _prediction_frame(test, labels, _logits(model, loaders["test"], device))
     return ClassifierResult(
         model=model.cpu().eval(),
         labels=labels,

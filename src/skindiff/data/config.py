@@ -15,6 +15,21 @@ class Scenario(StrEnum):
     II = "ii"
     III = "iii"
 
+    @property
+    def test_images(self) -> str:
+        """The images this scenario tests on: ii and iii share theirs."""
+        return "dark flexible subset" if self is Scenario.I else "non-flexible dark"
+
+
+def check_exclusion(scenario: Scenario, exclude_test_of: tuple[Scenario, ...]) -> None:
+    """Refuses excluding the test images of a scenario that tests on `scenario`'s own."""
+    clash = ",".join(s for s in exclude_test_of if s.test_images == scenario.test_images)
+    if clash:
+        raise DataValidationError(
+            f"exclude_test_of: the test images of {clash} are scenario {scenario}'s own test "
+            f"split ({scenario.test_images}); leave {clash} out of exclude_test_of"
+        )
+
 
 @dataclass(frozen=True)
 class CohortSpec(Settings):
@@ -64,7 +79,13 @@ class PrepareConfig(Settings):
     val_fraction: float = setting(
         0.1,
         "Share of each (condition, skin group) of the training set held out for validation. "
-        "0 gives the paper's split sizes.",
+        "0 gives the paper's split sizes (classifiers then need --selection last or test).",
+    )
+    exclude_test_of: tuple[Scenario, ...] = setting(
+        (),
+        "Comma list of scenarios whose test images (same seed) this scenario's train and "
+        "validation splits leave out; for scenario i, ii,iii drops the non-flexible dark "
+        "images. Empty: the paper's splits.",
     )
     conditions: tuple[str, ...] = setting(
         CONDITIONS, "Comma list of the conditions (labels) to classify."
@@ -94,6 +115,7 @@ class PrepareConfig(Settings):
             raise DataValidationError(f"seed must be >= 0, got {self.seed}")
         if not 0 <= self.val_fraction < 1:
             raise DataValidationError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        check_exclusion(self.scenario, self.exclude_test_of)
         if self.flexible_per_condition < 1:
             raise DataValidationError(
                 f"flexible_per_condition must be at least 1, got {self.flexible_per_condition}"

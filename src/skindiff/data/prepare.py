@@ -66,6 +66,7 @@ def prepare_scenario(config: PrepareConfig) -> PreparedScenario:
         config.seed,
         val_fraction=config.val_fraction,
         per_condition=config.flexible_per_condition,
+        exclude_test_of=config.exclude_test_of,
     )
     return PreparedScenario(source=source, spec=spec, splits=splits, dropped=checked.dropped)
 
@@ -88,8 +89,14 @@ def write_prepared(prepared: PreparedScenario, out_dir: Path) -> Path:
     for split in SPLIT_NAMES:
         prepared.splits.manifest(split).to_csv(folder / f"{split}.csv", index=False)
     split_counts(prepared).to_csv(folder / "counts.csv", index=False)
+    splits = prepared.splits
+    excluded = (
+        f", without the test images of {', '.join(splits.exclude_test_of)}"
+        if splits.exclude_test_of
+        else ""
+    )
     sections = [
-        f"# Scenario {prepared.splits.scenario}, seed {prepared.splits.seed}\n\n"
+        f"# Scenario {splits.scenario}, seed {splits.seed}{excluded}\n\n"
         f"Images per Fitzpatrick skin type and condition (cf. the paper's Table 1).\n"
     ]
     for split in SPLIT_NAMES:

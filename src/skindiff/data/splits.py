@@ -7,6 +7,10 @@
 | iii      | non-flexible light                      | non-flexible dark      |
 
 The light flexible subset is in no split; the ablation (Table 5) tests on it.
+
+`exclude_test_of` leaves other scenarios' test images (same seed) out of train and validation:
+scenario i without those of ii and iii trains on the non-flexible light images only, so that
+`tune` uses none of the images ii and iii are tested on.
 """
 
 from dataclasses import dataclass
@@ -17,11 +21,17 @@ import pandas as pd
 from skindiff.core.manifest import SPLIT_COLUMNS
 from skindiff.core.settings import coerce
 from skindiff.data.cohort import DARK, LIGHT
-from skindiff.data.config import Scenario
+from skindiff.data.config import Scenario, check_exclusion
 from skindiff.data.fitzpatrick import FLEXIBLE_PER_CONDITION
 from skindiff.errors import DataValidationError
 
 SPLIT_NAMES = ("train", "val", "test", "flexible_light")
+# The images each scenario trains on, by their Scenario.test_images names (see the table).
+TRAIN_IMAGES = {
+    Scenario.I: ("non-flexible light", "non-flexible dark"),
+    Scenario.II: ("non-flexible light", "dark flexible subset"),
+    Scenario.III: ("non-flexible light",),
+}
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,7 @@ class ScenarioSplits:
 
     scenario: Scenario
     seed: int
+    exclude_test_of: tuple[Scenario, ...]
     train: pd.DataFrame
     val: pd.DataFrame
     test: pd.DataFrame
@@ -79,26 +90,30 @@ def build_scenario_splits(
     seed: int,
     val_fraction: float = 0.1,
     per_condition: int = FLEXIBLE_PER_CONDITION,
+    exclude_test_of: tuple[Scenario | str, ...] | str = (),
 ) -> ScenarioSplits:
-    """The train/val/test sets of a scenario for one repeat seed (see the module docstring)."""
+    """The train/val/test sets of a scenario for one repeat seed (see the module docstring);
+    the test images of the `exclude_test_of` scenarios are dropped before val is carved."""
     scenario = coerce(Scenario, "scenario", scenario)
+    exclude_test_of = coerce(tuple[Scenario, ...], "exclude_test_of", exclude_test_of)
+    check_exclusion(scenario, exclude_test_of)
     dark_flexible = sample_flexible(cohort, DARK, seed, per_condition)
     light_flexible = sample_flexible(cohort, LIGHT, seed, per_condition)
     flexible = cohort.index.isin(dark_flexible.index) | cohort.index.isin(light_flexible.index)
-    light_rest = cohort[~flexible & (cohort["group"] == LIGHT)]
-    dark_rest = cohort[~flexible & (cohort["group"] == DARK)]
-
-    train, test = {
-        Scenario.I: (pd.concat([light_rest, dark_rest]), dark_flexible),
-        Scenario.II: (pd.concat([light_rest, dark_flexible]), dark_rest),
-        Scenario.III: (light_rest, dark_rest),
-    }[scenario]
+    images = {
+        "non-flexible light": cohort[~flexible & (cohort["group"] == LIGHT)],
+        "non-flexible dark": cohort[~flexible & (cohort["group"] == DARK)],
+        "dark flexible subset": dark_flexible,
+    }
+    excluded = {s.test_images for s in exclude_test_of}
+    train = pd.concat([images[k] for k in TRAIN_IMAGES[scenario] if k not in excluded])
     train, val = carve_validation(train.sort_index(), val_fraction, seed)
     return ScenarioSplits(
         scenario=scenario,
         seed=seed,
+        exclude_test_of=exclude_test_of,
         train=train,
         val=val,
-        test=test.sort_index(),
+        test=images[scenario.test_images].sort_index(),
         flexible_light=light_flexible.sort_index(),
     )

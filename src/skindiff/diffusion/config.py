@@ -1,7 +1,8 @@
 """Settings of the generator stages: Textual Inversion, LoRA and generation.
 
 Defaults are the reference code's: Textual Inversion one token per condition from the word
-"skin", 500 steps of batch 4 x accumulation 4 at lr 5e-4 scaled by batch x accumulation;
+"skin", each trained on its own condition's images for 500 steps of batch 4 x accumulation 4 at
+lr 5e-4 scaled by batch x accumulation;
 LoRA rank 8, alpha 8 on to_q/to_k/to_v/to_out.0, lr 5e-6, 3000 steps of batch 4, gradient
 norm clipped at 1; img2img at strength 0.5 with 100 scheduler steps, guidance 2.0, 5 images
 per training image, the model's own scheduler, light sources moved to FST 5 or 6.
@@ -110,7 +111,15 @@ class TextualInversionConfig(Settings):
         INITIALIZER_WORD, "Textual Inversion: the word whose embedding starts every token."
     )
     max_train_steps: int = setting(
-        500, "Textual Inversion: optimizer steps (all conditions' tokens together)."
+        500,
+        "Textual Inversion: optimizer steps (each token's own with per_token, else all "
+        "tokens' together).",
+    )
+    per_token: bool = setting(
+        True,
+        "true: every token trains on batches of its own condition's images, as the reference's "
+        "one run per condition; false: batches mixing all conditions (cheaper, each token sees "
+        "its condition's share).",
     )
     train_batch_size: int = setting(4, "Textual Inversion: images per micro-batch.")
     gradient_accumulation_steps: int = setting(

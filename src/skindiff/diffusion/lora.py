@@ -27,6 +27,7 @@ from skindiff.diffusion.prompts import SKIN_TYPE_PHRASES, placeholder_token, ski
 from skindiff.diffusion.train_data import ManifestImageDataset, check_training_rows
 from skindiff.diffusion.training import (
     LoopSettings,
+    TrainingStream,
     add_token_embeddings,
     encode_captions,
     finish_run,
@@ -177,13 +178,17 @@ def _train(
         accelerator,
         prepared_unet,
         optimizer,
-        ManifestImageDataset(rows, resolution, "lora", config.seed),
+        {
+            "lora": TrainingStream(
+                ManifestImageDataset(rows, resolution, "lora", config.seed), config.seed
+            )
+        },
         step_loss,
         LoopSettings.of(config),
         out_dir,
         progress=progress,
         desc="lora",
-    )
+    )["lora"]
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(prepared_unet)
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(trained))

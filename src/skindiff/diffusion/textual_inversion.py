@@ -1,4 +1,12 @@
-"""Textual Inversion: one new token per skin condition, all learned in one run.
+"""Textual Inversion: one new token per skin condition, trained as the reference trains it.
+
+The reference runs Textual Inversion once per condition. Here the base model is loaded once and,
+by default (`per_token`), every token still trains as its own run: each optimizer step draws a
+full batch (batch x accumulation) of its condition's images only, from its own seeded stream,
+and the gradients of different tokens touch different rows of the embedding matrix, so AdamW
+(elementwise) moves each token exactly as a run on its condition alone would. With `per_token`
+false, one stream of batches mixes all conditions (cheaper: each token then sees only its
+condition's share of every batch).
 
 Only the new rows of the token-embedding matrix train; text encoder, VAE and UNet stay frozen.
 Each image is captioned with a random object template filled with its condition's token.
@@ -16,12 +24,14 @@ from safetensors.torch import save_file
 
 from skindiff.core.device import resolve_mixed_precision, weight_dtype
 from skindiff.core.files import replaced_directory
+from skindiff.core.seeding import derived_seed
 from skindiff.diffusion.adapters import token_file_name
 from skindiff.diffusion.config import TextualInversionConfig
 from skindiff.diffusion.prompts import TI_TEMPLATES, placeholder_token
 from skindiff.diffusion.train_data import ManifestImageDataset, check_training_rows
 from skindiff.diffusion.training import (
     LoopSettings,
+    TrainingStream,
     add_token_embeddings,
     encode_captions,
     finish_run,
@@ -49,7 +59,7 @@ VALIDATION_STEPS = 25  # as the diffusers Textual Inversion example validates
 class TextualInversionResult:
     embeddings_dir: Path  # one <token-without-brackets>.safetensors per condition
     tokens: dict[str, str]  # condition -> placeholder token
-    losses: list[float]
+    losses: dict[str, list[float]]  # loss per step of each condition's token, or of "all"
     validation_images: Path | None  # a grid of samples, one per condition
 
 
@@ -84,6 +94,25 @@ def train_textual_inversion(
         losses=read_losses(out_dir),
         validation_images=validation if validation.is_file() else None,
     )
+
+
+SHARED_STREAM = "all"
+
+
+def _streams(
+    config: TextualInversionConfig, rows: pd.DataFrame, resolution: int
+) -> dict[str, TrainingStream]:
+    """One stream per condition (seeded by the condition's name, so a token's draws do not
+    depend on which other conditions share the run), or one shared stream."""
+    if not config.per_token:
+        dataset = ManifestImageDataset(rows, resolution, "ti", config.seed)
+        return {SHARED_STREAM: TrainingStream(dataset, config.seed)}
+    streams = {}
+    for condition in config.conditions:
+        seed = derived_seed(f"textual_inversion/{condition}", config.seed)
+        dataset = ManifestImageDataset(rows[rows["label"] == condition], resolution, "ti", seed)
+        streams[condition] = TrainingStream(dataset, seed)
+    return streams
 
 
 def _train(
@@ -153,7 +182,7 @@ def _train(
         accelerator,
         prepared_encoder,
         optimizer,
-        ManifestImageDataset(rows, resolution, "ti", config.seed),
+        _streams(config, rows, resolution),
         step_loss,
         LoopSettings.of(config),
         out_dir,

@@ -70,14 +70,14 @@ def open_run_dir(out_dir: Path, identity: dict) -> bool:
     return (out_dir / DONE_FILE).is_file()
 
 
-def finish_run(out_dir: Path, losses: list[float]) -> None:
+def finish_run(out_dir: Path, losses: list[float] | dict[str, list[float]]) -> None:
     """Persists the loss curve, marks the run done (last), then drops its checkpoints."""
     (out_dir / LOSSES_FILE).write_text(json.dumps(losses))
     (out_dir / DONE_FILE).write_text("")
     shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
 
 
-def read_losses(out_dir: Path) -> list[float]:
+def read_losses(out_dir: Path) -> list[float] | dict[str, list[float]]:
     return json.loads((out_dir / LOSSES_FILE).read_text())
 
 
@@ -226,7 +226,6 @@ class LoopSettings:
     train_batch_size: int
     gradient_accumulation_steps: int
     checkpoint_every: int
-    seed: int
     max_grad_norm: float = 0.0  # 0 = no clipping
 
     @classmethod
@@ -238,6 +237,16 @@ class LoopSettings:
 
 
 StepLoss = Callable[[dict, torch.Generator], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainingStream:
+    """A seeded stream of training batches. Every optimizer step draws a full batch from each
+    stream of a loop; their gradients add up before the step, so streams that train disjoint
+    parameters (one token each) train exactly as separate runs would."""
+
+    dataset: ManifestImageDataset
+    seed: int  # of the noise and timesteps drawn for its batches
 
 
 def make_accelerator(mixed_precision: Precision) -> Accelerator:
@@ -283,7 +292,7 @@ def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, out_dir: Path, step: int, losses: list[float]
+    accelerator: Accelerator, out_dir: Path, step: int, losses: dict[str, list[float]]
 ) -> None:
     """Writes `checkpoints/step-<step>` atomically, then drops the older checkpoints."""
     accelerator.wait_for_everyone()
@@ -306,7 +315,7 @@ def run_training_loop(
     accelerator: Accelerator,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    dataset: ManifestImageDataset,
+    streams: dict[str, TrainingStream],
     step_loss: StepLoss,
     settings: LoopSettings,
     out_dir: Path,
@@ -314,15 +323,18 @@ def run_training_loop(
     after_step: Callable[[], None] | None = None,
     progress: bool = True,
     desc: str = "training",
-) -> list[float]:
+) -> dict[str, list[float]]:
     """Trains `model` (prepared, with `optimizer`) for `settings.max_train_steps` optimizer steps
-    and returns one mean loss per step, resuming from the latest checkpoint in `out_dir`.
+    and returns, per stream, one mean loss per step, resuming from the latest checkpoint in
+    `out_dir`.
 
-    `step_loss(batch, generator)` computes a micro-batch's loss; `after_step` runs after every
-    optimizer step (e.g. to restore parameters that must not move).
+    Each step takes `settings.train_batch_size` x accumulation draws from every stream;
+    `step_loss(batch, generator)` computes a micro-batch's loss, and each is backpropagated
+    alone, so memory holds one micro-batch whatever the number of streams. `after_step` runs
+    after every optimizer step (e.g. to restore parameters that must not move).
     """
     _checkpoint_trainable_only(accelerator, accelerator.unwrap_model(model))
-    start, losses = 0, []
+    start, losses = 0, {name: [] for name in streams}
     checkpoints = _checkpoints(out_dir)
     if checkpoints:
         start, path = checkpoints[-1]
@@ -332,14 +344,16 @@ def run_training_loop(
 
     accumulation = settings.gradient_accumulation_steps
     per_step = settings.train_batch_size * accumulation * accelerator.num_processes
-    loader = DataLoader(
-        dataset,
-        batch_size=settings.train_batch_size,
-        # Draws of the remaining steps only: a resumed run continues the stream where it stopped.
-        sampler=range(start * per_step, settings.max_train_steps * per_step),
-        num_workers=_loader_workers(accelerator.device),
-    )
-    batches = iter(accelerator.prepare(loader))
+    batches = {}
+    for name, stream in streams.items():
+        loader = DataLoader(
+            stream.dataset,
+            batch_size=settings.train_batch_size,
+            # Draws of the remaining steps only: a resumed run continues where it stopped.
+            sampler=range(start * per_step, settings.max_train_steps * per_step),
+            num_workers=_loader_workers(accelerator.device),
+        )
+        batches[name] = iter(accelerator.prepare(loader))
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     bar = tqdm(
@@ -349,32 +363,34 @@ def run_training_loop(
         disable=not progress or not accelerator.is_main_process,
     )
     for step in range(start, settings.max_train_steps):
-        total = torch.zeros((), device=accelerator.device)
+        totals = {name: torch.zeros((), device=accelerator.device) for name in streams}
         for micro in range(accumulation):
-            generator = seeded_generator(
-                "step",
-                settings.seed,
-                step,
-                micro,
-                accelerator.process_index,
-                device=accelerator.device,
-            )
-            # Gradients are averaged across processes only on the last micro-batch.
-            syncing = micro == accumulation - 1
-            with contextlib.nullcontext() if syncing else accelerator.no_sync(model):
-                with accelerator.autocast():
-                    loss = step_loss(next(batches), generator)
-                accelerator.backward(loss / accumulation)
-            total += loss.detach().float()
+            for k, (name, stream) in enumerate(streams.items()):
+                generator = seeded_generator(
+                    "step",
+                    stream.seed,
+                    step,
+                    micro,
+                    accelerator.process_index,
+                    device=accelerator.device,
+                )
+                # Gradients are averaged across processes only on the step's last backward.
+                syncing = micro == accumulation - 1 and k == len(streams) - 1
+                with contextlib.nullcontext() if syncing else accelerator.no_sync(model):
+                    with accelerator.autocast():
+                        loss = step_loss(next(batches[name]), generator)
+                    accelerator.backward(loss / accumulation)
+                totals[name] += loss.detach().float()
         if settings.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if after_step is not None:
             after_step()
-        losses.append(accelerator.reduce(total / accumulation, reduction="mean").item())
+        for name, total in totals.items():
+            losses[name].append(accelerator.reduce(total / accumulation, reduction="mean").item())
         bar.update()
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.set_postfix(loss=f"{sum(curve[-1] for curve in losses.values()) / len(losses):.4f}")
         done = step + 1
         if done % settings.checkpoint_every == 0 or done == settings.max_train_steps:
             save_checkpoint(accelerator, out_dir, done, losses)

@@ -27,7 +27,7 @@ from skindiff.tracking.names import ABLATION_FILE, CLASSIFIER_MODEL, Stage, spli
 from skindiff.tracking.prepare import ensure_prepare
 from skindiff.tracking.settings import AblationPlan, EvaluateConfig
 from skindiff.tracking.stage import open_stage_run
-from skindiff.tracking.train_classifier import run_train_classifier
+from skindiff.tracking.train_classifier import check_classifiers, run_train_classifier
 
 COLUMNS = ["seed", "mode", "test_set", "accuracy", "f1_macro", "classifier_run_id"]
 
@@ -71,7 +71,9 @@ def seed_rows(seed: int, configs: StudyConfigs, bar: tqdm) -> list[list]:
 def run_ablation(plan: AblationPlan, configs: StudyConfigs) -> str:
     """Runs (or re-uses) every stage of Table 5 for each seed; logs `ablation.csv` (accuracy
     and macro F1 as fractions, per seed, mode and test set) and the means over seeds as
-    metrics; returns the ablation run id."""
+    metrics; returns the ablation run id. The classifier's settings are checked (ImageNet
+    weight files, a validation split for selection val) before any run is made."""
+    check_classifiers(configs.data, configs.classifier, [configs.classifier.arch])
     params = ABLATION.values(plan) | ABLATION_STUDY.values(configs)
     seeds = plan.seeds
     with (

@@ -56,6 +56,9 @@ def token_tag(condition: str) -> str:
 GENERATOR_URI_TAG = "skindiff.generator_uri"
 GENERATOR_SETTING_TAG_PREFIX = "skindiff.generator."
 
+# train_classifier: the classifier's `selection`, so a report can mark scores selected on test
+SELECTION_TAG = "skindiff.selection"
+
 # main
 SCENARIO_TAG = "skindiff.scenario"
 FROZEN_PARAMS_TAG = "skindiff.frozen_params"
@@ -103,3 +106,6 @@ CLASSIFIER_MODEL = "model"
 GENERATOR_MODEL = "generator"
 DEFAULT_REGISTERED_MODEL = "skin-diff-generator"
 CHAMPION_ALIAS = "champion"
+
+# tune: the protocol a tune run scored trials by ("paper", "exclude-test-of-ii,iii").
+TUNE_PROTOCOL_TAG = "skindiff.tune_protocol"

@@ -32,7 +32,7 @@ from skindiff.tracking.prepare import ensure_prepare
 from skindiff.tracking.registry import generator_frozen_params
 from skindiff.tracking.settings import StudyPlan
 from skindiff.tracking.stage import open_stage_run
-from skindiff.tracking.train_classifier import run_train_classifier
+from skindiff.tracking.train_classifier import check_classifiers, run_train_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +77,14 @@ def run_main(plan: StudyPlan, configs: StudyConfigs) -> dict[tuple[Scenario, int
     """Runs every stage for each scenario and seed of `plan`; returns the run ids of each pair.
 
     `plan.frozen_params` (a tune run id, a YAML file or a generator model URI) replaces the
-    tuned settings. A failing stage leaves its run FAILED and stops the pipeline with a
-    SkindiffError saying which run failed; finished stages are re-used by the next call."""
+    tuned settings. Classifier settings that cannot train (missing ImageNet weight files,
+    selection val without a validation split) are refused before any run is made. A failing
+    stage leaves its run FAILED and stops the pipeline with a SkindiffError saying which run
+    failed; finished stages are re-used by the next call."""
     frozen = load_frozen_params(plan.frozen_params) if plan.frozen_params else {}
     if frozen:
         configs = configs.with_frozen(frozen, plan.frozen_params)
+    check_classifiers(configs.data, configs.classifier, plan.archs)
     results = {}
     params = STUDY.values(plan) | MAIN_STUDY.values(configs)
     with open_stage_run(Stage.MAIN, str(Stage.MAIN), params):

@@ -12,6 +12,7 @@ import binascii
 import hashlib
 import io
 import json
+import logging
 import math
 import tempfile
 import warnings
@@ -45,6 +46,8 @@ from skindiff.tracking.names import (
     Stage,
 )
 from skindiff.tracking.runs import fetch_upstream
+
+logger = logging.getLogger(__name__)
 
 # MLmodel metadata that marks a skindiff generator (other pyfunc models lack it).
 KIND_KEY = "skindiff_model"
@@ -299,14 +302,30 @@ def register_generator(
 ) -> tuple[str, bool]:
     """Registers a new version (tags scenario, objective, value) and moves the alias
     `champion` to it when there is none yet or `value` beats the champion's; returns
-    (version, whether the alias moved). Not atomic: concurrent callers may both move it."""
+    (version, whether the alias moved). A champion scored by another objective is not
+    comparable: it keeps the alias, with a warning. Not atomic: concurrent callers may both
+    move it."""
     if math.isnan(value):
         raise SkindiffError(f"objective value of {model_uri} is NaN: not registered")
     tags = {"scenario": scenario, "objective": objective, "value": str(float(value))}
     version = str(mlflow.register_model(model_uri, registered_model, tags=tags).version)
     client = mlflow.MlflowClient()
     champion = client.get_registered_model(registered_model).aliases.get(CHAMPION_ALIAS)
-    moved = champion is None or value > _value_of(client, registered_model, str(champion))
+    moved = champion is None
+    if champion is not None:
+        champion_tags = client.get_model_version(registered_model, str(champion)).tags
+        if champion_tags.get("objective", objective) != objective:
+            logger.warning(
+                "%s version %s (%s) is not compared with the champion, version %s, scored by "
+                "%s: the alias stays; move it by hand if this version should be the champion",
+                registered_model,
+                version,
+                objective,
+                champion,
+                champion_tags["objective"],
+            )
+        else:
+            moved = value > _value_of(client, registered_model, str(champion))
     if moved:
         client.set_registered_model_alias(registered_model, CHAMPION_ALIAS, version)
     return version, moved

@@ -1,29 +1,46 @@
 """The `report` stage: reads an experiment's finished runs, writes and logs the paper's tables.
 
-Scores come from the newest FINISHED `main` pair run per (scenario, seed) (its `results.csv`
-names its classifier runs) and from the newest FINISHED `ablation` run covering each seed.
+Runs are grouped by their study settings (every param of the `main` or `ablation` call but
+what it covers, its seeds and scenarios, and run ids; frozen values in place of the command
+line's), so runs made with different settings never share a table. Within a group, scores come
+from the newest FINISHED `main` pair run per (scenario, seed) (its `results.csv` names its
+classifier runs) and, per seed, from the newest FINISHED `ablation` run that has it.
 """
 
 import logging
 import os
 import tempfile
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 import mlflow
 import pandas as pd
-from mlflow.entities import Experiment
+from mlflow.entities import Experiment, Run
 
+from skindiff.core.manifest import slug
 from skindiff.errors import SkindiffError
 from skindiff.options import REPORT
-from skindiff.report import METRICS, previous_report_files, write_report
+from skindiff.report import (
+    METRICS,
+    SettingsGroup,
+    previous_report_files,
+    settings_digest,
+    write_report,
+)
 from skindiff.tracking.ablation import COLUMNS as ABLATION_COLUMNS
 from skindiff.tracking.names import (
     ABLATION_FILE,
     ENTRY_POINT_TAG,
+    FROZEN_PARAM_PREFIX,
+    PARENT_RUN_TAG,
     REPORT_EXPERIMENT_TAG,
     RESULTS_FILE,
     SCENARIO_TAG,
+    SYNTHETIC_DIR,
+    SYNTHETIC_GRID,
     Stage,
+    upstream_tag,
 )
 from skindiff.tracking.settings import ReportConfig
 from skindiff.tracking.stage import open_stage_run
@@ -37,7 +54,23 @@ TEST_METRICS = {
     "recall": "test_recall_macro",
     "f1": "test_f1_macro",
 }
-CLASSIFIER_COLUMNS = ["scenario", "seed", "arch", "train_type", *METRICS, "run_id", "main_run_id"]
+CLASSIFIER_COLUMNS = [
+    "scenario",
+    "seed",
+    "arch",
+    "train_type",
+    *METRICS,
+    "train_size",  # images the classifier trained on, real and synthetic
+    "n_test",
+    "n_test_per_class",  # when every class has as many test images, else NaN
+    "run_id",
+    "main_run_id",
+    "settings",
+]
+# Params that say what a call covers, not how it runs: not settings.
+PLAN_PARAMS = ("scenario", "scenarios", "seed", "seeds", "archs", "train_types", "frozen_params")
+# Scenario whose grid stands for the paper's Fig. 2 in a group, in order of preference.
+FIGURE_2_SCENARIOS = ("i", "ii", "iii")
 
 
 def resolve_experiment(experiment: str | None) -> Experiment:
@@ -59,7 +92,28 @@ def resolve_experiment(experiment: str | None) -> Experiment:
     return found
 
 
-def _finished_runs(experiment_id: str, stage: Stage) -> list:
+def study_settings(params: dict[str, str]) -> dict[str, str]:
+    """The settings of a `main` or `ablation` call from its params: all but the PLAN_PARAMS and
+    run ids, the frozen values it used (`frozen.<name>`) in place of the command line's."""
+    settings = {
+        name: value
+        for name, value in params.items()
+        if name not in PLAN_PARAMS
+        and not name.endswith("_run_id")
+        and not name.startswith(FROZEN_PARAM_PREFIX)
+    }
+    for name, value in params.items():
+        if name.startswith(FROZEN_PARAM_PREFIX):
+            settings[name.removeprefix(FROZEN_PARAM_PREFIX)] = value
+    return settings
+
+
+@cache
+def _run(run_id: str) -> Run:
+    return mlflow.get_run(run_id)
+
+
+def _finished_runs(experiment_id: str, stage: Stage) -> list[Run]:
     """FINISHED runs of `stage`, newest first."""
     return mlflow.search_runs(
         [experiment_id],
@@ -69,8 +123,8 @@ def _finished_runs(experiment_id: str, stage: Stage) -> list:
     )
 
 
-def _artifact_table(run_id: str, path: str) -> pd.DataFrame | None:
-    """A CSV artifact of a run, or None (with a warning) where the run has none."""
+def _artifact(run_id: str, path: str, read: Callable[[Path], object]) -> object | None:
+    """`read(local file)` of a run's artifact, or None (with a warning) where it has none."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = mlflow.artifacts.download_artifacts(
@@ -79,46 +133,128 @@ def _artifact_table(run_id: str, path: str) -> pd.DataFrame | None:
         except (mlflow.exceptions.MlflowException, OSError):
             log.warning("run %s has no %s: skipped", run_id, path)
             return None
-        return pd.read_csv(local, keep_default_na=False)
+        return read(Path(local))
 
 
-def classifier_scores(experiment_id: str) -> pd.DataFrame:
-    """Test scores (fractions) of the classifier runs that the newest FINISHED main pair run of
-    each (scenario, seed) lists in its results.csv."""
-    newest = {}
+def _table(run_id: str, path: str) -> pd.DataFrame | None:
+    return _artifact(run_id, path, lambda local: pd.read_csv(local, keep_default_na=False))
+
+
+def _pair_settings(pair: Run) -> dict[str, str]:
+    """The settings of the `main` call a pair run belongs to ({} for a pair without one)."""
+    parent = pair.data.tags.get(PARENT_RUN_TAG)
+    return study_settings(_run(parent).data.params) if parent else {}
+
+
+def _test_sizes(classifier: Run) -> tuple[float, float]:
+    """(test images, test images per class where every class has as many, else NaN) from the
+    prepare run the classifier was trained from (NaN, NaN without one)."""
+    prepare = classifier.data.tags.get(upstream_tag(Stage.PREPARE))
+    if not prepare:
+        return float("nan"), float("nan")
+    metrics = _run(prepare).data.metrics
+    per_class = {
+        metrics.get(f"n_test_{slug(label)}")
+        for label in classifier.data.params.get("conditions", "").split(",")
+        if label
+    }
+    balanced = len(per_class) == 1 and None not in per_class
+    return metrics.get("n_test", float("nan")), per_class.pop() if balanced else float("nan")
+
+
+def _classifier_row(result, main_run_id: str, digest: str) -> list:
+    classifier = _run(result.run_id)
+    metrics = classifier.data.metrics
+    missing = [name for name in TEST_METRICS.values() if name not in metrics]
+    if missing:
+        raise SkindiffError(
+            f"classifier run {result.run_id} (in {RESULTS_FILE} of main run {main_run_id}) "
+            f"has no metric {', '.join(missing)}"
+        )
+    sizes = [metrics.get(f"n_train_{source}") for source in ("real", "synthetic")]
+    train_size = sum(sizes) if None not in sizes else float("nan")
+    key = [result.scenario, int(result.seed), result.arch, result.train_type]
+    scores = [metrics[name] for name in TEST_METRICS.values()]
+    return [*key, *scores, train_size, *_test_sizes(classifier), result.run_id, main_run_id, digest]
+
+
+def _figure_2(rows: pd.DataFrame, folder: Path) -> Path | None:
+    """The real/synthetic grid of a generate run behind the group's synthetic classifiers
+    (scenario i first, lowest seed), copied into `folder`; None without one."""
+    synthetic = rows[rows["train_type"] != "real"]
+    for scenario in FIGURE_2_SCENARIOS:
+        for run_id in synthetic[synthetic["scenario"] == scenario].sort_values("seed")["run_id"]:
+            generate = _run(run_id).data.tags.get(upstream_tag(Stage.GENERATE))
+            if generate:
+                grid = f"{SYNTHETIC_DIR}/{SYNTHETIC_GRID}"
+                target = folder / f"figure2_{generate}.png"
+                if _artifact(generate, grid, lambda local, t=target: local.replace(t)) is None:
+                    continue
+                return target
+    return None
+
+
+def classifier_groups(experiment_id: str) -> dict[str, tuple[dict[str, str], pd.DataFrame]]:
+    """Per settings digest: the settings, and the test scores (fractions) of the classifier
+    runs that the group's newest FINISHED main pair run of each (scenario, seed) lists in its
+    results.csv."""
+    newest: dict[tuple, Run] = {}
+    settings_of: dict[str, dict[str, str]] = {}
     for run in _finished_runs(experiment_id, Stage.MAIN):
         scenario = run.data.tags.get(SCENARIO_TAG)
         if scenario:  # the pair runs, not the parent of a whole `main` call
-            newest.setdefault((scenario, run.data.params.get("seed")), run.info.run_id)
+            settings = _pair_settings(run)
+            digest = settings_digest(settings)
+            settings_of[digest] = settings
+            newest.setdefault((digest, scenario, run.data.params.get("seed")), run)
     rows = []
-    for main_run_id in newest.values():
-        results = _artifact_table(main_run_id, RESULTS_FILE)
+    for (digest, _, _), pair in newest.items():
+        results = _table(pair.info.run_id, RESULTS_FILE)
         for result in [] if results is None else results.itertuples():
-            metrics = mlflow.get_run(result.run_id).data.metrics
-            missing = [name for name in TEST_METRICS.values() if name not in metrics]
-            if missing:
-                raise SkindiffError(
-                    f"classifier run {result.run_id} (in {RESULTS_FILE} of main run "
-                    f"{main_run_id}) has no metric {', '.join(missing)}"
-                )
-            scores = [metrics[name] for name in TEST_METRICS.values()]
-            key = [result.scenario, int(result.seed), result.arch, result.train_type]
-            rows.append([*key, *scores, result.run_id, main_run_id])
-    return pd.DataFrame(rows, columns=CLASSIFIER_COLUMNS)
+            rows.append(_classifier_row(result, pair.info.run_id, digest))
+    scores = pd.DataFrame(rows, columns=CLASSIFIER_COLUMNS)
+    return {
+        digest: (settings_of[digest], scores[scores["settings"] == digest])
+        for digest in dict.fromkeys(scores["settings"])
+    }
 
 
-def ablation_scores(experiment_id: str) -> pd.DataFrame:
-    """The rows of ablation.csv, per seed from the newest FINISHED ablation run that has it."""
-    tables, seen = [], set()
+def ablation_groups(experiment_id: str) -> dict[str, tuple[dict[str, str], pd.DataFrame]]:
+    """Per settings digest: the settings, and the rows of ablation.csv, per seed from the
+    group's newest FINISHED ablation run that has it."""
+    tables: dict[str, list[pd.DataFrame]] = {}
+    settings_of, seen = {}, {}
     for run in _finished_runs(experiment_id, Stage.ABLATION):
-        table = _artifact_table(run.info.run_id, ABLATION_FILE)
+        table = _table(run.info.run_id, ABLATION_FILE)
         if table is None:
             continue
-        table = table[~table["seed"].isin(seen)]
-        seen |= set(table["seed"])
-        tables.append(table.assign(ablation_run_id=run.info.run_id))
-    empty = pd.DataFrame(columns=[*ABLATION_COLUMNS, "ablation_run_id"])
-    return pd.concat(tables) if tables else empty
+        settings = study_settings(run.data.params)
+        digest = settings_digest(settings)
+        settings_of[digest] = settings
+        done = seen.setdefault(digest, set())
+        table = table[~table["seed"].isin(done)]
+        done |= set(table["seed"])
+        tables.setdefault(digest, []).append(table.assign(ablation_run_id=run.info.run_id))
+    return {
+        digest: (settings_of[digest], pd.concat(parts).reset_index(drop=True))
+        for digest, parts in tables.items()
+    }
+
+
+def _groups(experiment_id: str, folder: Path) -> list[SettingsGroup]:
+    """The experiment's runs by settings: a group may hold main and ablation runs."""
+    classifiers = classifier_groups(experiment_id)
+    ablations = ablation_groups(experiment_id)
+    groups = []
+    for digest in dict.fromkeys([*classifiers, *ablations]):
+        settings, scores = classifiers.get(digest, (None, pd.DataFrame(columns=CLASSIFIER_COLUMNS)))
+        ablation_settings, rows = ablations.get(digest, (settings, _EMPTY_ABLATION))
+        figure = _figure_2(scores, folder)
+        groups.append(SettingsGroup(digest, ablation_settings, scores, rows, figure))
+    return groups
+
+
+_EMPTY_ABLATION = pd.DataFrame(columns=[*ABLATION_COLUMNS, "ablation_run_id"])
 
 
 def run_report(config: ReportConfig) -> str:
@@ -127,20 +263,24 @@ def run_report(config: ReportConfig) -> str:
     found = resolve_experiment(config.experiment)
     folder = Path(config.output_dir)
     previous_report_files(folder)  # refuse a user's folder before any work
-    classifiers = classifier_scores(found.experiment_id)
-    ablation = ablation_scores(found.experiment_id)
-    if classifiers.empty and ablation.empty:
-        raise SkindiffError(
-            f"experiment {found.name!r} has no FINISHED main pair runs with {RESULTS_FILE} "
-            f"and no FINISHED ablation runs: nothing to report"
+    _run.cache_clear()
+    with tempfile.TemporaryDirectory() as tmp:
+        groups = _groups(found.experiment_id, Path(tmp))
+        if not groups:
+            raise SkindiffError(
+                f"experiment {found.name!r} has no FINISHED main pair runs with {RESULTS_FILE} "
+                f"and no FINISHED ablation runs: nothing to report"
+            )
+        n_pairs = sum(g.classifier_scores["main_run_id"].nunique() for g in groups)
+        n_ablation = sum(g.ablation_scores["ablation_run_id"].nunique() for g in groups)
+        n_classifiers = sum(len(g.classifier_scores) for g in groups)
+        source = (
+            f"Experiment `{found.name}` (id {found.experiment_id}) on "
+            f"{mlflow.get_tracking_uri()}: {n_pairs} main pair runs ({n_classifiers} classifier "
+            f"runs), {n_ablation} ablation runs, in {len(groups)} group(s) of settings."
         )
-    source = (
-        f"Experiment `{found.name}` (id {found.experiment_id}) on {mlflow.get_tracking_uri()}: "
-        f"{classifiers['main_run_id'].nunique()} main pair runs ({len(classifiers)} classifier "
-        f"runs), {ablation['ablation_run_id'].nunique()} ablation runs."
-    )
-    tags = {REPORT_EXPERIMENT_TAG: found.experiment_id}
-    with open_stage_run(Stage.REPORT, str(Stage.REPORT), REPORT.values(config), tags) as run:
-        for path in write_report(classifiers, ablation, folder, source):
-            mlflow.log_artifact(str(path))
+        tags = {REPORT_EXPERIMENT_TAG: found.experiment_id}
+        with open_stage_run(Stage.REPORT, str(Stage.REPORT), REPORT.values(config), tags) as run:
+            for path in write_report(groups, folder, source):
+                mlflow.log_artifact(str(path))
     return run.info.run_id

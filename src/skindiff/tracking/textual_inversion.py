@@ -1,7 +1,10 @@
-"""Logs the `textual_inversion` stage: embeddings, loss curve, validation samples."""
+"""Logs the `textual_inversion` stage: embeddings, loss curves (one per token, `loss/<condition>`,
+and their mean, `loss`), validation samples."""
 
 import mlflow
+import numpy as np
 
+from skindiff.core.manifest import slug
 from skindiff.data.config import PrepareConfig
 from skindiff.diffusion.base_model import base_model_fingerprint, resolve_base_model
 from skindiff.diffusion.config import TextualInversionConfig
@@ -44,7 +47,10 @@ def run_textual_inversion(
         )
         mlflow.log_artifacts(str(result.embeddings_dir), EMBEDDINGS_DIR)
         mlflow.set_tags({token_tag(c): t for c, t in result.tokens.items()})
-        log_curve("loss", result.losses)
+        for stream, losses in result.losses.items():
+            log_curve(f"loss/{slug(stream)}", losses)
+        # One curve to compare runs by: the mean over the tokens at each step.
+        log_curve("loss", np.mean(list(result.losses.values()), axis=0).tolist())
         if result.validation_images:
             mlflow.log_artifact(str(result.validation_images), VALIDATION_DIR)
 

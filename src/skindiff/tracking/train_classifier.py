@@ -2,10 +2,13 @@
 
 Synthetic images come from `generate_run_id`, else from a generate run found or run with the
 generator options (as `generate` itself does), so `syn` and `real+syn` start from nothing too.
+Without a validation split (val_fraction 0, selection last or test) no `val_` metric,
+prediction or figure is logged, and the per-epoch curves have no `epoch_val_` metrics.
 """
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -15,8 +18,9 @@ import numpy as np
 import torch
 from mlflow.models import infer_signature
 
-from skindiff.classify.config import ClassifierConfig, TrainType
+from skindiff.classify.config import Arch, ClassifierConfig, TrainType, require_validation
 from skindiff.classify.data import build_training_set
+from skindiff.classify.models import require_imagenet_files
 from skindiff.classify.train import ClassifierResult, train_classifier
 from skindiff.core.settings import as_text
 from skindiff.data.config import PrepareConfig
@@ -24,7 +28,7 @@ from skindiff.diffusion.config import GenerateConfig, LoraConfig, TextualInversi
 from skindiff.options import CLASSIFIER, DATA, GENERATE, LORA, TEXTUAL_INVERSION
 from skindiff.tracking.evaluate import log_evaluation
 from skindiff.tracking.generate import ensure_generator_chain, load_synthetic
-from skindiff.tracking.names import CLASSIFIER_MODEL, Stage
+from skindiff.tracking.names import CLASSIFIER_MODEL, SELECTION_TAG, Stage
 from skindiff.tracking.prepare import split_inputs
 from skindiff.tracking.stage import StageCall, StageInputs, run_stage
 
@@ -52,6 +56,18 @@ def log_classifier(result: ClassifierResult, config: ClassifierConfig) -> None:
     )
 
 
+def check_classifiers(data: PrepareConfig, config: ClassifierConfig, archs: Iterable[Arch]) -> None:
+    """Refuses at once, before any run is made, what would otherwise fail only when a classifier
+    of `archs` starts, after the generators have trained: settings invalid for an arch (vit_b_16
+    at another image size, ...), selection on a validation split val_fraction does not make,
+    and missing ImageNet weight files (all of them in one error)."""
+    configs = [replace(config, arch=arch) for arch in archs]  # each checks its own settings
+    require_validation(
+        config.selection, data.val_fraction > 0, f"val_fraction is {data.val_fraction}"
+    )
+    require_imagenet_files([c.arch for c in configs], config.weights)
+
+
 def run_train_classifier(
     data: PrepareConfig,
     config: ClassifierConfig,
@@ -66,7 +82,8 @@ def run_train_classifier(
 ) -> str:
     """Trains a classifier on real, synthetic or both; returns the run id (with `reuse`, of a
     finished run with the same key where there is one). `on_epoch` gets (epoch,
-    val_f1_macro) after every epoch it trains."""
+    val_f1_macro) after every epoch it trains, when there is a validation split."""
+    check_classifiers(data, config, [config.arch])
     synthetic = config.train_type != TrainType.REAL
     context = DATA.values(data)
     if synthetic:
@@ -116,7 +133,9 @@ def run_train_classifier(
             for name, value in epoch.drop("epoch").items():
                 mlflow.log_metric(f"epoch_{name}", float(value), step=step)
         mlflow.log_metric("best_epoch", result.best_epoch)
-        log_evaluation(result.val_predictions, labels, "val")
+        mlflow.set_tag(SELECTION_TAG, str(config.selection))
+        if result.val_predictions is not None:
+            log_evaluation(result.val_predictions, labels, "val")
         log_evaluation(result.test_predictions, labels, "test")
         log_classifier(result, config)
 

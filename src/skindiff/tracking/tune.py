@@ -1,17 +1,29 @@
 """The `tune` stage: an Optuna study over the generator's hyperparameters on scenario i.
 
-The objective is the paper's Table 5 protocol: the validation macro-F1 (never test) of a
-classifier trained on the trial's synthetic images only. Every worker runs the same command
-against one Optuna RDB storage (SQLite on one machine, PostgreSQL for several), so workers
-share the study; each worker is a `tune` MLflow run and each of its trials a nested run
-`tune/trial-<n>` holding the trial's stage runs (found or run, as everywhere else).
+A trial scores a classifier trained on the trial's synthetic images only, by its macro-F1 on
+images of scenario i that neither the generator nor the classifier trained on:
+- by default (`exclude_test_of` ii,iii) scenario i's train and validation splits leave out the
+  test images of scenarios ii and iii, which use the tuned params frozen. Its validation split
+  then holds light images only, so the objective is `test_f1_macro`, on scenario i's test split
+  (the dark flexible subset; the classifier's epoch is still selected on validation). Scenario
+  i's own results with tuned params are then not independent of its test split; ii's and
+  iii's are.
+- with `exclude_test_of` empty, the paper's Table 5 protocol: `val_f1_macro`, on scenario i's
+  validation split (light and dark images, among them ii's and iii's test images).
+The pruner gets the validation macro-F1 after every epoch under either protocol. The worker's
+run records the protocol (tag TUNE_PROTOCOL_TAG, param `objective`); a study refuses workers
+of another protocol.
+
+Every worker runs the same command against one Optuna RDB storage (SQLite on one machine,
+PostgreSQL for several), so workers share the study; each worker is a `tune` MLflow run and
+each of its trials a nested run `tune/trial-<n>` holding the trial's stage runs (found or run,
+as everywhere else).
 
 A worker records a heartbeat per running trial; a trial whose worker died is failed after the
 grace period by the next worker that asks for a trial (or starts), its MLflow runs are marked
 FAILED, and it is re-queued with the same params. At the end of a worker the study's best
 trial is frozen (`frozen_params.yaml` and tags on the worker's run) and its generator is
-registered.
-"""
+registered."""
 
 import hashlib
 import logging
@@ -29,10 +41,10 @@ import sqlalchemy
 from mlflow.entities import Run, RunStatus
 from mlflow.exceptions import MlflowException
 
-from skindiff.classify.config import TrainType
+from skindiff.classify.config import Selection, TrainType
 from skindiff.core.settings import as_text
-from skindiff.data.config import Scenario
-from skindiff.errors import SkindiffError
+from skindiff.data.config import PrepareConfig, Scenario
+from skindiff.errors import SkindiffError, require
 from skindiff.options import TUNE, StudyConfigs
 from skindiff.search_space import Dimension, load_search_space
 from skindiff.tracking.frozen import write_frozen_params
@@ -47,6 +59,7 @@ from skindiff.tracking.names import (
     STORAGE_TAG,
     STUDY_TAG,
     TRIAL_TAG,
+    TUNE_PROTOCOL_TAG,
     TUNED_TAG,
     Stage,
 )
@@ -54,12 +67,14 @@ from skindiff.tracking.prepare import ensure_prepare
 from skindiff.tracking.registry import log_generator_model, register_generator
 from skindiff.tracking.settings import TuneConfig
 from skindiff.tracking.stage import open_stage_run
-from skindiff.tracking.train_classifier import run_train_classifier
+from skindiff.tracking.train_classifier import check_classifiers, run_train_classifier
 
 logger = logging.getLogger(__name__)
 
 SCENARIO = Scenario.I
-OBJECTIVE = "val_f1_macro"
+PRUNING_METRIC = "val_f1_macro"  # reported after every epoch, whatever the objective
+PAPER_PROTOCOL = "paper"
+PROTOCOL_ATTR = "protocol"  # study user attr: the protocol its trials were scored by
 # Trial user attrs: the trial's MLflow run and the stage runs that make its generator.
 TRIAL_RUN_ATTR = "mlflow_run_id"
 TI_RUN_ATTR = "ti_run_id"
@@ -77,6 +92,7 @@ class TuneResult:
     """What a worker leaves: its run, the study's best trial and where it is frozen."""
 
     run_id: str
+    objective: str  # the metric best_value is of
     best_trial: int
     best_value: float
     frozen_params: dict[str, str]
@@ -93,18 +109,26 @@ def run_tune(configs: StudyConfigs, config: TuneConfig) -> TuneResult:
         data=replace(configs.data, scenario=SCENARIO),
         classifier=replace(configs.classifier, train_type=TrainType.SYN),
     )
+    objective, protocol = objective_of(configs.data), protocol_of(configs.data)
+    _check_classifier(configs, objective)
     seed = sampler_seed(configs.data.seed)
     study = open_study(config, seed)
+    _bind_protocol(study, protocol)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # trials of workers that died before this one
     storage = masked_url(config.storage)
     params = {n: v for group, c in configs.groups() for n, v in group.values(c).items()}
-    params |= TUNE.values(config) | {"storage": storage, "sampler_seed": str(seed)}
+    params |= TUNE.values(config) | {
+        "storage": storage,
+        "sampler_seed": str(seed),
+        "objective": objective,
+    }
     tags = {
         STUDY_TAG: config.study_name,
         STORAGE_TAG: storage,
         TUNED_TAG: ",".join(d.name for d in space),
+        TUNE_PROTOCOL_TAG: protocol,
     }
     with open_stage_run(Stage.TUNE, f"{Stage.TUNE}/{config.study_name}", params, tags) as run:
         study.optimize(lambda trial: _trial(trial, configs, space), n_trials=config.n_trials)
@@ -121,6 +145,7 @@ def run_tune(configs: StudyConfigs, config: TuneConfig) -> TuneResult:
             version, champion = _register(study, best, configs, frozen, config.registered_model)
     return TuneResult(
         run_id=run.info.run_id,
+        objective=objective,
         best_trial=best.number,
         best_value=float(best.value),
         frozen_params=frozen,
@@ -128,6 +153,46 @@ def run_tune(configs: StudyConfigs, config: TuneConfig) -> TuneResult:
         registered_version=version,
         champion=champion,
     )
+
+
+def objective_of(data: PrepareConfig) -> str:
+    """The metric trials are scored by (see the module docstring): without other scenarios'
+    test images scenario i's validation split has no dark image left to score on."""
+    return "test_f1_macro" if data.exclude_test_of else PRUNING_METRIC
+
+
+def _check_classifier(configs: StudyConfigs, objective: str) -> None:
+    """Refuses, before any trial, a classifier setting the study cannot be scored with."""
+    require(
+        configs.classifier.selection != Selection.TEST,
+        "selection 'test' would tune the generator on the test split: use --selection val or last",
+    )
+    require(
+        objective != PRUNING_METRIC or configs.data.val_fraction > 0,
+        f"the objective is {objective}, but val_fraction is {configs.data.val_fraction}: "
+        "set --val-fraction > 0",
+    )
+    check_classifiers(configs.data, configs.classifier, [configs.classifier.arch])
+
+
+def protocol_of(data: PrepareConfig) -> str:
+    """`paper`, or `exclude-test-of-ii,iii`: how a worker's trials are scored."""
+    if not data.exclude_test_of:
+        return PAPER_PROTOCOL
+    return f"exclude-test-of-{as_text(data.exclude_test_of)}"
+
+
+def _bind_protocol(study: optuna.Study, protocol: str) -> None:
+    """Ties the study to one protocol: workers of two would compare values of two metrics. A
+    study with trials but no protocol predates exclude_test_of: the paper's."""
+    known = study.user_attrs.get(PROTOCOL_ATTR, PAPER_PROTOCOL if study.trials else None)
+    if known is None:
+        study.set_user_attr(PROTOCOL_ATTR, protocol)
+    elif known != protocol:
+        raise SkindiffError(
+            f"study {study.study_name} scores trials by protocol {known}, this worker by "
+            f"{protocol}: give its exclude_test_of or another study_name"
+        )
 
 
 def open_study(config: TuneConfig, seed: int) -> optuna.Study:
@@ -189,7 +254,7 @@ def masked_url(url: str) -> str:
 
 def _trial(trial: optuna.Trial, configs: StudyConfigs, space: list[Dimension]) -> float:
     """One trial as a nested run: its stages found or run, the classifier's validation
-    macro-F1 reported per epoch (the pruner may stop it) and returned."""
+    macro-F1 reported per epoch (the pruner may stop it), its objective returned."""
     values = {dimension.name: as_text(dimension.suggest(trial)) for dimension in space}
     try:
         configs = configs.with_frozen(values, f"trial {trial.number}")
@@ -215,7 +280,7 @@ def _trial(trial: optuna.Trial, configs: StudyConfigs, space: list[Dimension]) -
         except optuna.TrialPruned:
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
             raise
-        mlflow.log_metric(OBJECTIVE, value)
+        mlflow.log_metric(objective_of(configs.data), value)
     return value
 
 
@@ -233,7 +298,7 @@ def _objective(trial: optuna.Trial, configs: StudyConfigs) -> float:
         if trial.should_prune():
             # The classifier's run (the active one) was stopped, not broken.
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-            raise optuna.TrialPruned(f"{OBJECTIVE} {val_f1_macro:.4f} at epoch {epoch}")
+            raise optuna.TrialPruned(f"{PRUNING_METRIC} {val_f1_macro:.4f} at epoch {epoch}")
 
     classifier = run_train_classifier(
         data,
@@ -247,7 +312,7 @@ def _objective(trial: optuna.Trial, configs: StudyConfigs) -> float:
         reuse=True,
     )
     trial.set_user_attr(CLASSIFIER_RUN_ATTR, classifier)
-    return mlflow.get_run(classifier).data.metrics[OBJECTIVE]
+    return mlflow.get_run(classifier).data.metrics[objective_of(data)]
 
 
 def fail_and_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -304,7 +369,7 @@ def _register(
         best.user_attrs[TI_RUN_ATTR], best.user_attrs[LORA_RUN_ATTR], generate, frozen
     )
     version, champion = register_generator(
-        model_uri, registered_model, SCENARIO, OBJECTIVE, best.value
+        model_uri, registered_model, SCENARIO, objective_of(configs.data), best.value
     )
     study.set_user_attr(
         f"registered.{registered_model}", {"trial": best.number, "version": version}
