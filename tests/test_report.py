@@ -241,11 +241,16 @@ def test_runs_made_with_different_settings_are_reported_apart(tracking: str, tmp
         "real+syn": {"n_train_real": 100.0, "n_train_synthetic": 500.0},
     }
 
+    protocol = {"skindiff.tune_protocol": "exclude-test-of-ii,iii"}
+    tune = runs.make({ENTRY_POINT: "tune"} | protocol, {}, {})
+
     def main_call(epochs: str, seeds: list[int]) -> dict:
         plan = {"seeds": ",".join(map(str, seeds)), "scenarios": "i", "archs": "tiny"}
         selection = "test" if epochs == "20" else "val"
         settings = {"epochs": epochs, "finetune": "full", "selection": selection}
-        parent = runs.make({ENTRY_POINT: "main"}, plan | settings, {})
+        # The epochs=20 call's settings came from a tune run of the default protocol.
+        frozen = {"skindiff.frozen_params": tune} if epochs == "20" else {}
+        parent = runs.make({ENTRY_POINT: "main"} | frozen, plan | settings, {})
         return {
             seed: runs.main_pair(
                 "i",
@@ -297,5 +302,9 @@ def test_runs_made_with_different_settings_are_reported_apart(tracking: str, tmp
     assert "recall != accuracy in 8 of 9 rows" in report  # counted from the paper's Table 2
     # 24 test images, 5 seeds: 100 / (24 * sqrt(5)) = 1.86 points, above all of Table 2's stds.
     assert "smallest non-zero sample std over 5 seeds is 1.86; 9 of the 9" in report
+    tuned = f"frozen from `{tune}` (tune protocol: exclude-test-of-ii,iii)"
+    assert report.count(tuned) == 1
+    assert report.index(tuned) > report.index(f"## settings {digests['20']}")
+    assert "scenario i's results are not independent of it" in report
     figure = Image.open(out / f"figure2_{digests['20']}.png")
     assert figure.size == grid.size and figure.getpixel((0, 0)) == (200, 30, 30)

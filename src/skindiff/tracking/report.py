@@ -33,12 +33,14 @@ from skindiff.tracking.names import (
     ABLATION_FILE,
     ENTRY_POINT_TAG,
     FROZEN_PARAM_PREFIX,
+    FROZEN_PARAMS_TAG,
     PARENT_RUN_TAG,
     REPORT_EXPERIMENT_TAG,
     RESULTS_FILE,
     SCENARIO_TAG,
     SYNTHETIC_DIR,
     SYNTHETIC_GRID,
+    TUNE_PROTOCOL_TAG,
     Stage,
     upstream_tag,
 )
@@ -140,10 +142,24 @@ def _table(run_id: str, path: str) -> pd.DataFrame | None:
     return _artifact(run_id, path, lambda local: pd.read_csv(local, keep_default_na=False))
 
 
-def _pair_settings(pair: Run) -> dict[str, str]:
-    """The settings of the `main` call a pair run belongs to ({} for a pair without one)."""
+def _main_call(pair: Run) -> Run | None:
+    """The `main` run a pair run belongs to (None for a pair without one)."""
     parent = pair.data.tags.get(PARENT_RUN_TAG)
-    return study_settings(_run(parent).data.params) if parent else {}
+    return _run(parent) if parent else None
+
+
+def _tuning(pair: Run) -> tuple[str | None, str | None]:
+    """(where the pair's frozen params came from, the protocol of that tune run where the
+    source is one), or (None, None) for settings not frozen from a tune."""
+    call = _main_call(pair)
+    source = call.data.tags.get(FROZEN_PARAMS_TAG) if call else None
+    if not source:
+        return None, None
+    try:
+        protocol = _run(source).data.tags.get(TUNE_PROTOCOL_TAG)
+    except mlflow.exceptions.MlflowException:  # a YAML file or a model URI, not a run id
+        protocol = None
+    return source, protocol
 
 
 def _test_sizes(classifier: Run) -> tuple[float, float]:
@@ -197,13 +213,14 @@ def _figure_2(rows: pd.DataFrame, folder: Path) -> Path | None:
 def classifier_groups(experiment_id: str) -> dict[str, tuple[dict[str, str], pd.DataFrame]]:
     """Per settings digest: the settings, and the test scores (fractions) of the classifier
     runs that the group's newest FINISHED main pair run of each (scenario, seed) lists in its
-    results.csv."""
+    results.csv (column `main_run_id`: the pair run)."""
     newest: dict[tuple, Run] = {}
     settings_of: dict[str, dict[str, str]] = {}
     for run in _finished_runs(experiment_id, Stage.MAIN):
         scenario = run.data.tags.get(SCENARIO_TAG)
         if scenario:  # the pair runs, not the parent of a whole `main` call
-            settings = _pair_settings(run)
+            call = _main_call(run)
+            settings = study_settings(call.data.params) if call else {}
             digest = settings_digest(settings)
             settings_of[digest] = settings
             newest.setdefault((digest, scenario, run.data.params.get("seed")), run)
@@ -245,16 +262,17 @@ def _groups(experiment_id: str, folder: Path) -> list[SettingsGroup]:
     """The experiment's runs by settings: a group may hold main and ablation runs."""
     classifiers = classifier_groups(experiment_id)
     ablations = ablation_groups(experiment_id)
+    no_scores = pd.DataFrame(columns=CLASSIFIER_COLUMNS)
+    no_rows = pd.DataFrame(columns=[*ABLATION_COLUMNS, "ablation_run_id"])
     groups = []
     for digest in dict.fromkeys([*classifiers, *ablations]):
-        settings, scores = classifiers.get(digest, (None, pd.DataFrame(columns=CLASSIFIER_COLUMNS)))
-        ablation_settings, rows = ablations.get(digest, (settings, _EMPTY_ABLATION))
+        settings, scores = classifiers.get(digest, ({}, no_scores))
+        settings, rows = ablations.get(digest, (settings, no_rows))
+        newest_pair = scores["main_run_id"].iloc[0] if len(scores) else None
+        tuning = _tuning(_run(newest_pair)) if newest_pair else (None, None)
         figure = _figure_2(scores, folder)
-        groups.append(SettingsGroup(digest, ablation_settings, scores, rows, figure))
+        groups.append(SettingsGroup(digest, settings, scores, rows, figure, *tuning))
     return groups
-
-
-_EMPTY_ABLATION = pd.DataFrame(columns=[*ABLATION_COLUMNS, "ablation_run_id"])
 
 
 def run_report(config: ReportConfig) -> str:
