@@ -81,9 +81,10 @@ def test_champion_loads_by_alias_and_generates(
     # Seeds as the generate stage derives them, the MD5 of the image bytes naming the source.
     md5 = hashlib.md5(Path(sources[1]).read_bytes()).hexdigest()
     assert out["seed"].iloc[2] == image_seed(generator["config"].seed, md5, 0)
-    # Same input, same images; the two images of one source differ.
-    again = model.predict(table.iloc[:1])
-    assert list(again["image"]) == list(out["image"][:2])
+    # Same input, same images (a batch of other images may change the last bits of the
+    # UNet's arithmetic, so the whole table again); the two images of one source differ.
+    again = model.predict(table)
+    assert list(again["image"]) == list(out["image"])
     assert out["image"].iloc[0] != out["image"].iloc[1]
     assert generator_frozen_params(f"models:/{name}@{CHAMPION_ALIAS}") == FROZEN
 
