@@ -383,16 +383,14 @@ def quick_run(splits):
     return train_classifier(QUICK, splits.train, splits.val, splits.test, LABELS, progress=False)
 
 
+def scored_columns(split: str) -> list[str]:
+    """The history's columns of a split scored every epoch."""
+    return [f"{split}_loss", f"{split}_accuracy", f"{split}_f1_macro"]
+
+
 def test_result_shape(quick_run, splits):
     history = quick_run.history
-    assert list(history.columns) == [
-        "epoch",
-        "train_loss",
-        "val_loss",
-        "val_accuracy",
-        "val_f1_macro",
-        "lr",
-    ]
+    assert list(history.columns) == ["epoch", "train_loss", *scored_columns("val"), "lr"]
     assert list(history["epoch"]) == [1, 2, 3, 4]
     assert list(history["lr"]) == pytest.approx([1e-3, 1e-4, 1e-5, 1e-6])  # StepLR(4 // 3 = 1)
     assert quick_run.labels == LABELS
@@ -420,9 +418,8 @@ def test_same_seed_same_run(quick_run, splits):
     assert again.best_epoch == quick_run.best_epoch
 
 
-def test_model_selection_never_looks_at_the_test_labels(quick_run, splits, monkeypatch):
-    """Changing the test labels changes nothing but those labels, and the test split is
-    predicted once, after training, with the best epoch's weights."""
+def inferred_sizes(monkeypatch) -> list[int]:
+    """The number of images of every split the classifier predicts, in order, from now on."""
     inferred = []
     logits = train_module._logits
 
@@ -431,6 +428,13 @@ def test_model_selection_never_looks_at_the_test_labels(quick_run, splits, monke
         return logits(model, loader, device)
 
     monkeypatch.setattr(train_module, "_logits", recording)
+    return inferred
+
+
+def test_model_selection_never_looks_at_the_test_labels(quick_run, splits, monkeypatch):
+    """Changing the test labels changes nothing but those labels, and the test split is
+    predicted once, after training, with the best epoch's weights."""
+    inferred = inferred_sizes(monkeypatch)
     permuted = splits.test.assign(
         label=splits.test["label"].sample(frac=1, random_state=3).to_numpy()
     )
@@ -506,29 +510,13 @@ def test_selection_last_needs_no_validation_split(splits):
 
 def test_selection_test_is_the_reference_protocol(splits, monkeypatch):
     """The test split is scored every epoch and the epoch with its best macro-F1 is kept."""
-    inferred = []
-    logits = train_module._logits
-
-    def recording(model, loader, device):
-        inferred.append(len(loader.dataset))
-        return logits(model, loader, device)
-
-    monkeypatch.setattr(train_module, "_logits", recording)
+    inferred = inferred_sizes(monkeypatch)
     config = replace(QUICK, selection="test")
     result = train_classifier(config, splits.train, splits.val, splits.test, LABELS, False)
 
     history = result.history
-    assert list(history.columns) == [
-        "epoch",
-        "train_loss",
-        "val_loss",
-        "val_accuracy",
-        "val_f1_macro",
-        "test_loss",
-        "test_accuracy",
-        "test_f1_macro",
-        "lr",
-    ]
+    columns = ["epoch", "train_loss", *scored_columns("val"), *scored_columns("test"), "lr"]
+    assert list(history.columns) == columns
     assert inferred == [len(splits.val), len(splits.test)] * QUICK.epochs + [len(splits.test)]
     assert result.best_epoch == int(history.loc[history["test_f1_macro"].idxmax(), "epoch"])
     kept = classification_metrics(result.test_predictions, LABELS, "test")
