@@ -9,11 +9,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Nothing may download in a test: the model hub client answers from its cache or fails at once.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +19,8 @@ import mlflow
 import pandas as pd
 import pytest
 from PIL import Image
+
+from servers import mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_METADATA = REPO.parent / "shared" / "data" / "fitzpatrick17k.csv"
@@ -49,58 +49,12 @@ def demo_dataset(isolated_cache: Path):
     return default_demo_dataset()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
-def tracking_server(tmp_path_factory: pytest.TempPathFactory):
+def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` (SQLite backend, served artifacts) on a free loopback port."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = (root / "server.log").open("w")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
-        time.sleep(0.5)
-    yield uri
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log.close()
+    with mlflow_server(root, f"sqlite:///{root / 'mlflow.db'}") as uri:
+        yield uri
 
 
 @pytest.fixture()

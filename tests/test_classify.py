@@ -355,7 +355,7 @@ def test_bad_checkpoints_are_refused(tmp_path):
         ({"image_size": 16}, "image_size must be at least 32"),
         ({"arch": "vit_b_16", "image_size": 64}, "image_size must be 224 for arch vit_b_16"),
         ({"learning_rate": 0.0}, "learning_rate must be positive"),
-        ({"seed": -1}, "seed must be >= 0"),
+        ({"seed": -1}, "seed must be an integer from 0"),
         ({"selection": "best"}, "selection must be one of val, last, test"),
     ],
 )

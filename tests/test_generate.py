@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -281,6 +282,15 @@ def test_refuses_a_foreign_out_dir(train: pd.DataFrame, tmp_path: Path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(SkindiffError, match="not empty"):
         generate_synthetic(SMALL, train, tmp_path, progress=False)
+
+
+def test_an_out_dir_that_cannot_be_made_is_one_clear_error(train: pd.DataFrame, tmp_path: Path):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    with pytest.raises(SkindiffError, match=re.escape(f"work folder {blocker / 'out'}: ")):
+        generate_synthetic(SMALL, train, blocker / "out", progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    assert blocker.read_text() == "mine"
 
 
 def run_mode(mode: str, train: pd.DataFrame, out_dir: Path, **files) -> np.ndarray:

@@ -1,6 +1,9 @@
 """The stage protocol: keys scoped to the code a stage runs; find-or-run with one resolve."""
 
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -9,7 +12,15 @@ import pytest
 from conftest import fast_configs, runs_by_stage
 from skindiff.classify.config import ClassifierConfig
 from skindiff.tracking import runs as tracking_runs
-from skindiff.tracking.names import RUN_KEY_TAG, Stage, upstream_tag
+from skindiff.tracking.names import (
+    HOST_TAG,
+    PARENT_RUN_TAG,
+    PID_TAG,
+    RUN_KEY_TAG,
+    SUPERSEDED_BY_TAG,
+    Stage,
+    upstream_tag,
+)
 from skindiff.tracking.prepare import run_prepare
 from skindiff.tracking.stage import (
     PACKAGE_ROOT,
@@ -17,7 +28,9 @@ from skindiff.tracking.stage import (
     StageCall,
     StageInputs,
     code_version,
+    process_tags,
     run_stage,
+    stage_key,
 )
 from skindiff.tracking.train_classifier import run_train_classifier
 
@@ -98,3 +111,53 @@ def test_a_failing_stage_run_ends_failed_with_its_key(tracking: str) -> None:
     with pytest.raises(RuntimeError):
         run_stage(call, lambda: StageInputs(digests={"source": "x"}), work, reuse=True)
     assert len(runs_by_stage(tracking)["prepare"]) == 2
+
+
+# A stage run nested under a command's run, whose work says "working" and then SIGKILLs its
+# process while it holds the key's work folder.
+STAGE_PROCESS = """
+import os, signal
+from skindiff.tracking.names import Stage
+from skindiff.tracking.stage import StageCall, StageInputs, open_stage_run, run_stage
+
+def work(inputs, key):
+    print("working", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+with open_stage_run(Stage.MAIN, "command", {}):
+    call = StageCall(Stage.PREPARE, "worker", {"seed": "0"})
+    run_stage(call, lambda: StageInputs(digests={"source": "x"}), work, reuse=True)
+"""
+
+
+@pytest.mark.slow  # a subprocess, killed
+def test_a_rerun_ends_the_runs_of_a_dead_process_of_its_key_and_no_other(tracking: str) -> None:
+    call = StageCall(Stage.PREPARE, "worker", {"seed": "0"})
+    inputs = StageInputs(digests={"source": "x"})
+    process = subprocess.Popen(
+        [sys.executable, "-c", STAGE_PROCESS], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline() == "working\n"
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    (dead,) = runs_by_stage(tracking)["prepare"]
+    key = stage_key(call, inputs)
+    client = mlflow.MlflowClient()
+    # A live process at work on the key (here: this one), and one of another machine with the
+    # dead process's pid: either may be at work, so neither may be ended.
+    live = client.create_run(tracking, tags={RUN_KEY_TAG: key, **process_tags()})
+    elsewhere = client.create_run(
+        tracking,
+        tags={RUN_KEY_TAG: key, HOST_TAG: "another-machine", PID_TAG: str(process.pid)},
+    )
+
+    rerun = run_stage(call, lambda: inputs, lambda inputs, key: None, reuse=True)
+
+    status = {run.info.run_id: run for run in mlflow.search_runs([tracking], output_format="list")}
+    assert status[rerun].info.status == "FINISHED"
+    for run in (dead, status[dead.data.tags[PARENT_RUN_TAG]]):
+        ended = status[run.info.run_id]
+        assert ended.info.status == "FAILED"
+        assert ended.data.tags[SUPERSEDED_BY_TAG] == rerun
+    for run in (live, elsewhere):
+        left = status[run.info.run_id]
+        assert left.info.status == "RUNNING" and SUPERSEDED_BY_TAG not in left.data.tags

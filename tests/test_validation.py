@@ -13,7 +13,9 @@ from skindiff.cli import run
 from skindiff.data.images import check_images, load_rgb, resolve_image_path
 from skindiff.data.metadata import read_metadata
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
-from skindiff.errors import DataValidationError
+from skindiff.diffusion.config import GenerateConfig
+from skindiff.diffusion.generate import plan_generation
+from skindiff.errors import DataValidationError, SkindiffError
 
 
 def config_for(csv: Path, images: Path, **overrides) -> PrepareConfig:
@@ -73,6 +75,28 @@ def test_duplicate_md5hash_names_both_lines(tmp_path: Path) -> None:
     pd.DataFrame(rows).to_csv(csv, index=False)
     with pytest.raises(DataValidationError, match=r"md5hash must be unique.*line 4, line 11"):
         read_metadata(csv)
+
+
+@pytest.mark.parametrize(
+    "bad", ["sub/abc123", "..", "a/../b", "/etc/passwd", "c:x", "a b", "a.jpg", "\u00e9t\u00e9"]
+)
+def test_md5hash_that_cannot_name_a_file_is_refused_by_prepare_and_generate(
+    tmp_path: Path, bad: str
+) -> None:
+    rows = cohort_rows()
+    rows[3]["md5hash"] = bad
+    csv = tmp_path / "metadata.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    with pytest.raises(DataValidationError) as err:
+        read_metadata(csv)
+    # data row 3 is CSV line 5 (header is line 1)
+    assert str(err.value).startswith(f"{csv}: md5hash must be")
+    assert f"line 5 ({bad!r})" in str(err.value)
+    # generate names its images after md5hash: the same rule refuses the same values there.
+    train = pd.DataFrame([rows[0] | {"md5hash": bad, "group": "light", "path": "x.jpg"}])
+    with pytest.raises(SkindiffError) as at_generate:
+        plan_generation(GenerateConfig(), train)
+    assert f"md5hash {bad!r}" in str(at_generate.value)
 
 
 def test_missing_metadata_file(tmp_path: Path) -> None:

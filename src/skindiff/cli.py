@@ -9,14 +9,19 @@ an empty value is "none" (no run id, the demo data, ...).
 Only the config classes are imported here: torch, diffusers and MLflow load when a command runs.
 """
 
+import contextlib
 import inspect
 import json
 import logging
+import os
+import signal
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from types import FrameType
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -100,7 +105,12 @@ def stage_command(name: str, **groups: OptionGroup | StudyGroups) -> Callable:
 
     def register(body: Callable) -> Callable:
         def command(**values: Any) -> None:
-            body(**{key: group.build(values) for key, group in groups.items()})
+            configs = {key: group.build(values) for key, group in groups.items()}
+            if name in ENTRY_POINTS:  # the commands that log to the tracking server
+                from skindiff.tracking.access import require_tracking_access
+
+                require_tracking_access()
+            body(**configs)
 
         COMMAND_OPTIONS[name] = _command_options(groups)
         command.__signature__ = inspect.Signature(
@@ -347,15 +357,97 @@ def run_entry_point(script: str) -> None:
     run([Path(script).stem, *sys.argv[1:]])
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGINT, raised in the command's main thread. Not an Exception, so that no
+    `except Exception` on the way swallows it; not a KeyboardInterrupt, which click would turn
+    into "Aborted!"."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.at_ms = int(time.time() * 1000)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGINT raise `Stopped`, so the `with` blocks that
+    opened runs unwind; the handlers that were there before come back after it."""
+    owner = os.getpid()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != owner:
+            # A forked worker (a DataLoader's) inherits the handler: it just goes.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        for stop_signal in STOP_SIGNALS:
+            # A second signal while the runs are being ended ends the process at once.
+            signal.signal(stop_signal, signal.SIG_DFL)
+        raise Stopped(signum)
+
+    # A signal ignored by whoever started the command (a background job's SIGINT) stays so.
+    previous = {
+        stop_signal: signal.signal(stop_signal, stop)
+        for stop_signal in STOP_SIGNALS
+        if signal.getsignal(stop_signal) is not signal.SIG_IGN
+    }
+    try:
+        yield
+    finally:
+        for stop_signal, handler in previous.items():
+            signal.signal(stop_signal, handler)
+
+
+def _stopped_message(stop: Stopped) -> str:
+    """Ends KILLED the runs the signal stopped; says which."""
+    if "mlflow" not in sys.modules:  # no run can be open before MLflow is loaded
+        return f"stopped by {stop}"
+    from skindiff.tracking.stage import end_stopped_runs
+
+    ended = end_stopped_runs(stop.at_ms)
+    return f"stopped by {stop}" + (f"; runs ended KILLED: {', '.join(ended)}" if ended else "")
+
+
+def _tracking_server_error(err: Exception) -> str | None:
+    """One line for the tracking server being unreachable or refusing the user; else None."""
+    if "mlflow" not in sys.modules:
+        return None
+    from skindiff.tracking.access import refused_access
+    from skindiff.tracking.runs import unreachable_server
+
+    return unreachable_server(err) or refused_access(err)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
 def run(argv: list[str] | None = None) -> None:
-    """Runs the CLI; input errors end in one line on stderr and exit code 2, not a traceback."""
+    """Runs the CLI. Errors end in one line on stderr, not a traceback: input errors and an
+    unreachable tracking server with exit code 2; SIGTERM and SIGINT (Ctrl-C) end the runs the
+    command has open KILLED and exit with 128 + the signal's number (143, 130), as a shell
+    reports a process killed by it."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     package_log = logging.getLogger("skindiff")
     package_log.addHandler(handler)
     package_log.setLevel(logging.INFO)
     try:
-        app(args=argv, prog_name="skindiff")
+        try:
+            with _stopped_by_signals():
+                app(args=argv, prog_name="skindiff")
+        except Stopped as stop:
+            _fail(_stopped_message(stop), 128 + stop.signum)
     except SkindiffError as err:
-        typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
+        _fail(str(err), 2)
+    except Exception as err:
+        message = _tracking_server_error(err)
+        if message is None:
+            raise
+        _fail(message, 2)
+    finally:
+        package_log.removeHandler(handler)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from skindiff.core.settings import Settings, setting
+from skindiff.core.settings import Settings, check_seed, setting
 from skindiff.errors import require
 
 
@@ -106,7 +106,7 @@ class ClassifierConfig(Settings):
             f"image_size must be {fixed} for arch {self.arch}, got {self.image_size}",
         )
         require(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}")
-        require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        check_seed("seed", self.seed)
         require(
             not isinstance(self.weights, Path) or bool(self.weights.name),
             f"weights must be auto, none, imagenet or a checkpoint path, got {str(self.weights)!r}",

@@ -2,12 +2,14 @@
 
 Every write here is atomic (a temporary sibling with a unique name, then a rename), so a killed
 process leaves at most a hidden temporary, never a half-written file, and two processes never
-write through the same temporary.
+write through the same temporary. A work folder is worked in by one process at a time
+(`work_folder_lock`): another one waits, then finds the work done.
 """
 
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -15,7 +17,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from skindiff.errors import SkindiffError
+
+log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "run.json"
 
@@ -83,6 +89,42 @@ def replaced_directory(target: Path) -> Iterator[Path]:
     shutil.rmtree(target, ignore_errors=True)
     with atomic_directory(target) as tmp:
         yield tmp
+
+
+@contextlib.contextmanager
+def work_folder_lock(folder: Path, holder: str | None = None) -> Iterator[str]:
+    """Holds the lock of work folder `folder` for the block, waiting while another process
+    holds it; the operating system lets go of it when a holder dies, however it dies.
+
+    Re-entrant within a process, so a caller may hold it around code that takes it again. With
+    `holder` (e.g. a tracking run id), records it for the block and yields the holder recorded
+    by a process that died holding the folder ("" when every earlier holder let go of it).
+    The lock and the record are hidden siblings of `folder`; they stay, empty or tiny."""
+    folder = Path(folder).absolute()
+    # One instance per path in a process, so that taking it again nests instead of deadlocking.
+    lock = FileLock(folder.parent / f".{folder.name}.lock", is_singleton=True)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(blocking=False)
+        except Timeout:
+            log.warning("%s is in use by another process; waiting until it is done", folder)
+            lock.acquire()
+    except OSError as err:  # a parent that is a file, or not writable
+        raise SkindiffError(f"cannot lock the work folder {folder}: {err}") from None
+    try:
+        if holder is None:
+            yield ""
+            return
+        record = folder.parent / f".{folder.name}.holder"
+        previous = record.read_text() if record.is_file() else ""
+        write_atomic(record, holder.encode())
+        try:
+            yield previous
+        finally:
+            record.unlink(missing_ok=True)
+    finally:
+        lock.release()
 
 
 def sha256_file(path: Path) -> str:

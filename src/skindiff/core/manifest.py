@@ -17,6 +17,15 @@ IMAGE_COLUMNS = ("md5hash", "label", "fitzpatrick_scale", "group", "path")
 SPLIT_COLUMNS = ("md5hash", "label", "fitzpatrick_scale", "group", "split", "path")
 # A classifier's predictions, before one prob_<label slug> column per class.
 PREDICTION_COLUMNS = ("md5hash", "label", "predicted", "fitzpatrick_scale", "group")
+# md5hash names files (`<md5hash>.jpg` in the image folder, the generated images), so it must
+# be one plain name: no separator, no `..`, nothing a file system could read differently.
+_FILE_NAME = re.compile(r"[0-9A-Za-z_-]+")
+FILE_NAME_RULE = "letters, digits, '_' and '-'"
+
+
+def usable_as_file_name(md5hash: str) -> bool:
+    """Whether `md5hash` can name a file inside a folder (see FILE_NAME_RULE)."""
+    return _FILE_NAME.fullmatch(md5hash) is not None
 
 
 def require_columns(frame: pd.DataFrame, columns: Sequence[str], name: str) -> None:

@@ -21,6 +21,16 @@ from typing import Any
 
 from skindiff.errors import SkindiffError
 
+# Seeds reach pandas' `random_state` (the flexible subsets are drawn as the reference draws
+# them) and numpy, which take seeds below 2**32.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(name: str, seed: int) -> None:
+    """Refuses a seed outside 0..MAX_SEED, naming the parameter `name`."""
+    if not 0 <= seed <= MAX_SEED:
+        raise SkindiffError(f"{name} must be an integer from 0 to {MAX_SEED}, got {seed}")
+
 
 class Precision(StrEnum):
     """Mixed precision of diffusion work; `auto` is fp16 on a GPU and full precision on a CPU."""

@@ -1,9 +1,11 @@
 """Settings of the data stage: which dataset, which cohort, which scenario and seed."""
 
+import os
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
-from skindiff.core.settings import Settings, setting
+from skindiff.core.settings import Settings, check_seed, setting
 from skindiff.data.fitzpatrick import CONDITIONS, DARK_FST, FLEXIBLE_PER_CONDITION, LIGHT_FST
 from skindiff.errors import DataValidationError
 
@@ -29,6 +31,22 @@ def check_exclusion(scenario: Scenario, exclude_test_of: tuple[Scenario, ...]) -
             f"exclude_test_of: the test images of {clash} are scenario {scenario}'s own test "
             f"split ({scenario.test_images}); leave {clash} out of exclude_test_of"
         )
+
+
+def check_input_path(name: str, value: str, *, folder: bool) -> None:
+    """Refuses a path `name` that is not a readable file (with `folder`, folder): a wrong path
+    stops a command here, before it opens a run or reads the data."""
+    path = Path(value).expanduser()
+    kind = "folder" if folder else "file"
+    if not path.exists():
+        problem = f"no such {kind}"
+    elif not (path.is_dir() if folder else path.is_file()):
+        problem = f"is not a {kind}"
+    elif not os.access(path, os.R_OK | (os.X_OK if folder else 0)):
+        problem = "cannot be read"
+    else:
+        return
+    raise DataValidationError(f"{name}: {problem}: {path}")
 
 
 @dataclass(frozen=True)
@@ -60,7 +78,8 @@ class CohortSpec(Settings):
 
 @dataclass(frozen=True)
 class PrepareConfig(Settings):
-    """Inputs of the `prepare` stage. No `metadata_csv` and `image_dir`: the demo dataset."""
+    """Inputs of the `prepare` stage. No `metadata_csv` and `image_dir`: the demo dataset;
+    given ones must be a readable file and folder when the config is made."""
 
     metadata_csv: str | None = setting(
         None,
@@ -111,8 +130,10 @@ class PrepareConfig(Settings):
                 f"{missing} is empty: give both metadata_csv and image_dir, "
                 "or neither for the demo data"
             )
-        if self.seed < 0:
-            raise DataValidationError(f"seed must be >= 0, got {self.seed}")
+        if self.metadata_csv is not None:
+            check_input_path("metadata_csv", self.metadata_csv, folder=False)
+            check_input_path("image_dir", self.image_dir, folder=True)
+        check_seed("seed", self.seed)
         if not 0 <= self.val_fraction < 1:
             raise DataValidationError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         check_exclusion(self.scenario, self.exclude_test_of)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from skindiff.core.manifest import FILE_NAME_RULE, usable_as_file_name
 from skindiff.data.fitzpatrick import REQUIRED_COLUMNS, VALID_FST
 from skindiff.errors import DataValidationError
 
@@ -64,6 +65,13 @@ def read_metadata(csv_path: Path) -> pd.DataFrame:
                 f"{csv_path}: empty {column} on {empty.sum()} row(s): "
                 f"{describe_lines(frame.loc[empty, 'line'])}"
             )
+    unnamed = ~frame["md5hash"].map(usable_as_file_name)
+    if unnamed.any():
+        raise DataValidationError(
+            f"{csv_path}: md5hash must be a file name of {FILE_NAME_RULE} (it names the "
+            f"images); {unnamed.sum()} row(s) are not: "
+            f"{describe_lines(frame.loc[unnamed, 'line'], frame['md5hash'])}"
+        )
     repeated = frame["md5hash"].duplicated(keep=False)
     if repeated.any():
         first = frame.loc[repeated, "md5hash"].iloc[0]

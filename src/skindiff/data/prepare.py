@@ -34,7 +34,7 @@ class PreparedScenario:
 
 def resolve_dataset(config: PrepareConfig) -> DatasetSource:
     """The dataset to use: the given files, or the embedded demo dataset (PrepareConfig checks
-    that both paths or neither are given)."""
+    that both paths or neither are given, and that given ones can be read)."""
     if config.metadata_csv is None or config.image_dir is None:
         demo = default_demo_dataset()
         return DatasetSource(demo.metadata_csv, demo.image_dir, is_demo=True)
@@ -49,8 +49,13 @@ def source_fingerprint(source: DatasetSource) -> str:
     digest = hashlib.sha256(Path(source.metadata_csv).read_bytes())
     with os.scandir(source.image_dir) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
-            stat = entry.stat()
-            digest.update(f"{entry.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+            try:
+                stat = entry.stat()
+                listed = f"{stat.st_size}\t{stat.st_mtime_ns}"
+            except OSError:
+                # A dangling or looping link: the image check names the row it breaks.
+                listed = "unreadable"
+            digest.update(f"{entry.name}\t{listed}\n".encode())
     return digest.hexdigest()
 
 

@@ -11,7 +11,7 @@ per training image, the model's own scheduler, light sources moved to FST 5 or 6
 from dataclasses import dataclass
 from enum import StrEnum
 
-from skindiff.core.settings import Precision, Settings, setting
+from skindiff.core.settings import Precision, Settings, check_seed, setting
 from skindiff.data.fitzpatrick import CONDITIONS, DARK_FST
 from skindiff.diffusion.prompts import INITIALIZER_WORD, SKIN_TYPE_PHRASES, placeholder_token
 from skindiff.errors import require
@@ -92,7 +92,7 @@ def _check_training(config: "TextualInversionConfig | LoraConfig") -> None:
 
 
 def _check_model(config: "TextualInversionConfig | LoraConfig | GenerateConfig") -> None:
-    require(config.seed >= 0, f"seed must be >= 0, got {config.seed}")
+    check_seed("seed", config.seed)
     require(
         config.resolution >= 0 and config.resolution % 8 == 0,
         f"resolution must be 0 (native) or a positive multiple of 8, got {config.resolution}",
@@ -279,7 +279,7 @@ class PretrainConfig(Settings):
             0 <= self.caption_dropout < 1,
             f"caption_dropout must be in [0, 1), got {self.caption_dropout}",
         )
-        require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        check_seed("seed", self.seed)
 
 
 @dataclass(frozen=True)

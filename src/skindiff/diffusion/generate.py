@@ -11,7 +11,6 @@ Reproducibility is by construction, not by luck:
 
 import hashlib
 import io
-import re
 from collections.abc import Collection
 from dataclasses import asdict
 from pathlib import Path
@@ -32,8 +31,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from skindiff.core.device import pick_device, resolve_mixed_precision, weight_dtype
-from skindiff.core.files import claim_folder, sha256_file, write_atomic
-from skindiff.core.manifest import IMAGE_COLUMNS, require_columns
+from skindiff.core.files import claim_folder, sha256_file, work_folder_lock, write_atomic
+from skindiff.core.manifest import IMAGE_COLUMNS, require_columns, usable_as_file_name
 from skindiff.core.seeding import image_seed
 from skindiff.data.fitzpatrick import DARK_FST
 from skindiff.data.images import load_rgb
@@ -83,7 +82,7 @@ def _check_train(train: pd.DataFrame) -> None:
     if len(duplicated):
         raise SkindiffError(f"train has duplicate md5hash {duplicated.iloc[0]!r}")
     # md5hash names the output files, so it must not be able to leave the image folder.
-    unsafe = [m for m in train["md5hash"] if not re.fullmatch(r"[0-9A-Za-z_-]+", str(m))]
+    unsafe = [m for m in train["md5hash"] if not usable_as_file_name(str(m))]
     if unsafe:
         raise SkindiffError(f"train md5hash {unsafe[0]!r} is not usable as a file name")
     groups = set(train["group"]) - {"light", "dark"}
@@ -222,7 +221,8 @@ def generate_synthetic(
     """Generates `config.num_per_image` images per training row into `out_dir/images`.
 
     Writes `out_dir/manifest.csv` (returned too; `path` relative to `out_dir`). Running again
-    with the same out_dir only makes what is missing or broken.
+    with the same out_dir only makes what is missing or broken; a process that finds another
+    one generating there waits for it, then finds its images made.
     """
     out_dir = Path(out_dir)
     plan = plan_generation(config, train)
@@ -238,24 +238,36 @@ def generate_synthetic(
         "lora_weights": sha256_file(lora_file) if lora_file else None,
         "plan_sha256": hashlib.sha256(plan.to_csv(index=False).encode()).hexdigest(),
     }
-    claim_folder(out_dir, fingerprint)
-    (out_dir / IMAGE_DIR).mkdir(exist_ok=True)
-
-    todo = _unfinished_batches(plan, out_dir, config)
-    if todo:
-        pipe, resolution = load_pipeline(config, embeddings, lora_file)
-        done = len(plan) - sum(len(missing) for _, missing in todo)
-        with tqdm(
-            total=len(plan), initial=done, desc="generating", unit="img", disable=not progress
-        ) as bar:
-            for chunk, missing in todo:
-                images = generate_batch(pipe, config, chunk, resolution)
-                for i, image in zip(chunk.index, images, strict=True):
-                    if i in missing:
-                        _save_png(image, out_dir / plan.at[i, "path"])
-                bar.update(len(missing))
-    write_atomic(out_dir / MANIFEST_FILE, plan.to_csv(index=False).encode())
+    with work_folder_lock(out_dir):
+        claim_folder(out_dir, fingerprint)
+        (out_dir / IMAGE_DIR).mkdir(exist_ok=True)
+        todo = _unfinished_batches(plan, out_dir, config)
+        if todo:
+            _generate_missing(config, plan, todo, out_dir, embeddings, lora_file, progress)
+        write_atomic(out_dir / MANIFEST_FILE, plan.to_csv(index=False).encode())
     return plan
+
+
+def _generate_missing(
+    config: GenerateConfig,
+    plan: pd.DataFrame,
+    todo: list[tuple[pd.DataFrame, set[int]]],
+    out_dir: Path,
+    embeddings: dict[Path, str],
+    lora_file: Path | None,
+    progress: bool,
+) -> None:
+    pipe, resolution = load_pipeline(config, embeddings, lora_file)
+    done = len(plan) - sum(len(missing) for _, missing in todo)
+    with tqdm(
+        total=len(plan), initial=done, desc="generating", unit="img", disable=not progress
+    ) as bar:
+        for chunk, missing in todo:
+            images = generate_batch(pipe, config, chunk, resolution)
+            for i, image in zip(chunk.index, images, strict=True):
+                if i in missing:
+                    _save_png(image, out_dir / plan.at[i, "path"])
+            bar.update(len(missing))
 
 
 def _unfinished_batches(

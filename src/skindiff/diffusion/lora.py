@@ -86,6 +86,15 @@ def _embeddings_digest(embeddings: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _stable_metadata(adapter: PeftLoraConfig) -> dict:
+    """The adapter's settings with its sets as sorted lists: a set's order (peft keeps
+    `target_modules` as one) changes from process to process, and would change the file."""
+    return {
+        key: sorted(value) if isinstance(value, set | frozenset) else value
+        for key, value in adapter.to_dict().items()
+    }
+
+
 def train_lora(
     config: LoraConfig,
     train: pd.DataFrame,
@@ -94,8 +103,9 @@ def train_lora(
     progress: bool = True,
 ) -> LoraResult:
     """Trains a LoRA adapter of the UNet on `train` into `out_dir` (resumes an interrupted run
-    there; returns a finished one without training). `embeddings_dir`: Textual Inversion
-    tokens to caption with, or None to name conditions in words."""
+    there; returns a finished one without training, after waiting for a process training
+    there). `embeddings_dir`: Textual Inversion tokens to caption with, or None to name
+    conditions in words."""
     rows = _training_rows(train)
     embeddings = None if embeddings_dir is None else read_embeddings(embeddings_dir)
     concepts = _concepts(rows, embeddings)
@@ -106,11 +116,12 @@ def train_lora(
         "train": rows_digest(rows),
         "embeddings": None if embeddings is None else _embeddings_digest(embeddings),
     }
-    if not open_run_dir(out_dir, identity):
-        _train(config, rows, embeddings, concepts, out_dir, progress)
-    return LoraResult(
-        weights_path=out_dir / LORA_DIR / LORA_WEIGHTS_FILE, losses=read_losses(out_dir)
-    )
+    with open_run_dir(out_dir, identity) as finished:
+        if not finished:
+            _train(config, rows, embeddings, concepts, out_dir, progress)
+        return LoraResult(
+            weights_path=out_dir / LORA_DIR / LORA_WEIGHTS_FILE, losses=read_losses(out_dir)
+        )
 
 
 def _train(
@@ -197,7 +208,7 @@ def _train(
                 folder,
                 unet_lora_layers=layers,
                 # Carries rank and alpha, so a loader scales by alpha / rank as trained.
-                unet_lora_adapter_metadata=trained.peft_config["default"].to_dict(),
+                unet_lora_adapter_metadata=_stable_metadata(trained.peft_config["default"]),
                 weight_name=LORA_WEIGHTS_FILE,
                 safe_serialization=True,
             )

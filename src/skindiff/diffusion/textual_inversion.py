@@ -14,6 +14,7 @@ Every token is saved in diffusers' format, `{token: tensor[num_vectors, dim]}`, 
 pipeline's `load_textual_inversion` loads it.
 """
 
+import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from diffusers.utils import make_image_grid
 from safetensors.torch import save_file
 
 from skindiff.core.device import resolve_mixed_precision, weight_dtype
-from skindiff.core.files import replaced_directory
+from skindiff.core.files import replaced_directory, write_atomic
 from skindiff.core.seeding import derived_seed
 from skindiff.diffusion.adapters import token_file_name
 from skindiff.diffusion.config import TextualInversionConfig
@@ -80,20 +81,22 @@ def train_textual_inversion(
     config: TextualInversionConfig, train: pd.DataFrame, out_dir: Path, progress: bool = True
 ) -> TextualInversionResult:
     """Learns every condition's token on `train` into `out_dir` (resumes an interrupted run
-    there; returns a finished one without training). Rows of other conditions are ignored."""
+    there; returns a finished one without training, after waiting for a process training
+    there). Rows of other conditions are ignored."""
     rows = _training_rows(config, train)
     out_dir = Path(out_dir)
     tokens = {condition: placeholder_token(condition) for condition in config.conditions}
     identity = {"stage": "textual_inversion", "config": asdict(config), "train": rows_digest(rows)}
-    if not open_run_dir(out_dir, identity):
-        _train(config, rows, tokens, out_dir, progress)
-    validation = out_dir / VALIDATION_FILE
-    return TextualInversionResult(
-        embeddings_dir=out_dir / EMBEDDINGS_DIR,
-        tokens=tokens,
-        losses=read_losses(out_dir),
-        validation_images=validation if validation.is_file() else None,
-    )
+    with open_run_dir(out_dir, identity) as finished:
+        if not finished:
+            _train(config, rows, tokens, out_dir, progress)
+        validation = out_dir / VALIDATION_FILE
+        return TextualInversionResult(
+            embeddings_dir=out_dir / EMBEDDINGS_DIR,
+            tokens=tokens,
+            losses=read_losses(out_dir),
+            validation_images=validation if validation.is_file() else None,
+        )
 
 
 SHARED_STREAM = "all"
@@ -203,6 +206,8 @@ def _train(
                 width=resolution,
                 generator=torch.Generator(device).manual_seed(config.seed),
             ).images
-        make_image_grid(images, rows=1, cols=len(images)).save(out_dir / VALIDATION_FILE)
+        grid = io.BytesIO()
+        make_image_grid(images, rows=1, cols=len(images)).save(grid, format="PNG")
+        write_atomic(out_dir / VALIDATION_FILE, grid.getvalue())
         finish_run(out_dir, losses)
     accelerator.wait_for_everyone()

@@ -6,7 +6,8 @@
 - an accelerate loop with resumable checkpoints and a loss curve.
 
 An output folder holds `run.json` (what the run is), `checkpoints/step-<n>` while training,
-and, once finished, the stage's outputs, `losses.json` and a `done` marker written last.
+and, once finished, the stage's outputs, `losses.json` and a `done` marker written last. One
+process at a time trains in it; another waits, then finds the run done.
 Randomness comes from generators seeded by (seed, step, ...), never from global state, so a
 resumed run repeats exactly what an uninterrupted one would have done.
 """
@@ -18,7 +19,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from skindiff.core.device import resolve_mixed_precision
-from skindiff.core.files import atomic_directory, claim_folder
+from skindiff.core.files import atomic_directory, claim_folder, work_folder_lock, write_atomic
 from skindiff.core.seeding import seeded_generator, seeded_global_rng
 from skindiff.core.settings import Precision
 from skindiff.diffusion.base_model import resolve_base_model
@@ -63,17 +64,20 @@ def rows_digest(rows: pd.DataFrame) -> str:
     return hashlib.sha256(columns.to_csv(index=False).encode()).hexdigest()
 
 
-def open_run_dir(out_dir: Path, identity: dict) -> bool:
-    """Claims `out_dir` for the run described by `identity` (see `claim_folder`); True if that
-    run already finished there."""
-    claim_folder(out_dir, identity)
-    return (out_dir / DONE_FILE).is_file()
+@contextlib.contextmanager
+def open_run_dir(out_dir: Path, identity: dict) -> Iterator[bool]:
+    """Holds `out_dir` (see `work_folder_lock`) for the block and claims it for the run
+    described by `identity` (see `claim_folder`); yields True if that run already finished
+    there."""
+    with work_folder_lock(out_dir):
+        claim_folder(out_dir, identity)
+        yield (out_dir / DONE_FILE).is_file()
 
 
 def finish_run(out_dir: Path, losses: list[float] | dict[str, list[float]]) -> None:
     """Persists the loss curve, marks the run done (last), then drops its checkpoints."""
-    (out_dir / LOSSES_FILE).write_text(json.dumps(losses))
-    (out_dir / DONE_FILE).write_text("")
+    write_atomic(out_dir / LOSSES_FILE, json.dumps(losses).encode())
+    write_atomic(out_dir / DONE_FILE, b"")
     shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
 
 

@@ -109,3 +109,10 @@ CHAMPION_ALIAS = "champion"
 
 # tune: the protocol a tune run scored trials by ("paper", "exclude-test-of-ii,iii").
 TUNE_PROTOCOL_TAG = "skindiff.tune_protocol"
+
+# Every stage run: the process at work on it (pid, and host with its PID namespace), so that a
+# rerun tells the run of a killed process from one still at work; on a run a rerun ended so,
+# the run that took over its key.
+PID_TAG = "skindiff.pid"
+HOST_TAG = "skindiff.host"
+SUPERSEDED_BY_TAG = "skindiff.superseded_by"

@@ -7,7 +7,7 @@ Like the stage configs, these import neither MLflow nor torch, so `skindiff --he
 from dataclasses import dataclass
 
 from skindiff.classify.config import PAPER_ARCHS, Arch, TrainType
-from skindiff.core.settings import Settings, setting
+from skindiff.core.settings import Settings, check_seed, setting
 from skindiff.data.config import Scenario
 from skindiff.data.fitzpatrick import DARK_FST, LIGHT_FST, PAPER_SEEDS
 from skindiff.errors import require
@@ -80,7 +80,8 @@ class StudyPlan(Settings):
 
 def _check_seeds(seeds: tuple[int, ...]) -> None:
     require(bool(seeds), "seeds must be a comma list of integers, got ''")
-    require(all(seed >= 0 for seed in seeds), f"seeds must be >= 0, got {seeds}")
+    for seed in seeds:
+        check_seed("seeds", seed)
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,19 @@ experiment, else opens the stage run, nested under the active run. As a command 
 generate`, `mlflow run -e generate`) it opens its run first, so that the upstream runs it has
 to make nest under it. The key also names the stage's work folder in the cache, so a run
 killed mid-way resumes from its checkpoints when the same key is run again.
+
+A run's end: it ends FINISHED, or FAILED when its block raises; a command stopped by SIGTERM or
+SIGINT ends the runs it has open KILLED (`end_stopped_runs`, called by the CLI). A SIGKILLed
+process (or one cut off from the tracking server) leaves its runs RUNNING: each run carries the
+pid and host of its process, and the next run of the same key, about to take over the key's
+work folder, ends those whose process is gone FAILED (`end_stale_runs`).
 """
 
 import hashlib
 import json
+import logging
+import os
+import socket
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,19 +36,25 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from mlflow.entities import Run
+from mlflow.entities import Run, RunStatus
 
 import skindiff
 from skindiff import __version__
-from skindiff.core.files import cache_dir
+from skindiff.core.files import cache_dir, work_folder_lock
 from skindiff.core.manifest import content_digest
 from skindiff.tracking.names import (
     ENTRY_POINT_TAG,
+    HOST_TAG,
+    PARENT_RUN_TAG,
+    PID_TAG,
     RUN_KEY_TAG,
+    SUPERSEDED_BY_TAG,
     VERSION_TAG,
     Stage,
     upstream_tag,
 )
+
+logger = logging.getLogger(__name__)
 
 # The science packages whose code decides each stage's results (besides the ground floor).
 STAGE_CODE = {
@@ -97,7 +112,11 @@ def run_stage(
             inputs = resolve()
             key = stage_key(call, inputs)
         mlflow.set_tags(_standard_tags(key, inputs))
-        work(inputs, key)
+        # One process at a time works on a key: another one waits here, then finds the work
+        # done in the work folder. The lock names a holder that died holding it.
+        with work_folder_lock(work_dir(call.stage, key), holder=run.info.run_id) as dead:
+            end_stale_runs(key, run.info.run_id, dead)
+            work(inputs, key)
     return run.info.run_id
 
 
@@ -106,14 +125,20 @@ def open_stage_run(
     stage: Stage, run_name: str, params: Mapping[str, str], tags: Mapping[str, str] | None = None
 ) -> Iterator[mlflow.ActiveRun]:
     """Opens the run of `stage`: the `mlflow run` run when there is one, else a new run, nested
-    under the active run when there is one. It ends FAILED if the block raises.
+    under the active run when there is one. It ends FAILED if the block raises. It is tagged
+    with this process's pid and host (see `end_stale_runs`).
 
     `mlflow run` has already logged the entry point's parameters (as it quoted them for the
     shell); MLflow forbids changing a param, so only the others are added."""
     with mlflow.start_run(
         run_name=run_name,
         nested=mlflow.active_run() is not None,
-        tags={ENTRY_POINT_TAG: str(stage), VERSION_TAG: __version__, **(tags or {})},
+        tags={
+            ENTRY_POINT_TAG: str(stage),
+            VERSION_TAG: __version__,
+            **process_tags(),
+            **(tags or {}),
+        },
     ) as run:
         logged = mlflow.get_run(run.info.run_id).data.params
         missing = {key: value for key, value in params.items() if key not in logged}
@@ -185,3 +210,102 @@ def find_finished_run(key: str) -> Run | None:
 def work_dir(stage: Stage, key: str) -> Path:
     """Where a stage with this key keeps its checkpoints and outputs between attempts."""
     return cache_dir() / "work" / str(stage) / key
+
+
+def process_tags() -> dict[str, str]:
+    """This process, as the tags of the runs it opens."""
+    return {PID_TAG: str(os.getpid()), HOST_TAG: _host()}
+
+
+@cache
+def _host() -> str:
+    # With the PID namespace: a container sharing the host's name (host networking) has pids of
+    # its own, which this process could not check.
+    try:
+        return f"{socket.gethostname()} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return socket.gethostname()
+
+
+def _process_gone(run: Run) -> bool:
+    """Whether the process that opened `run` is known to have exited: a process of this host
+    (and PID namespace) that no longer exists. Another host's is never known gone."""
+    tags = run.data.tags
+    if tags.get(HOST_TAG) != _host() or not tags.get(PID_TAG, "").isdigit():
+        return False
+    try:
+        os.kill(int(tags[PID_TAG]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process: alive
+        pass
+    return False
+
+
+def end_stale_runs(key: str, successor: str, dead_holder: str = "") -> list[str]:
+    """Ends FAILED the RUNNING runs of `key` in the active experiment whose process is gone
+    (SIGKILL, a crash, a lost tracking server) or that died holding the key's work folder
+    (`dead_holder`, from its lock, on any host sharing the cache), with the RUNNING runs above
+    them that process opened; tags each `skindiff.superseded_by=<successor>`. Returns their ids.
+
+    FAILED, not KILLED: nothing stopped them on purpose (KILLED is a SIGTERM, Ctrl-C or a pruned
+    trial), as `tune` marks the runs of a stale trial. Safe while other processes work on the
+    same key: a live process is never touched. A run of another host is left RUNNING: without a
+    heartbeat, a process on another machine (with a cache of its own) cannot be told dead from
+    busy; a rerun on its host ends it."""
+    client = mlflow.MlflowClient()
+    running = mlflow.search_runs(
+        filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}' and attributes.status = 'RUNNING'",
+        output_format="list",
+    )
+    ended = []
+    for stale in running:
+        if stale.info.run_id != dead_holder and not _process_gone(stale):
+            continue
+        for run in [stale, *_opened_above(client, stale)]:
+            client.set_tag(run.info.run_id, SUPERSEDED_BY_TAG, successor)
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+            ended.append(run.info.run_id)
+    if ended:
+        logger.info("ended FAILED, their process gone: %s", ", ".join(ended))
+    return ended
+
+
+def _opened_above(client: mlflow.MlflowClient, run: Run) -> list[Run]:
+    """The RUNNING runs above `run` opened by its process: tagged with the same pid and host,
+    or untagged (a nested run opened without `open_stage_run`, in the process of its children)."""
+    above = []
+    parent_id = run.data.tags.get(PARENT_RUN_TAG)
+    while parent_id:
+        parent = client.get_run(parent_id)
+        tags = parent.data.tags
+        same = PID_TAG not in tags or all(
+            tags.get(tag) == run.data.tags.get(tag) for tag in (PID_TAG, HOST_TAG)
+        )
+        if parent.info.status != "RUNNING" or not same:
+            break
+        above.append(parent)
+        parent_id = parent.data.tags.get(PARENT_RUN_TAG)
+    return above
+
+
+def end_stopped_runs(since_ms: int) -> list[str]:
+    """Re-ends KILLED the runs this process ended FAILED since `since_ms` (a stop signal's
+    time) while the signal unwound its `with` blocks: the last run it ended and the chain nested
+    under it. Returns their ids, outermost first."""
+    run = mlflow.last_active_run()
+    stopped = []
+    while run is not None and run.info.status == "FAILED" and run.info.end_time >= since_ms:
+        mlflow.MlflowClient().set_terminated(
+            run.info.run_id, RunStatus.to_string(RunStatus.KILLED), end_time=run.info.end_time
+        )
+        stopped.append(run.info.run_id)
+        children = mlflow.search_runs(
+            [run.info.experiment_id],
+            f"tags.`{PARENT_RUN_TAG}` = '{run.info.run_id}' and attributes.status = 'FAILED'",
+            order_by=["attributes.end_time DESC"],
+            max_results=1,
+            output_format="list",
+        )
+        run = children[0] if children else None
+    return stopped
