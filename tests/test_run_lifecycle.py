@@ -149,13 +149,7 @@ def test_a_rerun_ends_the_run_of_a_sigkilled_process_failed(tracking: str, tmp_p
     assert dead.info.status == "RUNNING"
 
     assert run_command(argv) == 0
-    runs = {run.info.run_id: run for run in runs_by_stage(tracking)["generate"]}
-    dead = runs.pop(dead.info.run_id)
-    (rerun,) = runs.values()
-    assert rerun.info.status == "FINISHED"
-    assert dead.info.status == "FAILED"
-    assert dead.data.tags[SUPERSEDED_BY_TAG] == rerun.info.run_id
-    assert dead.data.tags[RUN_KEY_TAG] == rerun.data.tags[RUN_KEY_TAG]
+    assert_taken_over(tracking, dead.info.run_id)
 
 
 class MlflowServer:
@@ -193,6 +187,18 @@ class MlflowServer:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
             self.process = None
+
+
+def assert_taken_over(experiment: str, dead_run_id: str) -> None:
+    """The experiment's generate runs: the dead one FAILED, tagged with the one rerun, which
+    FINISHED on the same key."""
+    runs = {run.info.run_id: run for run in runs_by_stage(experiment)["generate"]}
+    dead = runs.pop(dead_run_id)
+    (rerun,) = runs.values()
+    assert rerun.info.status == "FINISHED"
+    assert dead.info.status == "FAILED"
+    assert dead.data.tags[SUPERSEDED_BY_TAG] == rerun.info.run_id
+    assert dead.data.tags[RUN_KEY_TAG] == rerun.data.tags[RUN_KEY_TAG]
 
 
 @pytest.mark.slow  # a tracking server of its own and a subprocess
@@ -237,12 +243,7 @@ def test_a_server_gone_mid_run_is_one_line_and_the_rerun_resumes(
         assert run_command(argv) == 0
         # Resumed: every image was there, none was made again.
         assert {path: path.stat().st_mtime_ns for path in folder.rglob("*.png")} == made
-        runs = {run.info.run_id: run for run in runs_by_stage(experiment)["generate"]}
-        dead = runs.pop(dead.info.run_id)
-        (rerun,) = runs.values()
-        assert rerun.info.status == "FINISHED"
-        assert dead.info.status == "FAILED"
-        assert dead.data.tags[SUPERSEDED_BY_TAG] == rerun.info.run_id
+        assert_taken_over(experiment, dead.info.run_id)
     finally:
         mlflow.set_tracking_uri(previous_uri)
         server.stop()

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -162,3 +163,16 @@ def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif left != right:
             out.append(prefix + key)
     return out
+
+
+def canonical_safetensors(path: Path) -> None:
+    """Rewrites a safetensors file's header with sorted keys, in place. The library writes its
+    metadata from a hash map whose order changes from process to process, so the same tensors
+    and metadata would give other bytes; sorted, they give the same bytes anywhere."""
+    data = Path(path).read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:  # never the case for a reordering; keep the file as it is
+        return
+    write_atomic(Path(path), data[:8] + text.ljust(size) + data[8 + size :])

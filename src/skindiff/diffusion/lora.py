@@ -19,7 +19,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from skindiff.core.device import resolve_mixed_precision, weight_dtype
-from skindiff.core.files import replaced_directory
+from skindiff.core.files import canonical_safetensors, replaced_directory
 from skindiff.core.seeding import seeded_global_rng
 from skindiff.diffusion.adapters import LORA_WEIGHTS_FILE, read_embeddings
 from skindiff.diffusion.config import LoraConfig
@@ -212,5 +212,6 @@ def _train(
                 weight_name=LORA_WEIGHTS_FILE,
                 safe_serialization=True,
             )
+            canonical_safetensors(folder / LORA_WEIGHTS_FILE)
         finish_run(out_dir, losses)
     accelerator.wait_for_everyone()
