@@ -237,3 +237,65 @@ def test_bad_inputs_are_refused(train, embeddings_dir, tmp_path):
         train_lora(CONFIG, train.assign(fitzpatrick_scale=-1), None, tmp_path / "d")
     with pytest.raises(SkindiffError, match="target_modules"):
         train_lora(replace(CONFIG, target_modules=("no_such_layer",)), train, None, tmp_path / "e")
+
+
+def test_frozen_encodings_are_computed_once_and_match_encoding_every_batch(train, embeddings_dir):
+    """The training fast path: each augmented image and caption goes through its frozen
+    encoder once; its latents and hidden states equal encoding each batch anew (the diffusers
+    example scripts' way) within float tolerance, and a fresh cache (a resumed run) computes
+    exactly the same values."""
+    from skindiff.diffusion.training import FrozenEncodings, encode_captions, load_base_pipeline
+
+    pipeline = load_base_pipeline("tiny")
+    dataset = ManifestImageDataset(train, 32, "lora", seed=0)
+    draws = [dataset[d] for d in range(len(dataset) + 4)]  # one epoch, then 4 images again
+    pixels = torch.stack([draw["pixel_values"] for draw in draws])
+    keys = [draw["key"] for draw in draws]
+    assert len(set(keys)) < len(keys)
+    captions = [skin_prompt(draw["condition"], draw["fitzpatrick_scale"]) for draw in draws]
+
+    encoded = []
+    pipeline.vae.encoder.register_forward_hook(lambda *_: encoded.append("vae"))
+    pipeline.text_encoder.register_forward_hook(lambda *_: encoded.append("text"))
+    cached = FrozenEncodings(pipeline.vae, pipeline.text_encoder)
+    latents = cached.latents(pixels, keys, torch.Generator().manual_seed(1))
+    states = cached.caption_states(pipeline, captions)
+    assert encoded.count("vae") == len(set(keys))
+    assert encoded.count("text") == len(set(captions))
+
+    with torch.no_grad():
+        per_batch = pipeline.vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(1))
+        per_batch_states = encode_captions(pipeline, pipeline.text_encoder, captions, "cpu")
+    torch.testing.assert_close(latents, per_batch * pipeline.vae.config.scaling_factor)
+    torch.testing.assert_close(states, per_batch_states)
+
+    # A resumed run starts with nothing remembered, or remembers other images first.
+    again = FrozenEncodings(pipeline.vae, pipeline.text_encoder)
+    again.latents(pixels.flip(0), keys[::-1], torch.Generator())
+    for fresh in (again, FrozenEncodings(pipeline.vae, pipeline.text_encoder)):
+        assert torch.equal(fresh.latents(pixels, keys, torch.Generator().manual_seed(1)), latents)
+        assert torch.equal(fresh.caption_states(pipeline, captions), states)
+
+
+def test_fixed_images_are_encoded_up_front_in_batches_when_drawn_often(train):
+    """A run that draws its images more often than it has them encodes each fixed-crop image
+    (both flips) once, up front, in batches; one drawing fewer encodes as it draws."""
+    from skindiff.diffusion.training import ENCODING_BATCH, FrozenEncodings, load_base_pipeline
+
+    pipeline = load_base_pipeline("tiny")
+    dataset = ManifestImageDataset(train.head(10), 32, "ti", seed=0)
+    calls = []
+    pipeline.vae.encoder.register_forward_hook(lambda _, args, __: calls.append(len(args[0])))
+    encodings = FrozenEncodings(pipeline.vae)
+    encodings.encode_fixed_images(dataset, draws=20)
+    assert calls == []
+    encodings.encode_fixed_images(dataset, draws=21)
+    assert sum(calls) == 20 and max(calls) == ENCODING_BATCH
+
+    draws = [dataset[d] for d in range(30)]
+    pixels = torch.stack([draw["pixel_values"] for draw in draws])
+    latents = encodings.latents(pixels, [d["key"] for d in draws], torch.Generator().manual_seed(0))
+    assert sum(calls) == 20  # every draw was one of the fixed images
+    with torch.no_grad():
+        anew = pipeline.vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(0))
+    torch.testing.assert_close(latents, anew * pipeline.vae.config.scaling_factor)

@@ -1,5 +1,6 @@
-"""The `main` pipeline: its run tree, reuse, failure and resume, frozen params."""
+"""The `main` pipeline: its run tree, reuse, failure and resume, frozen params, shards."""
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from conftest import ENTRY_POINT, FAST, fast_configs, mlflow_run, runs_by_stage
 from skindiff.classify.train import ClassifierConfig
 from skindiff.errors import SkindiffError
 from skindiff.options import StudyConfigs
+from skindiff.tracking.names import PARENT_RUN_TAG, RUN_KEY_TAG
 from skindiff.tracking.pipeline import run_main
 from skindiff.tracking.report import run_report
 from skindiff.tracking.settings import ReportConfig, StudyPlan
@@ -144,3 +146,67 @@ def test_classifiers_that_cannot_train_stop_main_before_any_run(
     with pytest.raises(SkindiffError, match=r"val_fraction is 0\.0: .* or use --selection last"):
         run_main(plan, configs)
     assert not mlflow.search_runs([tracking], output_format="list")
+
+
+def test_a_shard_is_k_of_n_and_every_pair_falls_in_exactly_one() -> None:
+    for shard in ("0/3", "4/3", "x", "1/0", "", "1 / 3"):
+        with pytest.raises(SkindiffError) as refused:
+            StudyPlan(["i"], [0], ["tiny"], ["real"], shard=shard)
+        assert str(refused.value) == f"shard must be k/n with 1 <= k <= n, got {shard!r}"
+    plan = StudyPlan(["i", "ii", "iii"], [0, 42], ["tiny"], ["real"])
+    every = [(scenario, seed) for scenario in ("i", "ii", "iii") for seed in (0, 42)]
+    assert plan.pairs() == every
+    assert replace(plan, shard="2/4").pairs() == [("i", 42), ("iii", 42)]
+    for n in range(1, 5):
+        shards = [replace(plan, shard=f"{k}/{n}").pairs() for k in range(1, n + 1)]
+        assert sorted(pair for shard in shards for pair in shard) == sorted(every)
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_shards_run_their_own_pairs_and_report_them_together(
+    tracking: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def plan(shard: str) -> StudyPlan:
+        return StudyPlan(["i"], [0, 1], ["tiny"], ["real"], shard=shard)
+
+    shards = {shard: run_main(plan(shard), study_configs()) for shard in ("1/2", "2/2")}
+    assert {shard: list(done) for shard, done in shards.items()} == {
+        "1/2": [("i", 0)],
+        "2/2": [("i", 1)],
+    }
+    stages = runs_by_stage(tracking)
+    calls = {r.data.params["shard"]: r for r in stages["main"] if PARENT_RUN_TAG not in r.data.tags}
+    assert sorted(calls) == ["1/2", "2/2"]
+    for shard, seed in (("1/2", 0), ("2/2", 1)):
+        (pair,) = children(calls[shard].info.run_id)
+        assert pair.info.run_name == f"i/seed-{seed}"
+        ran = sorted(r.info.run_name for r in children(pair.info.run_id))
+        assert ran == [f"i/seed-{seed}/prepare", f"i/seed-{seed}/tiny/real"]
+
+    # One group of settings, whichever worker ran a pair: the mean is over both seeds.
+    run_report(ReportConfig(tracking, str(tmp_path / "report")))
+    table = pd.read_csv(tmp_path / "report" / "table2_scenario_i.csv")
+    (row,) = table[(table["arch"] == "tiny") & (table["train_type"] == "real")].itertuples()
+    accuracies = [
+        mlflow.get_run(runs.classifiers[("tiny", "real")]).data.metrics["test_accuracy"]
+        for done in shards.values()
+        for runs in done.values()
+    ]
+    assert row.n_seeds == 2
+    assert row.accuracy_mean == pytest.approx(100 * sum(accuracies) / 2)
+
+    # An unsharded call finds every stage the shards ran: the same runs, none made twice.
+    whole = run_main(plan("1/1"), study_configs())
+    sharded = {pair: runs for done in shards.values() for pair, runs in done.items()}
+    assert {pair: (r.prepare, r.classifiers) for pair, r in whole.items()} == {
+        pair: (r.prepare, r.classifiers) for pair, r in sharded.items()
+    }
+    again = runs_by_stage(tracking)
+    stage_runs = again["prepare"] + again["train_classifier"]
+    assert len(stage_runs) == 4
+    assert len({r.data.tags[RUN_KEY_TAG] for r in stage_runs}) == 4
+
+    with caplog.at_level(logging.WARNING, logger="skindiff"):
+        assert run_main(plan("3/3"), study_configs()) == {}
+    assert "shard 3/3 has none of the 2 pairs: nothing to run" in caplog.text
+    assert len(runs_by_stage(tracking)["main"]) == len(again["main"])

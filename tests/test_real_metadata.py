@@ -142,7 +142,7 @@ def test_selection_last_trains_on_the_papers_full_training_set(
     )
     assert result.best_epoch == 1 and result.val_predictions is None
     assert len(result.test_predictions) == PAPER_SIZES["i"][1]
-    # One epoch draws as many images as the training set holds, all of them from it.
+    # Every training image is decoded once (all of the training set), and each test image once.
     train_paths = set(splits.train["path"])
     drawn = [path for path in loaded if path in train_paths]
     assert len(drawn) == len(loaded) - PAPER_SIZES["i"][1] == PAPER_SIZES["i"][0]

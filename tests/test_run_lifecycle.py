@@ -35,6 +35,8 @@ def generate_args(seed: int) -> list[str]:
         "4",
         "--output-size",
         "32",
+        "--generation-batch-size",
+        "8",
         "--seed",
         str(seed),
     ]

@@ -1,9 +1,12 @@
-"""The stage protocol: keys scoped to the code a stage runs; find-or-run with one resolve."""
+"""The stage protocol: keys scoped to the code a stage runs; find-or-run with one resolve, and
+with a process already at work on the key, wait for its run."""
 
+import logging
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -161,3 +164,56 @@ def test_a_rerun_ends_the_runs_of_a_dead_process_of_its_key_and_no_other(trackin
     for run in (live, elsewhere):
         left = status[run.info.run_id]
         assert left.info.status == "RUNNING" and SUPERSEDED_BY_TAG not in left.data.tags
+
+
+# A pipeline's stage run that says "working" and then holds its key's work folder until its
+# stdin is closed.
+WORKING_PROCESS = """
+import sys
+from skindiff.tracking.names import Stage
+from skindiff.tracking.stage import StageCall, StageInputs, run_stage
+
+def work(inputs, key):
+    print("working", flush=True)
+    sys.stdin.read()
+
+call = StageCall(Stage.PREPARE, "first", {"seed": "1"})
+run_stage(call, lambda: StageInputs(digests={"source": "x"}), work, reuse=True)
+"""
+
+
+class OnRecord(logging.Handler):
+    """Calls `action` for every record it is given."""
+
+    def __init__(self, action: Callable[[], None]) -> None:
+        super().__init__()
+        self.action = action
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.action()
+
+
+@pytest.mark.slow  # a subprocess
+def test_a_stage_at_work_in_another_process_is_waited_for_and_its_run_used(tracking: str) -> None:
+    first = subprocess.Popen(
+        [sys.executable, "-c", WORKING_PROCESS],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert first.stdout.readline() == "working\n"
+    # The first process finishes once this one says it waits for the work folder.
+    release = OnRecord(first.stdin.close)
+    logging.getLogger("skindiff.core.files").addHandler(release)
+    worked = []
+    try:
+        call = StageCall(Stage.PREPARE, "second", {"seed": "1"})
+        inputs = StageInputs(digests={"source": "x"})
+        found = run_stage(call, lambda: inputs, lambda inputs, key: worked.append(key), reuse=True)
+    finally:
+        logging.getLogger("skindiff.core.files").removeHandler(release)
+        first.stdin.close()
+    assert first.wait(timeout=60) == 0
+    (run,) = runs_by_stage(tracking)["prepare"]
+    assert (run.info.run_name, run.info.status) == ("first", "FINISHED")
+    assert found == run.info.run_id and worked == []

@@ -107,10 +107,22 @@ def stage_command(name: str, **groups: OptionGroup | StudyGroups) -> Callable:
         def command(**values: Any) -> None:
             configs = {key: group.build(values) for key, group in groups.items()}
             if name in ENTRY_POINTS:  # the commands that log to the tracking server
+                from skindiff.core.distributed import (
+                    follow_main_process,
+                    is_follower,
+                    release_followers,
+                )
+
+                if is_follower():  # of a launch: the main process logs, this one helps
+                    follow_main_process()
+                    return
                 from skindiff.tracking.access import require_tracking_access
 
                 require_tracking_access()
-            body(**configs)
+                body(**configs)
+                release_followers()
+            else:
+                body(**configs)
 
         COMMAND_OPTIONS[name] = _command_options(groups)
         command.__signature__ = inspect.Signature(
@@ -228,7 +240,8 @@ def evaluate(config) -> None:
 def main(configs, plan) -> None:
     """Run the whole study: for each scenario and seed a parent MLflow run with prepare,
     textual_inversion, lora, generate and one train_classifier per arch x train type as
-    child runs; finished runs with the same inputs are re-used."""
+    child runs; finished runs with the same inputs are re-used. With --shard k/n, this worker
+    runs its share of the pairs (one worker per GPU or machine, one tracking server)."""
     from skindiff.tracking.pipeline import run_main
 
     for (scenario, seed), ids in run_main(plan, configs).items():

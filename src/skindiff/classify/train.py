@@ -12,8 +12,10 @@ it is also predicted after every epoch. The validation split, when there is one,
 after every epoch whatever the selection.
 """
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
@@ -28,12 +30,7 @@ from skindiff.classify.config import (
     Selection,
     require_validation,
 )
-from skindiff.classify.data import (
-    ManifestDataset,
-    eval_transform,
-    train_transform,
-    weighted_sampler,
-)
+from skindiff.classify.data import ManifestDataset, to_model_input, weighted_sampler
 from skindiff.classify.metrics import classification_metrics
 from skindiff.classify.models import build_classifier
 from skindiff.core.device import pick_device
@@ -82,19 +79,20 @@ def train_classifier(
     device = pick_device()
     model = build_classifier(config.arch, len(labels), config.resolved_weights, config.finetune)
     model.to(device)
-    train_loader = DataLoader(
-        ManifestDataset(train, labels, train_transform(config.image_size), "train"),
-        batch_size=config.batch_size,
-        sampler=weighted_sampler(train, labels, config.seed),
-    )
-    # Built before training so that a missing val or test image stops the run at once.
     scored = {"val": val} if not val.empty else {}
     if config.selection == Selection.TEST:
         scored["test"] = test
+    # Every split's files are found before any is decoded, which can take minutes.
     loaders = {
-        name: _eval_loader(rows, labels, config.image_size, config.batch_size, name)
+        name: _eval_loader(rows, labels, config.image_size, config.batch_size, name, device)
         for name, rows in ({"test": test} | scored).items()
     }
+    train_loader = training_loader(
+        train, labels, config.image_size, config.batch_size, config.seed, device, progress
+    )
+    # The splits scored every epoch are decoded once; a test split predicted once is read once.
+    for name in scored:
+        loaders[name].dataset.decode_all(progress)
     optimizer = torch.optim.Adam(
         [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate
     )
@@ -161,8 +159,47 @@ def predict(
     if batch_size < 1:
         raise SkindiffError(f"batch_size must be at least 1, got {batch_size}")
     device = next(model.parameters()).device
-    loader = _eval_loader(rows, labels, image_size, batch_size, "rows")
+    loader = _eval_loader(rows, labels, image_size, batch_size, "rows", device)
     return _prediction_frame(rows, labels, _logits(model, loader, device))
+
+
+def training_loader(
+    rows: pd.DataFrame,
+    labels: Sequence[str],
+    image_size: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    progress: bool = False,
+) -> DataLoader:
+    """Class-balanced batches of `rows` (from build_training_set) for `device`, augmented anew
+    every epoch; every file is decoded once, here (ManifestDataset.decode_all)."""
+    dataset = ManifestDataset(rows, labels, image_size, "train", augment=True)
+    dataset.decode_all(progress)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=weighted_sampler(rows, labels, seed),
+        **loader_options(device),
+    )
+
+
+def loader_options(device: torch.device) -> dict[str, Any]:
+    """DataLoader options for batches that go to `device`.
+
+    On a GPU, worker processes prepare batches while it computes, into pinned memory for
+    faster copies; they are forked, so they share the decoded images instead of each getting a
+    copy, and persist across epochs. On a CPU, workers would take the cores the training step
+    uses, so batches are prepared in the training process.
+    """
+    if device.type != "cuda":
+        return {}
+    return {
+        "num_workers": min(8, os.cpu_count() or 1),
+        "pin_memory": True,
+        "persistent_workers": True,
+        "multiprocessing_context": "fork",
+    }
 
 
 def _train_epoch(
@@ -176,30 +213,35 @@ def _train_epoch(
     model.train()
     total, seen = 0.0, 0
     for images, targets in loader:
-        images, targets = images.to(device), targets.to(device)
-        loss = F.cross_entropy(model(images), targets)
+        loss = F.cross_entropy(model(to_model_input(images, device)), targets.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(targets)
+        value = loss.item()
+        total += value * len(targets)
         seen += len(targets)
         bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{value:.3f}")
     return total / seen
 
 
 def _eval_loader(
-    rows: pd.DataFrame, labels: Sequence[str], image_size: int, batch_size: int, name: str
+    rows: pd.DataFrame,
+    labels: Sequence[str],
+    image_size: int,
+    batch_size: int,
+    name: str,
+    device: torch.device,
 ) -> DataLoader:
-    dataset = ManifestDataset(rows, labels, eval_transform(image_size), name)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    dataset = ManifestDataset(rows, labels, image_size, name)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options(device))
 
 
 @torch.inference_mode()
 def _logits(model: nn.Module, loader: DataLoader, device: torch.device) -> torch.Tensor:
     """Logits of every image of `loader`, in order, on the CPU."""
     model.eval()
-    return torch.cat([model(images.to(device)).float().cpu() for images, _ in loader])
+    return torch.cat([model(to_model_input(images, device)).float().cpu() for images, _ in loader])
 
 
 def _prediction_frame(

@@ -201,7 +201,7 @@ class GenerateConfig(Settings):
     )
     resolution: int = setting(0, RESOLUTION_HELP)
     output_size: int = setting(256, "Side of the saved synthetic images in pixels.")
-    generation_batch_size: int = setting(8, "Images per pipeline call.")
+    generation_batch_size: int = setting(16, "Images per pipeline call.")
     target_fst: tuple[int, ...] = setting(
         DARK_FST,
         "Comma list of skin types a light source image is moved to (one drawn per image); "

@@ -4,14 +4,24 @@ Reproducibility is by construction, not by luck:
 - every synthetic image has its own seed, derived from (config seed, source image, index), and
   its own `torch.Generator`, so it does not depend on which other images share its batch;
 - batches are fixed chunks of the plan order, so a resumed run computes each image in exactly
-  the batch an uninterrupted run would have (batched CPU math is only bitwise stable that way);
+  the batch an uninterrupted run would have (batched CPU math is only bitwise stable that way),
+  and so do the processes of a launch (`accelerate launch`, `torchrun`), which share the batches
+  out: N processes write the same bytes as one;
 - `run.json` in the output folder records what the images were made from; resuming with
   anything else is refused, so stale images are never mixed in.
+
+What repeats is computed once (`BatchInputs`): each source image is encoded by the VAE once for
+all its variants (each still samples its own latent from it with its own generator, as the
+stock pipeline does), and each distinct prompt is encoded once. UNet and VAE run channels-last.
+Against the stock pipeline on the same batch the images differ only where the text encoder's
+arithmetic depends on which prompts share its batch, and where the channels-last kernels round
+differently (tested: mean absolute difference under 1/255).
 """
 
 import hashlib
 import io
 from collections.abc import Collection
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,10 +37,12 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
 )
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 from tqdm.auto import tqdm
 
 from skindiff.core.device import pick_device, resolve_mixed_precision, weight_dtype
+from skindiff.core.distributed import process_state
 from skindiff.core.files import claim_folder, sha256_file, work_folder_lock, write_atomic
 from skindiff.core.manifest import IMAGE_COLUMNS, require_columns, usable_as_file_name
 from skindiff.core.seeding import image_seed
@@ -199,7 +211,11 @@ def load_pipeline(
         pipe = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return pipe.to(pick_device()), resolution
+    pipe = pipe.to(pick_device())
+    # Convolutions run faster on channels-last tensors (CPU: measured 1.3x for the UNet).
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    return pipe, resolution
 
 
 def _source_image(path: str, resolution: int) -> Image.Image:
@@ -238,13 +254,22 @@ def generate_synthetic(
         "lora_weights": sha256_file(lora_file) if lora_file else None,
         "plan_sha256": hashlib.sha256(plan.to_csv(index=False).encode()).hexdigest(),
     }
-    with work_folder_lock(out_dir):
-        claim_folder(out_dir, fingerprint)
-        (out_dir / IMAGE_DIR).mkdir(exist_ok=True)
+    state = process_state()
+    # In a launch the main process holds the folder for all of them.
+    with work_folder_lock(out_dir) if state.is_main_process else nullcontext():
+        if state.is_main_process:
+            claim_folder(out_dir, fingerprint)
+            (out_dir / IMAGE_DIR).mkdir(exist_ok=True)
+        state.wait_for_everyone()
         todo = _unfinished_batches(plan, out_dir, config)
-        if todo:
-            _generate_missing(config, plan, todo, out_dir, embeddings, lora_file, progress)
-        write_atomic(out_dir / MANIFEST_FILE, plan.to_csv(index=False).encode())
+        state.wait_for_everyone()  # every process has its list before any image is written
+        mine = todo[state.process_index :: state.num_processes]
+        if mine:
+            progress = progress and state.is_main_process
+            _generate_missing(config, plan, mine, out_dir, embeddings, lora_file, progress)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            write_atomic(out_dir / MANIFEST_FILE, plan.to_csv(index=False).encode())
     return plan
 
 
@@ -258,12 +283,15 @@ def _generate_missing(
     progress: bool,
 ) -> None:
     pipe, resolution = load_pipeline(config, embeddings, lora_file)
-    done = len(plan) - sum(len(missing) for _, missing in todo)
+    inputs = BatchInputs(pipe, config, resolution)
     with tqdm(
-        total=len(plan), initial=done, desc="generating", unit="img", disable=not progress
+        total=sum(len(missing) for _, missing in todo),
+        desc="generating",
+        unit="img",
+        disable=not progress,
     ) as bar:
         for chunk, missing in todo:
-            images = generate_batch(pipe, config, chunk, resolution)
+            images = generate_batch(pipe, config, chunk, resolution, inputs)
             for i, image in zip(chunk.index, images, strict=True):
                 if i in missing:
                     _save_png(image, out_dir / plan.at[i, "path"])
@@ -287,34 +315,75 @@ def _unfinished_batches(
     return todo
 
 
+class BatchInputs:
+    """The pipeline inputs that repeat across a plan's batches, each computed once: a prompt's
+    text embeddings, a source image's latent distribution (kept for the batch after its first,
+    as the plan lists a source's variants together)."""
+
+    def __init__(
+        self,
+        pipe: StableDiffusionPipeline | StableDiffusionImg2ImgPipeline,
+        config: GenerateConfig,
+        resolution: int,
+    ):
+        self.pipe = pipe
+        self.resolution = resolution
+        self.guided = config.guidance_scale > 1
+        self._prompts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._sources: dict[str, DiagonalGaussianDistribution] = {}
+
+    def prompt_embeds(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The pipeline's `prompt_embeds` (and `negative_prompt_embeds`) for a batch."""
+        for prompt in set(prompts) - set(self._prompts):
+            self._prompts[prompt] = self.pipe.encode_prompt(
+                prompt, self.pipe.device, 1, self.guided
+            )
+        embeds = {"prompt_embeds": torch.cat([self._prompts[p][0] for p in prompts])}
+        if self.guided:
+            embeds["negative_prompt_embeds"] = torch.cat([self._prompts[p][1] for p in prompts])
+        return embeds
+
+    def source_latents(self, paths: list[str], generators: list[torch.Generator]) -> torch.Tensor:
+        """Scaled img2img start latents, one per (source path, generator), drawn as the stock
+        pipeline draws them (each source encoded alone; its generator samples the latent)."""
+        vae = self.pipe.vae
+        known = self._sources
+        self._sources = {}
+        for path in paths:
+            if path not in self._sources:
+                self._sources[path] = known[path] if path in known else self._encode(path)
+        samples = [self._sources[p].sample(g) for p, g in zip(paths, generators, strict=True)]
+        return vae.config.scaling_factor * torch.cat(samples)
+
+    def _encode(self, path: str) -> DiagonalGaussianDistribution:
+        image = self.pipe.image_processor.preprocess(_source_image(path, self.resolution))
+        vae = self.pipe.vae
+        return vae.encode(image.to(vae.device, vae.dtype)).latent_dist
+
+
 def generate_batch(
     pipe: StableDiffusionPipeline | StableDiffusionImg2ImgPipeline,
     config: GenerateConfig,
     chunk: pd.DataFrame,
     resolution: int,
+    inputs: BatchInputs | None = None,
 ) -> list[Image.Image]:
-    """The images of plan rows (`prompt`, `seed`, img2img: `source_path`) at `output_size`.
+    """The images of plan rows (`prompt`, `seed`, img2img: `source_path`) at `output_size`;
+    `inputs` carries what earlier batches computed.
 
     Callers pass fixed chunks of their plan: CPU results are bitwise stable only per batch."""
-    images = _generate_batch(pipe, config, chunk, resolution)
-    return [image.resize((config.output_size,) * 2, Image.Resampling.BICUBIC) for image in images]
-
-
-def _generate_batch(
-    pipe: StableDiffusionPipeline | StableDiffusionImg2ImgPipeline,
-    config: GenerateConfig,
-    chunk: pd.DataFrame,
-    resolution: int,
-) -> list[Image.Image]:
+    inputs = inputs or BatchInputs(pipe, config, resolution)
     # CPU generators give the same noise on every device.
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in chunk["seed"]]
-    common = {
-        "prompt": list(chunk["prompt"]),
+    common = inputs.prompt_embeds(list(chunk["prompt"])) | {
         "num_inference_steps": config.num_inference_steps,
         "guidance_scale": config.guidance_scale,
         "generator": generators,
     }
-    if config.pipeline == Pipeline.IMG2IMG:
-        sources = [_source_image(path, resolution) for path in chunk["source_path"]]
-        return pipe(image=sources, strength=config.strength, **common).images
-    return pipe(height=resolution, width=resolution, **common).images
+    with torch.inference_mode():
+        if config.pipeline == Pipeline.IMG2IMG:
+            latents = inputs.source_latents(list(chunk["source_path"]), generators)
+            images = pipe(image=latents, strength=config.strength, **common).images
+        else:
+            images = pipe(height=resolution, width=resolution, **common).images
+    return [image.resize((config.output_size,) * 2, Image.Resampling.BICUBIC) for image in images]

@@ -26,10 +26,10 @@ from skindiff.diffusion.config import LoraConfig
 from skindiff.diffusion.prompts import SKIN_TYPE_PHRASES, placeholder_token, skin_prompt
 from skindiff.diffusion.train_data import ManifestImageDataset, check_training_rows
 from skindiff.diffusion.training import (
+    FrozenEncodings,
     LoopSettings,
     TrainingStream,
     add_token_embeddings,
-    encode_captions,
     finish_run,
     freeze,
     load_base_pipeline,
@@ -167,33 +167,29 @@ def _train(
     )
     prepared_unet, optimizer = accelerator.prepare(unet, optimizer)
     noise_scheduler = noise_scheduler_of(pipeline)
+    dataset = ManifestImageDataset(rows, resolution, "lora", config.seed)
+    encodings = FrozenEncodings(pipeline.vae, pipeline.text_encoder)
+    draws = config.max_train_steps * config.train_batch_size * config.gradient_accumulation_steps
+    encodings.encode_fixed_images(
+        dataset, draws * accelerator.num_processes, progress and accelerator.is_main_process
+    )
 
     def step_loss(batch: dict, generator: torch.Generator) -> torch.Tensor:
+        latents = encodings.latents(batch["pixel_values"], batch["key"], generator)
         captions = [
             skin_prompt(concepts[condition], int(fst))
             for condition, fst in zip(batch["condition"], batch["fitzpatrick_scale"], strict=True)
         ]
-        with torch.no_grad():
-            hidden = encode_captions(pipeline, pipeline.text_encoder, captions, device)
+        hidden = encodings.caption_states(pipeline, captions)
         return noise_prediction_loss(
-            prepared_unet,
-            pipeline.vae,
-            noise_scheduler,
-            batch["pixel_values"],
-            hidden,
-            generator,
-            snr_gamma=config.snr_gamma,
+            prepared_unet, noise_scheduler, latents, hidden, generator, snr_gamma=config.snr_gamma
         )
 
     losses = run_training_loop(
         accelerator,
         prepared_unet,
         optimizer,
-        {
-            "lora": TrainingStream(
-                ManifestImageDataset(rows, resolution, "lora", config.seed), config.seed
-            )
-        },
+        {"lora": TrainingStream(dataset, config.seed)},
         step_loss,
         LoopSettings.of(config),
         out_dir,

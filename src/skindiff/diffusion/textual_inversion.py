@@ -31,6 +31,7 @@ from skindiff.diffusion.config import TextualInversionConfig
 from skindiff.diffusion.prompts import TI_TEMPLATES, placeholder_token
 from skindiff.diffusion.train_data import ManifestImageDataset, check_training_rows
 from skindiff.diffusion.training import (
+    FrozenEncodings,
     LoopSettings,
     TrainingStream,
     add_token_embeddings,
@@ -166,8 +167,16 @@ def _train(
             embedding[frozen_rows] = original[frozen_rows]
 
     noise_scheduler = noise_scheduler_of(pipeline)
+    streams = _streams(config, rows, resolution)
+    encodings = FrozenEncodings(pipeline.vae)
+    draws = config.max_train_steps * scale * accelerator.num_processes
+    for stream in streams.values():
+        encodings.encode_fixed_images(
+            stream.dataset, draws, progress and accelerator.is_main_process
+        )
 
     def step_loss(batch: dict, generator: torch.Generator) -> torch.Tensor:
+        latents = encodings.latents(batch["pixel_values"], batch["key"], generator)
         conditions = batch["condition"]
         picks = torch.randint(
             len(TI_TEMPLATES), (len(conditions),), generator=generator, device=device
@@ -177,15 +186,13 @@ def _train(
             for pick, condition in zip(picks.tolist(), conditions, strict=True)
         ]
         hidden = encode_captions(pipeline, prepared_encoder, captions, device)
-        return noise_prediction_loss(
-            pipeline.unet, pipeline.vae, noise_scheduler, batch["pixel_values"], hidden, generator
-        )
+        return noise_prediction_loss(pipeline.unet, noise_scheduler, latents, hidden, generator)
 
     losses = run_training_loop(
         accelerator,
         prepared_encoder,
         optimizer,
-        _streams(config, rows, resolution),
+        streams,
         step_loss,
         LoopSettings.of(config),
         out_dir,

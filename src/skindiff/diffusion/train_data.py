@@ -21,6 +21,7 @@ from skindiff.data.images import load_rgb
 from skindiff.errors import SkindiffError
 
 Transform = Literal["ti", "lora"]
+_FLIPS = {False: "asis", True: "flip"}  # a draw's flip, as its key names it
 TRANSFORMS: tuple[Transform, ...] = ("ti", "lora")
 
 
@@ -82,14 +83,39 @@ class ManifestImageDataset(Dataset):
             raise IndexError(draw)
         row = self.row_of(draw)
         generator = seeded_generator("augment", self.seed, draw)
+        pixels, augmentation = self._augment(load_rgb(Path(self.paths[row])), generator)
         return {
-            "pixel_values": self._augment(load_rgb(Path(self.paths[row])), generator),
+            "pixel_values": pixels,
+            # Names the pixels, in any dataset: draws with the same key are the same image.
+            "key": f"{self.paths[row]}:{augmentation}",
             "condition": self.conditions[row],
             "fitzpatrick_scale": self.skin_types[row],
         }
 
-    def _augment(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
+    def fixed_images(self) -> list[tuple[str, int, bool]]:
+        """(key, row, flip) of every augmented image whose crop is fixed: all of "ti"'s, and
+        "lora"'s of images that resize to a square. Their draws repeat, so encoding each once
+        up front saves an encoding per draw."""
+        fixed = []
+        for row, path in enumerate(self.paths):
+            if self.transform == "lora":
+                with Image.open(path) as image:  # reads the header only
+                    if image.width != image.height:
+                        continue
+            fixed += [(f"{path}:0,0,{_FLIPS[flip]}", row, flip) for flip in (False, True)]
+        return fixed
+
+    def fixed_image(self, row: int, flip: bool) -> torch.Tensor:
+        """The pixels of a draw of `row` with the fixed crop (see `fixed_images`)."""
+        pixels = _to_tensor(
+            load_rgb(Path(self.paths[row])).resize((self.resolution,) * 2, Image.Resampling.BICUBIC)
+        )
+        return pixels.flip(-1) if flip else pixels
+
+    def _augment(self, image: Image.Image, generator: torch.Generator) -> tuple[torch.Tensor, str]:
+        """The augmented pixels, and the crop and flip that made them."""
         size = self.resolution
+        top = left = 0
         if self.transform == "ti":
             pixels = _to_tensor(image.resize((size, size), Image.Resampling.BICUBIC))
         else:
@@ -100,6 +126,7 @@ class ManifestImageDataset(Dataset):
             top = int(torch.randint(height - size + 1, (1,), generator=generator))
             left = int(torch.randint(width - size + 1, (1,), generator=generator))
             pixels = pixels[:, top : top + size, left : left + size]
-        if torch.rand(1, generator=generator).item() < 0.5:
+        flip = torch.rand(1, generator=generator).item() < 0.5
+        if flip:
             pixels = pixels.flip(-1)
-        return pixels
+        return pixels, f"{top},{left},{_FLIPS[flip]}"

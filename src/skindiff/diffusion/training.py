@@ -2,6 +2,7 @@
 
 - the base model as a pipeline plus a DDPM noise scheduler, tokens added the way diffusers'
   own loader adds them (so training and generation name multi-vector tokens alike);
+- the frozen encoders' outputs, computed once per distinct input (`FrozenEncodings`);
 - the noise-prediction loss, with optional Min-SNR weighting;
 - an accelerate loop with resumable checkpoints and a loss curve.
 
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import compute_snr
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
@@ -35,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from skindiff.core.device import resolve_mixed_precision
+from skindiff.core.distributed import process_state
 from skindiff.core.files import atomic_directory, claim_folder, work_folder_lock, write_atomic
 from skindiff.core.seeding import seeded_generator, seeded_global_rng
 from skindiff.core.settings import Precision
@@ -68,9 +71,12 @@ def rows_digest(rows: pd.DataFrame) -> str:
 def open_run_dir(out_dir: Path, identity: dict) -> Iterator[bool]:
     """Holds `out_dir` (see `work_folder_lock`) for the block and claims it for the run
     described by `identity` (see `claim_folder`); yields True if that run already finished
-    there."""
-    with work_folder_lock(out_dir):
-        claim_folder(out_dir, identity)
+    there. In a launch the main process holds and claims it for all processes."""
+    state = process_state()
+    with work_folder_lock(out_dir) if state.is_main_process else contextlib.nullcontext():
+        if state.is_main_process:
+            claim_folder(out_dir, identity)
+        state.wait_for_everyone()
         yield (out_dir / DONE_FILE).is_file()
 
 
@@ -173,23 +179,118 @@ def freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
     place(module, device, dtype)
 
 
+# --- what the frozen encoders make ---------------------------------------------------------
+
+# Memory for remembered encodings, per process: at 512 px an image's latent distribution is
+# 64 KiB in half precision, so this keeps about 16,000 (the paper's runs see about 3,000).
+ENCODING_CACHE_BYTES = 2**30
+ENCODING_BATCH = 8  # images per VAE call when encoding a dataset's fixed images up front
+
+
+class FrozenEncodings:
+    """The frozen VAE's latent distribution of each augmented training image (keyed by the
+    dataset's `key`: image, crop and flip) and, when the text encoder is frozen, each caption's
+    hidden states: computed once, then remembered (up to ENCODING_CACHE_BYTES).
+
+    A dataset's images with a fixed crop (`encode_fixed_images`) are encoded up front in batches
+    of a fixed make-up; any other image and caption is encoded alone, when first drawn. So an
+    encoding never depends on what was drawn before: a resumed run computes exactly what an
+    uninterrupted one does. Against encoding every batch anew (the diffusers example scripts'
+    way) only the batching of the encoders' arithmetic changes."""
+
+    def __init__(self, vae: torch.nn.Module, text_encoder: torch.nn.Module | None = None):
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self._latents: dict[str, torch.Tensor] = {}
+        self._captions: dict[str, torch.Tensor] = {}
+        self._bytes = 0
+
+    def encode_fixed_images(
+        self, dataset: ManifestImageDataset, draws: int, progress: bool = False
+    ) -> None:
+        """Encodes every image of `dataset` with a fixed crop up front, when the run's `draws`
+        from it outnumber them (else drawing them costs less) and all fit in memory."""
+        fixed = [entry for entry in dataset.fixed_images() if entry[0] not in self._latents]
+        if not fixed or draws <= len(fixed):
+            return
+        vae = self.vae
+        latent_side = dataset.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+        size = 2 * vae.config.latent_channels * latent_side**2 * vae.dtype.itemsize
+        if self._bytes + size * len(fixed) > ENCODING_CACHE_BYTES:
+            return
+        batches = range(0, len(fixed), ENCODING_BATCH)
+        for start in tqdm(batches, desc="encoding images", unit="batch", disable=not progress):
+            chunk = fixed[start : start + ENCODING_BATCH]
+            pixels = torch.stack([dataset.fixed_image(row, flip) for _, row, flip in chunk])
+            with torch.no_grad():
+                moments = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters
+            for (key, _, _), value in zip(chunk, moments, strict=True):
+                self._latents[key] = value[None].clone()
+                self._bytes += size
+
+    def latents(
+        self, pixel_values: torch.Tensor, keys: list[str], generator: torch.Generator
+    ) -> torch.Tensor:
+        """Scaled latents of a batch, sampled with `generator` from each image's distribution
+        (one draw for the batch, as `latent_dist.sample` makes it)."""
+        vae = self.vae
+        with torch.no_grad():
+            moments = [
+                self._remembered(self._latents, key, lambda p=pixels: self._moments(p))
+                for pixels, key in zip(pixel_values, keys, strict=True)
+            ]
+            latent_dist = DiagonalGaussianDistribution(torch.cat(moments))
+            return latent_dist.sample(generator) * vae.config.scaling_factor
+
+    def _moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        return vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist.parameters
+
+    def caption_states(
+        self, pipeline: StableDiffusionPipeline, captions: list[str]
+    ) -> torch.Tensor:
+        """Hidden states of the frozen text encoder for captions."""
+        encoder = self.text_encoder
+        require(encoder is not None, "caption_states needs a frozen text encoder")
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    self._remembered(
+                        self._captions,
+                        caption,
+                        lambda c=caption: encode_captions(pipeline, encoder, [c], encoder.device),
+                    )
+                    for caption in captions
+                ]
+            )
+
+    def _remembered(
+        self, store: dict[str, torch.Tensor], key: str, compute: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        if key in store:
+            return store[key]
+        value = compute()
+        size = value.numel() * value.element_size()
+        if self._bytes + size <= ENCODING_CACHE_BYTES:
+            store[key] = value
+            self._bytes += size
+        return value
+
+
 # --- the loss -------------------------------------------------------------------------------
 
 
 def noise_prediction_loss(
     unet: torch.nn.Module,
-    vae: torch.nn.Module,
     noise_scheduler: DDPMScheduler,
-    pixel_values: torch.Tensor,
+    latents: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
     generator: torch.Generator,
     snr_gamma: float = 0.0,
 ) -> torch.Tensor:
-    """Denoising loss of one batch: MSE between the UNet's prediction and the noise (epsilon) or
-    the velocity (v_prediction); with `snr_gamma` > 0, Min-SNR-weighted per sample."""
-    with torch.no_grad():
-        latent_dist = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
-        latents = latent_dist.sample(generator) * vae.config.scaling_factor
+    """Denoising loss of one batch of scaled latents: MSE between the UNet's prediction and the
+    noise (epsilon) or the velocity (v_prediction); with `snr_gamma` > 0, Min-SNR-weighted per
+    sample."""
     noise = torch.randn(
         latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
     )
@@ -254,6 +355,7 @@ class TrainingStream:
 
 
 def make_accelerator(mixed_precision: Precision) -> Accelerator:
+    process_state()  # a launch's processes on CPUs as one group, not each on its own
     return Accelerator(mixed_precision=str(resolve_mixed_precision(mixed_precision)))
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
+from skindiff.core.distributed import run_shared
 from skindiff.core.settings import as_text
 from skindiff.data.config import PrepareConfig
 from skindiff.diffusion.config import GenerateConfig, LoraConfig, TextualInversionConfig
@@ -140,7 +141,9 @@ def _generate_and_log(
 ) -> None:
     mlflow.set_tag(GENERATOR_URI_TAG, as_text(generator_uri))
     out_dir = work_dir(Stage.GENERATE, key)
-    manifest = generate_synthetic(config, inputs.splits["train"], out_dir, embeddings, lora_weights)
+    manifest = run_shared(
+        generate_synthetic, config, inputs.splits["train"], out_dir, embeddings, lora_weights
+    )
     manifest = manifest.assign(
         prepare_run_id=inputs.prepare_run_id,
         ti_run_id=as_text(inputs.upstream.get(Stage.TEXTUAL_INVERSION)),

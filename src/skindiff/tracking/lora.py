@@ -5,6 +5,7 @@ from pathlib import Path
 
 import mlflow
 
+from skindiff.core.distributed import run_shared
 from skindiff.core.settings import as_text
 from skindiff.data.config import PrepareConfig
 from skindiff.diffusion.config import LoraConfig, TextualInversionConfig
@@ -51,8 +52,8 @@ def run_lora(
                 embeddings = fetch_upstream(
                     ti, Stage.TEXTUAL_INVERSION, EMBEDDINGS_DIR, config.base_model, Path(tmp)
                 )
-            result = train_lora(
-                config, inputs.splits["train"], embeddings, work_dir(Stage.LORA, key)
+            result = run_shared(
+                train_lora, config, inputs.splits["train"], embeddings, work_dir(Stage.LORA, key)
             )
         mlflow.log_artifact(str(result.weights_path), str(Path(LORA_WEIGHTS_ARTIFACT).parent))
         log_curve("loss", result.losses)

@@ -2,6 +2,9 @@
 
 Each stage is found (a finished run with the same key) or run; so a second call re-uses
 everything, and a call after a failure or a kill resumes at the stage that did not finish.
+Workers sharing a study each run the pairs of their shard (`StudyPlan.shard`) in `main` runs
+of their own; a stage one of them finished is re-used by the others, and one in progress is
+waited for by those sharing its cache (`run_stage`).
 A pair's parent run lists its classifier runs in `results.csv`, which `report` reads.
 """
 
@@ -74,13 +77,19 @@ def load_frozen_params(source: str) -> dict[str, str]:
 
 
 def run_main(plan: StudyPlan, configs: StudyConfigs) -> dict[tuple[Scenario, int], PipelineRuns]:
-    """Runs every stage for each scenario and seed of `plan`; returns the run ids of each pair.
+    """Runs every stage for each (scenario, seed) pair of `plan`'s shard; returns the run ids
+    of each pair (none, with a warning, for a shard without a pair).
 
     `plan.frozen_params` (a tune run id, a YAML file or a generator model URI) replaces the
     tuned settings. Classifier settings that cannot train (missing ImageNet weight files,
     selection val without a validation split) are refused before any run is made. A failing
     stage leaves its run FAILED and stops the pipeline with a SkindiffError saying which run
     failed; finished stages are re-used by the next call."""
+    pairs = plan.pairs()
+    if not pairs:
+        n_pairs = len(plan.scenarios) * len(plan.seeds)
+        logger.warning("shard %s has none of the %d pairs: nothing to run", plan.shard, n_pairs)
+        return {}
     frozen = load_frozen_params(plan.frozen_params) if plan.frozen_params else {}
     if frozen:
         configs = configs.with_frozen(frozen, plan.frozen_params)
@@ -92,20 +101,19 @@ def run_main(plan: StudyPlan, configs: StudyConfigs) -> dict[tuple[Scenario, int
             # `mlflow run` has logged the command-line values of these; the used ones are here.
             mlflow.log_params({FROZEN_PARAM_PREFIX + name: value for name, value in frozen.items()})
             mlflow.set_tag(FROZEN_PARAMS_TAG, plan.frozen_params)
-        for scenario in plan.scenarios:
-            for seed in plan.seeds:
-                with mlflow.start_run(
-                    run_name=f"{scenario}/seed-{seed}",
-                    nested=True,
-                    tags={ENTRY_POINT_TAG: str(Stage.MAIN), SCENARIO_TAG: str(scenario)},
-                ) as parent:
-                    mlflow.log_params({"scenario": str(scenario), "seed": seed})
-                    try:
-                        runs = _run_pair(configs.for_pair(scenario, seed), plan)
-                    except Exception as err:
-                        raise _stopped(parent.info.run_id, err) from err
-                    results[(scenario, seed)] = replace(runs, parent=parent.info.run_id)
-                    _log_results(scenario, seed, runs.classifiers)
+        for scenario, seed in pairs:
+            with mlflow.start_run(
+                run_name=f"{scenario}/seed-{seed}",
+                nested=True,
+                tags={ENTRY_POINT_TAG: str(Stage.MAIN), SCENARIO_TAG: str(scenario)},
+            ) as parent:
+                mlflow.log_params({"scenario": str(scenario), "seed": seed})
+                try:
+                    runs = _run_pair(configs.for_pair(scenario, seed), plan)
+                except Exception as err:
+                    raise _stopped(parent.info.run_id, err) from err
+                results[(scenario, seed)] = replace(runs, parent=parent.info.run_id)
+                _log_results(scenario, seed, runs.classifiers)
     return results
 
 

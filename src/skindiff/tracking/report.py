@@ -69,8 +69,18 @@ CLASSIFIER_COLUMNS = [
     "main_run_id",
     "settings",
 ]
-# Params that say what a call covers, not how it runs: not settings.
-PLAN_PARAMS = ("scenario", "scenarios", "seed", "seeds", "archs", "train_types", "frozen_params")
+# Params that say what a call covers, not how it runs: not settings. So the pairs of the
+# workers of one study (each its own `main` call with its own shard) share one group.
+PLAN_PARAMS = (
+    "scenario",
+    "scenarios",
+    "seed",
+    "seeds",
+    "archs",
+    "train_types",
+    "frozen_params",
+    "shard",
+)
 # Scenario whose grid stands for the paper's Fig. 2 in a group, in order of preference.
 FIGURE_2_SCENARIOS = ("i", "ii", "iii")
 

@@ -4,6 +4,8 @@ chain, what `main`, `ablation`, `tune`, `evaluate` and `report` cover.
 Like the stage configs, these import neither MLflow nor torch, so `skindiff --help` is fast.
 """
 
+import itertools
+import re
 from dataclasses import dataclass
 
 from skindiff.classify.config import PAPER_ARCHS, Arch, TrainType
@@ -47,7 +49,8 @@ class UpstreamRuns(Settings):
 
 @dataclass(frozen=True)
 class StudyPlan(Settings):
-    """What `main` runs: every scenario x seed, and per pair every arch x train type."""
+    """What `main` runs: every scenario x seed (of its shard), and per pair every arch x train
+    type."""
 
     scenarios: tuple[Scenario, ...] = setting(
         tuple(Scenario), "Comma list of scenarios to run (i, ii, iii)."
@@ -67,6 +70,13 @@ class StudyPlan(Settings):
         "generator model URI (models:/skin-diff-generator@champion). Empty: the options as "
         "given.",
     )
+    shard: str = setting(
+        "1/1",
+        "This worker's share of the pairs, k/n: worker k of n runs the pairs at positions k-1, "
+        "k-1+n, k-1+2n, ... (from 0) of scenarios x seeds in that order (i/seed-0, i/seed-42, "
+        "..., ii/seed-0, ...), so n workers started with 1/n ... n/n against one tracking "
+        "server run every pair once. 1/1: every pair.",
+    )
 
     def check(self) -> None:
         for name, choices in (
@@ -76,6 +86,20 @@ class StudyPlan(Settings):
         ):
             require(bool(getattr(self, name)), f"{name} must be a comma list of {choices}, got ''")
         _check_seeds(self.seeds)
+        _parse_shard(self.shard)
+
+    def pairs(self) -> list[tuple[Scenario, int]]:
+        """The (scenario, seed) pairs this worker runs (see `shard`)."""
+        k, n = _parse_shard(self.shard)
+        return list(itertools.product(self.scenarios, self.seeds))[k - 1 :: n]
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    """(k, n) of a shard `k/n`, worker k of n; anything else is refused naming the option."""
+    match = re.fullmatch(r"([0-9]+)/([0-9]+)", text)
+    k, n = (int(match[1]), int(match[2])) if match else (0, 0)
+    require(1 <= k <= n, f"shard must be k/n with 1 <= k <= n, got {text!r}")
+    return k, n
 
 
 def _check_seeds(seeds: tuple[int, ...]) -> None:

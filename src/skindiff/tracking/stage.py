@@ -11,7 +11,9 @@ A stage run's key (tag `skindiff.run_key`) is the SHA-256 of
 
 `run_stage` is the one way a stage runs. With `reuse` (a pipeline, or one stage resolving
 another) it computes the key first and returns the FINISHED run with that key in the active
-experiment, else opens the stage run, nested under the active run. As a command (`skindiff
+experiment, else opens the stage run, nested under the active run; while another process
+sharing the cache is at work on the key, it waits for that run to end and returns it if it
+FINISHED, so two pipelines reaching one stage do its work once. As a command (`skindiff
 generate`, `mlflow run -e generate`) it opens its run first, so that the upstream runs it has
 to make nest under it. The key also names the stage's work folder in the cache, so a run
 killed mid-way resumes from its checkpoints when the same key is run again.
@@ -29,7 +31,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -101,22 +103,29 @@ def run_stage(
     `resolve()` finds or runs the upstream runs and loads the splits, once; `work(inputs,
     key)` does the stage's work and logs its results into the active (stage) run."""
     inputs = key = None
-    if reuse:
-        inputs = resolve()
-        key = stage_key(call, inputs)
-        found = find_finished_run(key)
-        if found is not None:
-            return found.info.run_id
-    with open_stage_run(call.stage, call.run_name, {**call.context, **call.settings}) as run:
-        if inputs is None:
+    with ExitStack() as waiting:
+        if reuse:
             inputs = resolve()
             key = stage_key(call, inputs)
-        mlflow.set_tags(_standard_tags(key, inputs))
-        # One process at a time works on a key: another one waits here, then finds the work
-        # done in the work folder. The lock names a holder that died holding it.
-        with work_folder_lock(work_dir(call.stage, key), holder=run.info.run_id) as dead:
-            end_stale_runs(key, run.info.run_id, dead)
-            work(inputs, key)
+            found = find_finished_run(key)
+            if found is None:
+                # Another process at work on the key holds its work folder until its run has
+                # ended (as this one does, below): wait for it, then use its run rather than
+                # do the work again.
+                waiting.enter_context(work_folder_lock(work_dir(call.stage, key)))
+                found = find_finished_run(key)
+            if found is not None:
+                return found.info.run_id
+        with open_stage_run(call.stage, call.run_name, {**call.context, **call.settings}) as run:
+            if inputs is None:
+                inputs = resolve()
+                key = stage_key(call, inputs)
+            mlflow.set_tags(_standard_tags(key, inputs))
+            # One process at a time works on a key: another one waits here, then finds the
+            # work done in the work folder. The lock names a holder that died holding it.
+            with work_folder_lock(work_dir(call.stage, key), holder=run.info.run_id) as dead:
+                end_stale_runs(key, run.info.run_id, dead)
+                work(inputs, key)
     return run.info.run_id
 
 

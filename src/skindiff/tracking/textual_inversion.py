@@ -4,6 +4,7 @@ and their mean, `loss`), validation samples."""
 import mlflow
 import numpy as np
 
+from skindiff.core.distributed import run_shared
 from skindiff.core.manifest import slug
 from skindiff.data.config import PrepareConfig
 from skindiff.diffusion.base_model import base_model_fingerprint, resolve_base_model
@@ -42,8 +43,11 @@ def run_textual_inversion(
     )
 
     def work(inputs: StageInputs, key: str) -> None:
-        result = train_textual_inversion(
-            config, inputs.splits["train"], work_dir(Stage.TEXTUAL_INVERSION, key)
+        result = run_shared(
+            train_textual_inversion,
+            config,
+            inputs.splits["train"],
+            work_dir(Stage.TEXTUAL_INVERSION, key),
         )
         mlflow.log_artifacts(str(result.embeddings_dir), EMBEDDINGS_DIR)
         mlflow.set_tags({token_tag(c): t for c, t in result.tokens.items()})

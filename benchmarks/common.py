@@ -1,0 +1,117 @@
+"""What the benchmarks share: timing a phase with its peak memory, the table, the ratio line,
+and the inputs (demo training rows, Textual Inversion tokens and a LoRA adapter) they run on.
+
+Every benchmark runs its baseline and skindiff's way in one process, on the same model, data
+and hardware, and prints the speed ratio on its last line.
+"""
+
+import argparse
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import torch
+from tabulate import tabulate
+
+from skindiff.data.config import PrepareConfig
+from skindiff.data.prepare import prepare_scenario
+
+
+@dataclass(frozen=True)
+class Measurement:
+    name: str
+    seconds: float
+    items: int  # images, steps or epochs done in `seconds`
+    unit: str
+    peak_mb: float  # CUDA: max allocated; CPU: the process's resident set, sampled
+
+    @property
+    def rate(self) -> float:
+        return self.items / self.seconds
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--base-model", default="tiny", help="tiny, sd21-random, a folder or hub id"
+    )
+    parser.add_argument("--resolution", type=int, default=0, help="0: the model's native size")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--mixed-precision", default="auto", help="no, fp16, bf16 or auto")
+
+
+def measure(
+    name: str, run: Callable[[], None], items: int, unit: str, device: torch.device
+) -> Measurement:
+    """Times `run()` once (after any warm-up the caller did) and records its peak memory."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    sampler = _RssSampler()
+    start = time.perf_counter()
+    with sampler:
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else sampler.peak
+    return Measurement(name, seconds, items, unit, peak / 2**20)
+
+
+class _RssSampler:
+    """The highest resident set size of this process while the block runs (polled)."""
+
+    def __init__(self, every: float = 0.02):
+        self.every = every
+        self.peak = 0
+        self._stop = threading.Event()
+        self._process = psutil.Process(os.getpid())
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> "_RssSampler":
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def print_table(title: str, measurements: list[Measurement]) -> None:
+    rows = [
+        [m.name, f"{m.seconds:.2f}", f"{m.rate:.3f} {m.unit}/s", f"{m.peak_mb:.0f}"]
+        for m in measurements
+    ]
+    print(f"\n{title}")
+    print(tabulate(rows, headers=["way", "wall s", "throughput", "peak MB"]))
+
+
+def ratio_line(what: str, fast: Measurement, baseline: Measurement) -> str:
+    return f"{what}: skindiff {fast.rate / baseline.rate:.2f}x the baseline's {fast.unit}/s"
+
+
+def demo_training_rows(per_condition: int | None = None) -> pd.DataFrame:
+    """Scenario i's training rows of the embedded demo dataset (its images are written on
+    first use); with `per_condition`, only that many of each condition."""
+    train = prepare_scenario(PrepareConfig(scenario="i", seed=0, val_fraction=0)).splits.train
+    if per_condition is not None:
+        train = train.groupby("label", sort=True).head(per_condition)
+    return train.reset_index(drop=True)
+
+
+def bench_folder(name: str) -> Path:
+    """A fresh folder for a benchmark's outputs (under $SKINDIFF_BENCH_DIR or /tmp)."""
+    root = Path(os.environ.get("SKINDIFF_BENCH_DIR", "/tmp/skindiff-bench"))
+    folder = root / f"{name}-{os.getpid()}-{time.time_ns()}"
+    folder.mkdir(parents=True)
+    return folder
