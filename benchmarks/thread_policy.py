@@ -30,8 +30,8 @@ from skindiff.diffusion.generate import generate_synthetic
 rows = demo_training_rows(1)
 config = GenerateConfig(mode="img2img/vanilla", num_inference_steps=int(sys.argv[3]))
 start = time.perf_counter()
-generate_synthetic(config, rows, sys.argv[2], progress=False)
-print(json.dumps({"seconds": time.perf_counter() - start, "images": 5 * len(rows)}))
+made = generate_synthetic(config, rows, sys.argv[2], progress=False)
+print(json.dumps({"seconds": time.perf_counter() - start, "images": len(made)}))
 """
 
 

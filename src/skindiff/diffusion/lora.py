@@ -169,9 +169,11 @@ def _train(
     noise_scheduler = noise_scheduler_of(pipeline)
     dataset = ManifestImageDataset(rows, resolution, "lora", config.seed)
     encodings = FrozenEncodings(pipeline.vae, pipeline.text_encoder)
-    draws = config.max_train_steps * config.train_batch_size * config.gradient_accumulation_steps
+    settings = LoopSettings.of(config)
     encodings.encode_fixed_images(
-        dataset, draws * accelerator.num_processes, progress and accelerator.is_main_process
+        dataset,
+        config.max_train_steps * settings.draws_per_step(accelerator.num_processes),
+        progress and accelerator.is_main_process,
     )
 
     def step_loss(batch: dict, generator: torch.Generator) -> torch.Tensor:
@@ -191,7 +193,7 @@ def _train(
         optimizer,
         {"lora": TrainingStream(dataset, config.seed)},
         step_loss,
-        LoopSettings.of(config),
+        settings,
         out_dir,
         progress=progress,
         desc="lora",

@@ -169,7 +169,8 @@ def _train(
     noise_scheduler = noise_scheduler_of(pipeline)
     streams = _streams(config, rows, resolution)
     encodings = FrozenEncodings(pipeline.vae)
-    draws = config.max_train_steps * scale * accelerator.num_processes
+    settings = LoopSettings.of(config)
+    draws = config.max_train_steps * settings.draws_per_step(accelerator.num_processes)
     for stream in streams.values():
         encodings.encode_fixed_images(
             stream.dataset, draws, progress and accelerator.is_main_process
@@ -194,7 +195,7 @@ def _train(
         optimizer,
         streams,
         step_loss,
-        LoopSettings.of(config),
+        settings,
         out_dir,
         after_step=restore_frozen_rows,
         progress=progress,

@@ -21,7 +21,6 @@ from skindiff.data.images import load_rgb
 from skindiff.errors import SkindiffError
 
 Transform = Literal["ti", "lora"]
-_FLIPS = {False: "asis", True: "flip"}  # a draw's flip, as its key names it
 TRANSFORMS: tuple[Transform, ...] = ("ti", "lora")
 
 
@@ -83,11 +82,16 @@ class ManifestImageDataset(Dataset):
             raise IndexError(draw)
         row = self.row_of(draw)
         generator = seeded_generator("augment", self.seed, draw)
-        pixels, augmentation = self._augment(load_rgb(Path(self.paths[row])), generator)
+        image = load_rgb(Path(self.paths[row]))
+        top = left = 0
+        if self.transform == "lora":
+            width, height = self._resized_size(image.size)
+            top = int(torch.randint(height - self.resolution + 1, (1,), generator=generator))
+            left = int(torch.randint(width - self.resolution + 1, (1,), generator=generator))
+        flip = torch.rand(1, generator=generator).item() < 0.5
         return {
-            "pixel_values": pixels,
-            # Names the pixels, in any dataset: draws with the same key are the same image.
-            "key": f"{self.paths[row]}:{augmentation}",
+            "pixel_values": self._pixels(image, top, left, flip),
+            "key": self._key(row, top, left, flip),
             "condition": self.conditions[row],
             "fitzpatrick_scale": self.skin_types[row],
         }
@@ -102,31 +106,28 @@ class ManifestImageDataset(Dataset):
                 with Image.open(path) as image:  # reads the header only
                     if image.width != image.height:
                         continue
-            fixed += [(f"{path}:0,0,{_FLIPS[flip]}", row, flip) for flip in (False, True)]
+            fixed += [(self._key(row, 0, 0, flip), row, flip) for flip in (False, True)]
         return fixed
 
     def fixed_image(self, row: int, flip: bool) -> torch.Tensor:
         """The pixels of a draw of `row` with the fixed crop (see `fixed_images`)."""
-        pixels = _to_tensor(
-            load_rgb(Path(self.paths[row])).resize((self.resolution,) * 2, Image.Resampling.BICUBIC)
-        )
-        return pixels.flip(-1) if flip else pixels
+        return self._pixels(load_rgb(Path(self.paths[row])), 0, 0, flip)
 
-    def _augment(self, image: Image.Image, generator: torch.Generator) -> tuple[torch.Tensor, str]:
-        """The augmented pixels, and the crop and flip that made them."""
-        size = self.resolution
-        top = left = 0
+    def _key(self, row: int, top: int, left: int, flip: bool) -> str:
+        """Names a draw's pixels, in any dataset: draws with the same key are the same image."""
+        return f"{self.paths[row]}:{top},{left},{'flip' if flip else 'asis'}"
+
+    def _resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) an image of `size` is resized to before its crop."""
+        side = self.resolution
         if self.transform == "ti":
-            pixels = _to_tensor(image.resize((size, size), Image.Resampling.BICUBIC))
-        else:
-            scale = size / min(image.size)
-            width = max(size, round(image.width * scale))
-            height = max(size, round(image.height * scale))
-            pixels = _to_tensor(image.resize((width, height), Image.Resampling.BICUBIC))
-            top = int(torch.randint(height - size + 1, (1,), generator=generator))
-            left = int(torch.randint(width - size + 1, (1,), generator=generator))
-            pixels = pixels[:, top : top + size, left : left + size]
-        flip = torch.rand(1, generator=generator).item() < 0.5
-        if flip:
-            pixels = pixels.flip(-1)
-        return pixels, f"{top},{left},{_FLIPS[flip]}"
+            return side, side
+        scale = side / min(size)
+        return max(side, round(size[0] * scale)), max(side, round(size[1] * scale))
+
+    def _pixels(self, image: Image.Image, top: int, left: int, flip: bool) -> torch.Tensor:
+        """The augmented image: resized, cropped at (top, left), flipped or not."""
+        side = self.resolution
+        pixels = _to_tensor(image.resize(self._resized_size(image.size), Image.Resampling.BICUBIC))
+        pixels = pixels[:, top : top + side, left : left + side]
+        return pixels.flip(-1) if flip else pixels

@@ -340,6 +340,10 @@ class LoopSettings:
             **{f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
         )
 
+    def draws_per_step(self, num_processes: int) -> int:
+        """Images one optimizer step draws from each stream, over all processes."""
+        return self.train_batch_size * self.gradient_accumulation_steps * num_processes
+
 
 StepLoss = Callable[[dict, torch.Generator], torch.Tensor]
 
@@ -449,7 +453,7 @@ def run_training_loop(
         losses = json.loads((path / LOSSES_FILE).read_text())
 
     accumulation = settings.gradient_accumulation_steps
-    per_step = settings.train_batch_size * accumulation * accelerator.num_processes
+    per_step = settings.draws_per_step(accelerator.num_processes)
     batches = {}
     for name, stream in streams.items():
         loader = DataLoader(
