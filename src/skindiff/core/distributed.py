@@ -47,6 +47,7 @@ def follow_main_process() -> None:
         call = [None]
         broadcast_object_list(call)
         if call[0] is None:
+            _leave_group()
             return
         work, args, kwargs = call[0]
         work(*args, **kwargs)
@@ -57,3 +58,10 @@ def release_followers() -> None:
     command has finished; on a failure it exits instead and the launcher stops the others)."""
     if is_launched() and process_state().is_main_process:
         broadcast_object_list([None])
+        _leave_group()
+
+
+def _leave_group() -> None:
+    # Left to the interpreter's exit, the process group's threads can abort the process
+    # ("terminate called without an active exception") after its work is done.
+    process_state().destroy_process_group()
