@@ -3,10 +3,12 @@
 Baseline: each micro-batch is decoded, encoded by the VAE and its captions by the text encoder
 anew, as diffusers' `textual_inversion.py` and `train_text_to_image_lora.py` do. skindiff:
 `train_textual_inversion` (one token, as one example-script run) and `train_lora`, which
-encode each distinct image and caption once. Same model, images, batch, steps and precision.
+encode each distinct image and caption once and, on a CPU, run a step's micro-batches in one
+pass. Same model, images, batch, steps and precision.
 
-    python benchmarks/training_steps.py                  # CPU, tiny
-    python benchmarks/training_steps.py --base-model sd21-random --resolution 512 --steps 20
+    python -m benchmarks.training_steps                  # CPU, tiny
+    python -m benchmarks.training_steps --base-model sd21-random --resolution 128 --images 4
+    python -m benchmarks.training_steps --base-model sd21-random --resolution 512 --steps 20
 """
 
 import argparse
@@ -122,6 +124,8 @@ def example_script_steps(kind: str, config, rows, steps: int) -> None:
                 prediction = unet(noisy, timesteps, hidden.to(dtype)).sample
                 loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
             accelerator.backward(loss / config.gradient_accumulation_steps)
+        if kind == "lora":  # the LoRA example clips at its max_grad_norm, 1.0 as here
+            accelerator.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
         if kind == "ti":  # the example script puts back every row but the token's
@@ -138,10 +142,19 @@ def main() -> None:
         default=0,
         help="optimizer steps of each run; 0: as many draws per image as the paper's runs",
     )
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=0,
+        help="training images of each run (0: all the demo's); fewer keep sd21-random on a CPU "
+        "to minutes",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = demo_training_rows()
     one_condition = rows[rows["label"] == CONDITION]
+    if args.images:
+        rows, one_condition = rows.head(args.images), one_condition.head(args.images)
     folder = bench_folder("training")
     common = {
         "base_model": args.base_model,

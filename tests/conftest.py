@@ -12,7 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -165,6 +165,21 @@ def keeping_base_pipeline(module) -> Iterator[list]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(module, "load_base_pipeline", keep)
         yield pipelines
+
+
+def recording_calls(
+    monkeypatch: pytest.MonkeyPatch, owner, name: str, record: Callable[..., object]
+) -> list:
+    """Wraps `owner.name` for the test: each call appends `record(*args, **kwargs)` to the
+    returned list, then runs the original."""
+    calls, original = [], getattr(owner, name)
+
+    def recorded(*args, **kwargs):
+        calls.append(record(*args, **kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recorded)
+    return calls
 
 
 def stock_tiny_pipeline():

@@ -32,6 +32,7 @@ from skindiff.diffusion.base_model import resolve_base_model
 from skindiff.diffusion.config import GenerationMode, SchedulerName
 from skindiff.diffusion.generate import (
     MANIFEST_COLUMNS,
+    PLAN_COLUMNS,
     GenerateConfig,
     generate_synthetic,
     plan_generation,
@@ -126,7 +127,7 @@ def pixels(out_dir: Path) -> np.ndarray:
 
 def test_plan_targets_prompts_and_seeds(full_train: pd.DataFrame):
     plan = plan_generation(GenerateConfig(mode="img2img/ti+lora"), full_train)
-    assert list(plan.columns) == list(MANIFEST_COLUMNS)
+    assert list(plan.columns) == list(PLAN_COLUMNS)
     assert len(plan) == 5 * len(full_train)
     assert plan["seed"].is_unique and plan["path"].is_unique
     light = plan[plan["source_group"] == "light"]

@@ -70,6 +70,20 @@ def test_generate_from_nothing_then_reuse(tracking: str, tmp_path: Path) -> None
     assert set(manifest["ti_run_id"]) == {ti_id} and set(manifest["lora_run_id"]) == {lora_id}
     assert set(manifest.loc[manifest["source_group"] == "light", "fitzpatrick_scale"]) <= {5, 6}
     assert (Path(manifest_path) / "grid.png").is_file()
+    # Skin tone: measured per image, summarised in metrics, shown in a figure; prepare
+    # measured the real images.
+    metrics = generate.data.metrics
+    assert manifest["kept"].all() and (manifest["attempt"] == 0).all()  # no filter by default
+    assert metrics["on_target_fraction"] == pytest.approx(manifest["on_target"].mean())
+    for fst, rows in manifest.groupby("fitzpatrick_scale"):
+        assert metrics[f"ita_median_synthetic_fst{fst}"] == pytest.approx(rows["ita"].median())
+    assert metrics["ita_median_source_light"] == pytest.approx(
+        train.loc[train["group"] == "light", "ita"].median()
+    )
+    with Image.open(Path(manifest_path) / "skin_tone.png") as figure:
+        assert figure.width >= 600
+    prepare = stages["prepare"][0].data.metrics
+    assert prepare["ita_dark_auc"] >= 0.95 and prepare["ita_fst_spearman"] < -0.8
 
     # Second call: the upstream runs are found, not run again.
     mlflow_run("generate", tracking, tmp_path, **FAST)

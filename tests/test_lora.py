@@ -1,6 +1,7 @@
 """LoRA fine-tuning on the tiny random model and the demo data (a few steps each)."""
 
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -19,6 +20,7 @@ from skindiff.diffusion.lora import LoraConfig, train_lora
 from skindiff.diffusion.prompts import skin_prompt
 from skindiff.diffusion.textual_inversion import TextualInversionConfig, train_textual_inversion
 from skindiff.diffusion.train_data import ManifestImageDataset
+from skindiff.diffusion.training import MicroBatchDraws
 from skindiff.errors import SkindiffError
 
 # lr 1e-3 instead of 5e-6: B starts at zero, and a few reference-size steps on random weights
@@ -239,6 +241,11 @@ def test_bad_inputs_are_refused(train, embeddings_dir, tmp_path):
         train_lora(replace(CONFIG, target_modules=("no_such_layer",)), train, None, tmp_path / "e")
 
 
+def one_draw(generator: torch.Generator, pixels: Sequence) -> MicroBatchDraws:
+    """All of `pixels` as one micro-batch drawing from `generator`."""
+    return MicroBatchDraws((generator,), len(pixels))
+
+
 def test_frozen_encodings_are_computed_once_and_match_encoding_every_batch(train, embeddings_dir):
     """The training fast path: each augmented image and caption goes through its frozen
     encoder once; its latents and hidden states equal encoding each batch anew (the diffusers
@@ -258,7 +265,7 @@ def test_frozen_encodings_are_computed_once_and_match_encoding_every_batch(train
     pipeline.vae.encoder.register_forward_hook(lambda *_: encoded.append("vae"))
     pipeline.text_encoder.register_forward_hook(lambda *_: encoded.append("text"))
     cached = FrozenEncodings(pipeline.vae, pipeline.text_encoder)
-    latents = cached.latents(pixels, keys, torch.Generator().manual_seed(1))
+    latents = cached.latents(pixels, keys, one_draw(torch.Generator().manual_seed(1), pixels))
     states = cached.caption_states(pipeline, captions)
     assert encoded.count("vae") == len(set(keys))
     assert encoded.count("text") == len(set(captions))
@@ -271,9 +278,11 @@ def test_frozen_encodings_are_computed_once_and_match_encoding_every_batch(train
 
     # A resumed run starts with nothing remembered, or remembers other images first.
     again = FrozenEncodings(pipeline.vae, pipeline.text_encoder)
-    again.latents(pixels.flip(0), keys[::-1], torch.Generator())
+    again.latents(pixels.flip(0), keys[::-1], one_draw(torch.Generator(), pixels.flip(0)))
     for fresh in (again, FrozenEncodings(pipeline.vae, pipeline.text_encoder)):
-        assert torch.equal(fresh.latents(pixels, keys, torch.Generator().manual_seed(1)), latents)
+        assert torch.equal(
+            fresh.latents(pixels, keys, one_draw(torch.Generator().manual_seed(1), pixels)), latents
+        )
         assert torch.equal(fresh.caption_states(pipeline, captions), states)
 
 
@@ -292,10 +301,14 @@ def test_fixed_images_are_encoded_up_front_in_batches_when_drawn_often(train):
     encodings.encode_fixed_images(dataset, draws=21)
     assert sum(calls) == 20 and max(calls) == ENCODING_BATCH
 
+    # Every draw is one of the fixed images, so none is decoded or encoded again.
     draws = [dataset[d] for d in range(30)]
-    pixels = torch.stack([draw["pixel_values"] for draw in draws])
-    latents = encodings.latents(pixels, [d["key"] for d in draws], torch.Generator().manual_seed(0))
-    assert sum(calls) == 20  # every draw was one of the fixed images
+    assert [draw["pixel_values"] for draw in draws] == [None] * 30
+    keys = [draw["key"] for draw in draws]
+    latents = encodings.latents([None] * 30, keys, one_draw(torch.Generator().manual_seed(0), keys))
+    assert sum(calls) == 20
+    decoded = ManifestImageDataset(train.head(10), 32, "ti", seed=0)
+    pixels = torch.stack([decoded[d]["pixel_values"] for d in range(30)])
     with torch.no_grad():
         anew = pipeline.vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(0))
     torch.testing.assert_close(latents, anew * pipeline.vae.config.scaling_factor)

@@ -75,6 +75,17 @@ def test_mlflow_run_main_builds_the_run_tree_then_reuses_it(tracking: str, tmp_p
     for train_type, run in by_type.items():
         expected = 100 * run.data.metrics["test_accuracy"]
         assert table.loc[train_type, "accuracy_mean"] == pytest.approx(expected)
+    # ... and the skin tones the pipeline's prepare and generate runs measured.
+    generate = stages["generate"][0].data.metrics
+    (tones,) = pd.read_csv(tmp_path / "report" / "skin_tone.csv").itertuples()
+    assert tones.on_target == pytest.approx(100 * generate["on_target_fraction"])
+    assert tones.synthetic_ita == pytest.approx(generate["ita_median_synthetic"])
+    prepare = stages["prepare"][0].data.metrics
+    assert tones.real_dark_test_ita == pytest.approx(prepare["ita_median_test_dark"])
+    assert (
+        "Skin tone of the real and synthetic images"
+        in (tmp_path / "report" / "report.md").read_text()
+    )
 
     mlflow_run("main", tracking, tmp_path, **params)
     again = runs_by_stage(tracking)

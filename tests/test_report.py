@@ -308,3 +308,59 @@ def test_runs_made_with_different_settings_are_reported_apart(tracking: str, tmp
     assert "scenario i's results are not independent of it" in report
     figure = Image.open(out / f"figure2_{digests['20']}.png")
     assert figure.size == grid.size and figure.getpixel((0, 0)) == (200, 30, 30)
+
+
+def test_skin_tone_section_and_filtered_against_unfiltered(tracking: str, tmp_path: Path):
+    """Each group's report shows the skin tones its generate runs logged (real dark test
+    images, light sources, synthetic images, shares on target and kept, means over seeds); with
+    runs of both, a table sets the F1 of classifiers on filtered and unfiltered images side by
+    side."""
+    runs, rng = Runs(tracking, tmp_path / "made"), random.Random(5)
+    prepare = runs.make({ENTRY_POINT: "prepare"}, {}, {"ita_median_test_dark": -38.5})
+    made = {}
+    for filtered, on_target in ((False, [0.7, 0.8]), (True, [0.9, 1.0])):
+        parent = runs.make(
+            {ENTRY_POINT: "main"},
+            {"seeds": "0,1", "scenarios": "i", "skin_tone_filter": str(filtered).lower()},
+            {},
+        )
+        for seed, share in enumerate(on_target):
+            generate = runs.make(
+                {ENTRY_POINT: "generate", "skindiff.prepare_run_id": prepare},
+                {"skin_tone_filter": str(filtered).lower()},
+                {
+                    "ita_median_source_light": 60.0 + seed,
+                    "ita_median_synthetic": -20.0 - 10 * seed,
+                    "on_target_fraction": share,
+                    "kept_fraction": share if filtered else 1.0,
+                },
+            )
+            upstream = {"skindiff.prepare_run_id": prepare, "skindiff.generate_run_id": generate}
+            made[(filtered, seed)] = runs.main_pair(
+                "i", seed, ["tiny"], rng, parent=parent, classifier_tags=upstream
+            )
+
+    out = tmp_path / "report"
+    run_report(ReportConfig(tracking, str(out)))
+    settings = pd.read_csv(out / "settings.csv")
+    digest = {
+        str(row.value).lower() == "true": row.settings
+        for row in settings[settings["name"] == "skin_tone_filter"].itertuples()
+    }
+    for filtered, on_target in ((False, [0.7, 0.8]), (True, [0.9, 1.0])):
+        (row,) = pd.read_csv(out / f"skin_tone_{digest[filtered]}.csv").itertuples()
+        assert row.filtered == filtered and row.n == 2
+        assert_close(row.real_dark_test_ita, -38.5)
+        assert_close(row.source_light_ita, 60.5)
+        assert_close(row.synthetic_ita, -25.0)
+        assert_close(row.on_target, 100 * statistics.fmean(on_target))
+        assert_close(row.kept, 100 * statistics.fmean(on_target) if filtered else 100.0)
+
+    comparison = pd.read_csv(out / "skin_tone_filtering.csv").set_index("train_type")
+    for train_type in ("syn", "real+syn"):
+        for filtered, column in ((False, "f1_unfiltered"), (True, "f1_filtered")):
+            f1 = [made[(filtered, seed)][("tiny", train_type)]["f1"] for seed in (0, 1)]
+            assert_close(comparison.loc[train_type, column], mean_std(f1)[0])
+    report = (out / "report.md").read_text()
+    assert "### Skin tone of the real and synthetic images (ITA)" in report
+    assert "## Skin-tone filter: classifiers on unfiltered and filtered synthetic images" in report

@@ -14,7 +14,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
-from conftest import keeping_base_pipeline, sample_image, stock_tiny_pipeline
+from conftest import (
+    keeping_base_pipeline,
+    recording_calls,
+    sample_image,
+    stock_tiny_pipeline,
+)
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.diffusion import textual_inversion
 from skindiff.diffusion.adapters import token_file_name
@@ -147,6 +152,36 @@ def test_each_token_trains_as_a_run_on_its_condition_alone(trained, train, tmp_p
     )
     assert list(shared.losses) == ["all"]
     assert (saved_embeddings(shared)["<psoriasis>"] - joint).abs().max() > 1e-4
+
+
+def test_joined_micro_batches_train_as_one_pass_per_micro_batch_does(
+    trained, train, tmp_path, monkeypatch
+):
+    """A step's micro-batches in one pass (auto, on a CPU) train the tokens one pass per
+    micro-batch trains, to float rounding: each micro-batch draws its noise, timesteps and
+    templates from its own generator either way."""
+    result, _ = trained
+    pass_sizes = recording_calls(
+        monkeypatch,
+        textual_inversion,
+        "noise_prediction_loss",
+        lambda unet, scheduler, latents, *_: len(latents),
+    )
+    separate = train_textual_inversion(
+        replace(CONFIG, micro_batch_passes="separate"), train, tmp_path / "separate", False
+    )
+    assert set(pass_sizes) == {CONFIG.train_batch_size}
+    first, second = saved_embeddings(result), saved_embeddings(separate)
+    for token in first:
+        torch.testing.assert_close(second[token], first[token], rtol=0, atol=1e-6)
+    for condition in result.losses:
+        np.testing.assert_allclose(separate.losses[condition], result.losses[condition], rtol=1e-5)
+
+    pass_sizes.clear()
+    train_textual_inversion(
+        replace(CONFIG, micro_batch_passes="joined"), train, tmp_path / "joined", False
+    )
+    assert set(pass_sizes) == {CONFIG.train_batch_size * CONFIG.gradient_accumulation_steps}
 
 
 KILLED_RUN = """

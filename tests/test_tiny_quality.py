@@ -126,12 +126,14 @@ def test_img2img_darkens_the_skin_and_keeps_the_lesion(splits, tmp_path: Path) -
             structural_similarity(rgb2gray(source), rgb2gray(variant), data_range=1.0)
         )
     share, ssim = float(np.mean(darker)), float(np.mean(similarity))
+    on_target = float(made["on_target"].mean())
     message = (
         f"img2img at strength 0.5 on {len(made)} light demo images: darker skin in "
-        f"{share:.0%}, grayscale SSIM with the source {ssim:.2f}"
+        f"{share:.0%}, on target by ITA (brown or dark) {on_target:.0%}, median ITA "
+        f"{made['ita'].median():.1f} deg, grayscale SSIM with the source {ssim:.2f}"
     )
     print(message)
-    assert share >= 0.9 and ssim >= 0.5, message
+    assert share >= 0.9 and on_target >= 0.8 and ssim >= 0.5, message
 
 
 def dark_test_f1(configs: StudyConfigs, splits, training: pd.DataFrame) -> float:
@@ -158,7 +160,7 @@ def test_synthetic_images_after_ti_and_lora_teach_the_classifier(
     lora = train_lora(
         configs.lora, splits.train, ti.embeddings_dir, tmp_path / "lora", progress=False
     )
-    scores = {}
+    scores, on_target = {}, {}
     for mode, adapters in (
         (
             "img2img/ti+lora",
@@ -170,13 +172,16 @@ def test_synthetic_images_after_ti_and_lora_teach_the_classifier(
         made = generate_synthetic(
             replace(configs.generate, mode=mode), splits.train, out, progress=False, **adapters
         )
+        on_target[mode] = float(made.loc[made["source_group"] == "light", "on_target"].mean())
         synthetic = made.assign(path=[str(out / path) for path in made["path"]])
         training = build_training_set(splits.train, synthetic, TrainType.SYN)
         scores[mode] = dark_test_f1(configs, splits, training)
     message = (
         "quick start, scenario i, classifier trained on synthetic images only: dark-test "
         f"macro-F1 {scores['img2img/ti+lora']:.3f} (ti+lora), "
-        f"{scores['img2img/vanilla']:.3f} (vanilla)"
+        f"{scores['img2img/vanilla']:.3f} (vanilla); light sources' variants on target by ITA: "
+        f"{on_target['img2img/ti+lora']:.0%} (ti+lora), {on_target['img2img/vanilla']:.0%} "
+        "(vanilla)"
     )
     print(message)
-    assert scores["img2img/ti+lora"] >= 0.25, message
+    assert scores["img2img/ti+lora"] >= 0.25 and on_target["img2img/ti+lora"] >= 0.8, message

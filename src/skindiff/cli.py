@@ -32,6 +32,7 @@ from skindiff.options import (
     ABLATION_STUDY,
     CLASSIFIER,
     DATA,
+    DOWNLOAD,
     EVALUATE,
     GENERATE,
     LORA,
@@ -308,7 +309,20 @@ ENTRY_POINTS = (
     "evaluate",
     "ablation",
     "report",
+    "download",
 )
+
+
+@stage_command("download", config=DOWNLOAD)
+def download(config) -> None:
+    """Fetch the images of a Fitzpatrick17k-format CSV (md5hash, url) into --image-dir as
+    <md5hash>.jpg: politely (a few connections, a per-host rate limit, retries with backoff),
+    keeping only files that decode as images, resuming where an earlier call stopped; logs
+    download_report.csv and the counts (MLflow run). Then run prepare with --skip-missing true."""
+    from skindiff.tracking.download import run_download
+
+    run_id, summary = run_download(config)
+    typer.echo(f"download run {run_id}: {summary.line()}; download_report.csv logged")
 
 
 @app.command("demo-data")

@@ -13,7 +13,7 @@ from typing import Any
 
 from skindiff.classify.config import Arch, ClassifierConfig
 from skindiff.core.settings import as_text, coerce, field_types, help_of
-from skindiff.data.config import PrepareConfig, Scenario
+from skindiff.data.config import DownloadConfig, PrepareConfig, Scenario
 from skindiff.diffusion.config import (
     GenerateConfig,
     LoraConfig,
@@ -111,6 +111,7 @@ RUNS = OptionGroup(UpstreamRuns)
 STUDY = OptionGroup(StudyPlan)
 ABLATION = OptionGroup(AblationPlan)
 EVALUATE = OptionGroup(EvaluateConfig)
+DOWNLOAD = OptionGroup(DownloadConfig)
 REPORT = OptionGroup(ReportConfig)
 TUNE = OptionGroup(TuneConfig)
 PRETRAIN = OptionGroup(PretrainConfig)

@@ -197,6 +197,73 @@ def ablation_markdown(table: pd.DataFrame) -> str:
     return pd.DataFrame(columns).to_markdown(index=False, disable_numparse=True)
 
 
+# ITA medians (degrees) and shares of synthetic images of one generate run, per (scenario, seed).
+SKIN_TONE_COLUMNS = [
+    "scenario",
+    "seed",
+    "real_dark_test_ita",  # median ITA of the real dark-group test images
+    "source_light_ita",  # of the real light-group training images, the img2img sources
+    "synthetic_ita",  # of the synthetic images
+    "on_target",  # share of synthetic images whose ITA fits their target skin type
+    "kept",  # share kept for classifier training (all, without skin_tone_filter)
+    "filtered",  # whether the generate run used skin_tone_filter
+    "generate_run_id",
+]
+SKIN_TONE_NOTE = (
+    "Median ITA in degrees (lighter is higher; Del Bino: brown -30 to 10, dark below -30), the "
+    "mean over seeds; shares in percent. A synthetic image is on target when its ITA fits its "
+    "target skin type (FST 5-6: at most `dark_ita_max`, 10 by default)."
+)
+
+
+def skin_tone_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per scenario (and filtering): the means over seeds of SKIN_TONE_COLUMNS' measures."""
+    measures = ["real_dark_test_ita", "source_light_ita", "synthetic_ita", "on_target", "kept"]
+    table = rows.groupby(["scenario", "filtered"])[measures].mean()
+    table[["on_target", "kept"]] *= 100
+    table["n"] = rows.groupby(["scenario", "filtered"]).size()
+    return table.reset_index()
+
+
+def skin_tone_markdown(table: pd.DataFrame) -> str:
+    header = (
+        "| scenario | skin_tone_filter | real dark test ITA | real light sources ITA | "
+        "synthetic ITA | on target | kept | n seeds |\n|---|---|---|---|---|---|---|---|"
+    )
+    lines = [
+        f"| {r.scenario} | {'on' if r.filtered else 'off'} | {_cell(r.real_dark_test_ita)} | "
+        f"{_cell(r.source_light_ita)} | {_cell(r.synthetic_ita)} | {_cell(r.on_target)} | "
+        f"{_cell(r.kept)} | {r.n} |"
+        for r in table.itertuples()
+    ]
+    return "\n".join([header, *lines])
+
+
+def filtering_comparison(groups: Sequence["SettingsGroup"]) -> pd.DataFrame | None:
+    """Classifier F1 (mean over archs and seeds, percent) with and without skin_tone_filter,
+    per scenario and train type, where the groups' runs include both; else None."""
+    parts = []
+    for group in groups:
+        tones = group.skin_tones
+        if tones is None or tones.empty or group.classifier_scores.empty:
+            continue
+        filtered = tones.drop_duplicates(["scenario", "seed"])[["scenario", "seed", "filtered"]]
+        scores = group.classifier_scores.astype({"seed": int}).merge(
+            filtered.astype({"seed": int}), on=["scenario", "seed"]
+        )
+        parts.append(scores[scores["train_type"] != "real"])
+    if not parts:
+        return None
+    scores = pd.concat(parts)
+    if scores["filtered"].nunique() < 2:
+        return None
+    table = scores.pivot_table(
+        index=["scenario", "train_type"], columns="filtered", values="f1", aggfunc="mean"
+    )
+    table = (table * 100).rename(columns={False: "f1_unfiltered", True: "f1_filtered"})
+    return table.reset_index()
+
+
 def _figure(width: float, height: float) -> Figure:
     figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)  # render with Agg whatever pyplot's backend is
@@ -276,6 +343,7 @@ class SettingsGroup:
     figure_2: Path | None
     tuned_from: str | None = None  # where frozen params came from (`main --frozen-params`)
     tune_protocol: str | None = None  # the tune run's, where known: "paper" or "exclude-..."
+    skin_tones: pd.DataFrame | None = None  # rows of SKIN_TONE_COLUMNS, per (scenario, seed)
 
 
 def settings_digest(settings: Mapping[str, str]) -> str:
@@ -411,6 +479,19 @@ def write_report(groups: Sequence[SettingsGroup], output_dir: Path, source: str)
     save("scores_classifiers.csv", pd.concat(all_scores) if all_scores else pd.DataFrame())
     all_rows = [g.ablation_scores.assign(settings=g.digest) for g in ablation]
     save("scores_ablation.csv", pd.concat(all_rows) if all_rows else pd.DataFrame())
+    comparison = filtering_comparison(main)
+    if comparison is not None:
+        save("skin_tone_filtering.csv", comparison)
+        lines = [
+            f"| {r.scenario} | {r.train_type} | {_cell(r.f1_unfiltered)} | {_cell(r.f1_filtered)} |"
+            for r in comparison.itertuples()
+        ]
+        sections.append(
+            "## Skin-tone filter: classifiers on unfiltered and filtered synthetic images\n\n"
+            "F1 (macro, percent), the mean over architectures and seeds.\n\n"
+            "| scenario | train type | unfiltered | filtered |\n|---|---|---|---|\n"
+            + "\n".join(lines)
+        )
     names = [path.name for path in written] + [REPORT]
     header = (
         f"{MARKER}{', '.join(names)} -->\n# skindiff report\n\n{source} Each group of "
@@ -453,6 +534,13 @@ def _group_sections(
             "### Fig. 2: real light-skinned images and their synthetic dark-skinned variants\n\n"
             f"Per condition, a real training image (light-skinned where there is one) followed by "
             f"the variants generated from it.\n\n![Fig. 2]({figure})"
+        )
+    if group.skin_tones is not None and len(group.skin_tones):
+        table = skin_tone_table(group.skin_tones)
+        save(f"skin_tone{suffix}.csv", table)
+        sections.append(
+            "### Skin tone of the real and synthetic images (ITA)\n\n"
+            f"{SKIN_TONE_NOTE}\n\n{skin_tone_markdown(table)}"
         )
     if len(group.ablation_scores):
         table = ablation_table(group.ablation_scores)

@@ -192,6 +192,7 @@ def build_training_set(
     train: pd.DataFrame, synthetic: pd.DataFrame | None, train_type: TrainType | str
 ) -> pd.DataFrame:
     """The classifier's training rows for `train_type`, with a `source` column (real/synthetic).
+    Synthetic rows with `kept` false (see the generate stage's skin_tone_filter) are left out.
 
     Refuses synthetic images made from anything but this training split: the synthetic child of
     a validation or test image would leak that image into training.
@@ -205,9 +206,14 @@ def build_training_set(
             f"train_type={train_type!r} needs a synthetic manifest (from the generate stage); "
             "use train_type='real' without one"
         )
+    if "kept" in synthetic.columns:  # what skin_tone_filter left out is not trained on
+        synthetic = synthetic[synthetic["kept"].astype(str).str.lower() == "true"]
     fake = image_rows(synthetic, "synthetic").assign(source="synthetic")
     if fake.empty:
-        raise SkindiffError(f"train_type={train_type!r}: the synthetic manifest has no rows")
+        raise SkindiffError(
+            f"train_type={train_type!r}: the synthetic manifest has no rows"
+            + (" kept by skin_tone_filter" if "kept" in synthetic.columns else "")
+        )
     leaked = fake.loc[~fake["md5hash"].isin(set(real["md5hash"])), "md5hash"]
     if len(leaked):
         raise SkindiffError(

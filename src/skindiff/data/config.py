@@ -1,4 +1,5 @@
-"""Settings of the data stage: which dataset, which cohort, which scenario and seed."""
+"""Settings of the data stages: which dataset, which cohort, which scenario and seed; and how
+`download` fetches a dataset's images."""
 
 import os
 from dataclasses import dataclass
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from skindiff.core.settings import Settings, check_seed, setting
 from skindiff.data.fitzpatrick import CONDITIONS, DARK_FST, FLEXIBLE_PER_CONDITION, LIGHT_FST
-from skindiff.errors import DataValidationError
+from skindiff.errors import DataValidationError, require
 
 
 class Scenario(StrEnum):
@@ -145,3 +146,35 @@ class PrepareConfig(Settings):
     @property
     def cohort(self) -> CohortSpec:
         return CohortSpec(self.conditions, self.light_fst, self.dark_fst)
+
+
+@dataclass(frozen=True)
+class DownloadConfig(Settings):
+    """Settings of the `download` command."""
+
+    metadata_csv: str = setting("", "Fitzpatrick17k-format CSV with md5hash and url columns.")
+    image_dir: str = setting("", "Folder for the images, <md5hash>.jpg each (created if absent).")
+    all: bool = setting(
+        False,
+        "true: every row with a url; false: the study's cohort only (the conditions, FST 1-2 "
+        "and 5-6: the paper's Table 1).",
+    )
+    conditions: tuple[str, ...] = setting(CONDITIONS, "The cohort's conditions (without --all).")
+    connections: int = setting(8, "Downloads at the same time.")
+    requests_per_second: float = setting(2.0, "Most requests per second to any one host.")
+    timeout: float = setting(30.0, "Seconds to wait for a connection or for data.")
+    retries: int = setting(4, "Tries after the first on connection errors, timeouts, 5xx, 429.")
+    backoff: float = setting(1.0, "Seconds before the first retry; doubled for each next one.")
+
+    def check(self) -> None:
+        require(bool(self.metadata_csv), "metadata_csv is needed: the CSV with the image URLs")
+        require(bool(self.image_dir), "image_dir is needed: where the images go")
+        check_input_path("metadata_csv", self.metadata_csv, folder=False)
+        for name in ("connections", "retries"):
+            minimum = 1 if name == "connections" else 0
+            value = getattr(self, name)
+            require(value >= minimum, f"{name} must be at least {minimum}, got {value}")
+        for name in ("requests_per_second", "timeout"):
+            value = getattr(self, name)
+            require(value > 0, f"{name} must be positive, got {value}")
+        require(self.backoff >= 0, f"backoff must be >= 0, got {self.backoff}")

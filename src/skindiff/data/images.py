@@ -13,6 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from skindiff.data.metadata import describe_lines
+from skindiff.data.skin_tone import measured_ita
 from skindiff.errors import DataValidationError
 
 _SHOWN = 5
@@ -45,27 +46,37 @@ def load_rgb(path: Path) -> Image.Image:
         return to_rgb(image)
 
 
-def _inspect(path: Path) -> tuple[str | None, str | None]:
-    """(sha256 of the file, None) when it decodes, else (None, what is wrong)."""
+@dataclass(frozen=True)
+class _Inspection:
+    sha256: str | None = None  # None when the file cannot be used
+    problem: str | None = None
+    ita: float = float("nan")  # skin tone (skin_tone.py); NaN where no skin is measurable
+
+
+def _inspect(path: Path) -> _Inspection:
+    """The file's sha256 and skin tone when it decodes, else what is wrong."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return None, "missing"
+        return _Inspection(problem="missing")
     except OSError as err:
-        return None, f"unreadable: {err.strerror or err}"
+        return _Inspection(problem=f"unreadable: {err.strerror or err}")
     try:
         with Image.open(io.BytesIO(data)) as image:
-            # JPEGs decode at a reduced scale here, which still reads every byte of the stream.
+            # JPEGs decode at a reduced scale here, which still reads every byte of the stream
+            # and keeps enough pixels for the skin tone, which needs no detail.
             image.draft("RGB", (64, 64))
             image.load()
+            ita = measured_ita(to_rgb(image))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        return None, f"corrupt: {err}"
-    return hashlib.sha256(data).hexdigest(), None
+        return _Inspection(problem=f"corrupt: {err}")
+    return _Inspection(hashlib.sha256(data).hexdigest(), ita=ita)
 
 
 @dataclass(frozen=True)
 class CheckedImages:
-    """Rows whose image decodes (with absolute `path` and file `sha256`), and rows dropped."""
+    """Rows whose image decodes (with absolute `path`, file `sha256` and the skin tone `ita`,
+    NaN where the image shows too little skin), and rows dropped."""
 
     rows: pd.DataFrame
     dropped: pd.DataFrame  # md5hash, line, path, problem
@@ -94,9 +105,11 @@ def check_images(
             tqdm(pool.map(_inspect, paths), total=len(paths), desc="checking images", unit="img")
         )
     rows = frame.assign(
-        path=[str(path.resolve()) for path in paths], sha256=[digest for digest, _ in results]
+        path=[str(path.resolve()) for path in paths],
+        sha256=[result.sha256 for result in results],
+        ita=[round(result.ita, 2) for result in results],
     )
-    problem = pd.Series([why for _, why in results], index=frame.index)
+    problem = pd.Series([result.problem for result in results], index=frame.index)
     bad = problem.notna()
     dropped = rows.loc[bad, ["md5hash", "line", "path"]].assign(problem=problem[bad])
     if bad.any() and not skip_missing:

@@ -12,7 +12,10 @@ from skindiff.data.config import CohortSpec, PrepareConfig
 from skindiff.data.demo import default_demo_dataset
 from skindiff.data.images import check_images
 from skindiff.data.metadata import read_metadata
+from skindiff.data.skin_tone import ita_by_skin_type
 from skindiff.data.splits import SPLIT_NAMES, ScenarioSplits, build_scenario_splits
+
+SKIN_TONE_FILE = "skin_tone.csv"
 
 
 @dataclass(frozen=True)
@@ -87,13 +90,20 @@ def split_counts(prepared: PreparedScenario) -> pd.DataFrame:
     return long[["split", "fitzpatrick_scale", "group", "label", "count"]]
 
 
+def scenario_rows(prepared: PreparedScenario) -> pd.DataFrame:
+    """The rows of all splits of the scenario, with their `split`."""
+    return pd.concat([prepared.splits.manifest(split) for split in SPLIT_NAMES], ignore_index=True)
+
+
 def write_prepared(prepared: PreparedScenario, out_dir: Path) -> Path:
-    """Writes `splits/` (one manifest per split, count tables, dropped images) under `out_dir`."""
+    """Writes `splits/` (one manifest per split, count tables, the skin tone (ITA) per
+    Fitzpatrick type, dropped images) under `out_dir`."""
     folder = Path(out_dir) / "splits"
     folder.mkdir(parents=True, exist_ok=True)
     for split in SPLIT_NAMES:
         prepared.splits.manifest(split).to_csv(folder / f"{split}.csv", index=False)
     split_counts(prepared).to_csv(folder / "counts.csv", index=False)
+    ita_by_skin_type(scenario_rows(prepared)).to_csv(folder / SKIN_TONE_FILE, index=False)
     splits = prepared.splits
     excluded = (
         f", without the test images of {', '.join(splits.exclude_test_of)}"

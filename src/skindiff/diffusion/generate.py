@@ -20,9 +20,10 @@ differently (tested: mean absolute difference under 1/255).
 
 import hashlib
 import io
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from contextlib import nullcontext
 from dataclasses import asdict
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,7 @@ from skindiff.diffusion.adapters import embedding_files, embedding_width, lora_w
 from skindiff.diffusion.base_model import base_model_fingerprint, resolve_base_model
 from skindiff.diffusion.config import GenerateConfig, Pipeline, SchedulerName
 from skindiff.diffusion.prompts import SKIN_TYPE_PHRASES, placeholder_token, skin_prompt
+from skindiff.diffusion.skin_tone_check import measure_synthetic, replacements
 from skindiff.errors import SkindiffError, require
 
 # The scheduler classes of the named schedulers; DEFAULT keeps the base model's own.
@@ -80,7 +82,15 @@ MANIFEST_COLUMNS = (
     "guidance_scale",
     "num_inference_steps",
     "scheduler",
+    # its skin tone (skin_tone_check.py): whether it is on target, which try it is (0: the
+    # planned seed; 1, 2, ...: replacements by skin_tone_filter) and whether classifiers use it
+    "ita",
+    "ita_category",
+    "on_target",
+    "attempt",
+    "kept",
 )
+PLAN_COLUMNS = MANIFEST_COLUMNS[: MANIFEST_COLUMNS.index("ita")]
 MANIFEST_FILE = "manifest.csv"
 IMAGE_DIR = "images"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every complete PNG ends with
@@ -139,7 +149,7 @@ def plan_generation(config: GenerateConfig, train: pd.DataFrame) -> pd.DataFrame
         guidance_scale=config.guidance_scale,
         num_inference_steps=config.num_inference_steps,
         scheduler=config.scheduler,
-    )[list(MANIFEST_COLUMNS)]
+    )[list(PLAN_COLUMNS)]
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
@@ -234,7 +244,9 @@ def generate_synthetic(
     lora_weights: Path | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Generates `config.num_per_image` images per training row into `out_dir/images`.
+    """Generates `config.num_per_image` images per training row into `out_dir/images`, and
+    measures their skin tone; with `skin_tone_filter`, off-target images are replaced (see
+    skin_tone_check.py) in rounds, each a plan of its own.
 
     Writes `out_dir/manifest.csv` (returned too; `path` relative to `out_dir`). Running again
     with the same out_dir only makes what is missing or broken; a process that finds another
@@ -261,16 +273,45 @@ def generate_synthetic(
             claim_folder(out_dir, fingerprint)
             (out_dir / IMAGE_DIR).mkdir(exist_ok=True)
         state.wait_for_everyone()
-        todo = _unfinished_batches(plan, out_dir, config)
-        state.wait_for_everyone()  # every process has its list before any image is written
-        mine = todo[state.process_index :: state.num_processes]
-        if mine:
-            progress = progress and state.is_main_process
-            _generate_missing(config, plan, mine, out_dir, embeddings, lora_file, progress)
-        state.wait_for_everyone()
+        progress = progress and state.is_main_process
+        pipeline = cache(lambda: load_pipeline(config, embeddings, lora_file))
+        _make_images(config, plan, out_dir, pipeline, progress, "generating")
+        chosen = measure_synthetic(plan.assign(attempt=0), out_dir, config)
+        retries = config.skin_tone_retries if config.skin_tone_filter else 0
+        for attempt in range(1, retries + 1):
+            off_target = chosen[~chosen["on_target"].astype(bool)]
+            if off_target.empty:
+                break
+            candidates = replacements(off_target, attempt)
+            desc = f"replacing off-target images, try {attempt}"
+            _make_images(config, candidates, out_dir, pipeline, progress, desc)
+            replaced = measure_synthetic(candidates, out_dir, config)
+            chosen = pd.concat([chosen.drop(index=replaced.index), replaced]).sort_index()
+        manifest = chosen.assign(
+            kept=chosen["on_target"] if config.skin_tone_filter else True
+        ).astype({"on_target": bool, "attempt": int})[list(MANIFEST_COLUMNS)]
         if state.is_main_process:
-            write_atomic(out_dir / MANIFEST_FILE, plan.to_csv(index=False).encode())
-    return plan
+            write_atomic(out_dir / MANIFEST_FILE, manifest.to_csv(index=False).encode())
+    return manifest
+
+
+def _make_images(
+    config: GenerateConfig,
+    plan: pd.DataFrame,
+    out_dir: Path,
+    pipeline: Callable[[], tuple[StableDiffusionPipeline | StableDiffusionImg2ImgPipeline, int]],
+    progress: bool,
+    desc: str,
+) -> None:
+    """Makes the images of `plan` that are missing or broken; a launch's processes share the
+    batches out."""
+    state = process_state()
+    todo = _unfinished_batches(plan, out_dir, config)
+    state.wait_for_everyone()  # every process has its list before any image is written
+    mine = todo[state.process_index :: state.num_processes]
+    if mine:
+        _generate_missing(config, plan, mine, out_dir, pipeline, progress, desc)
+    state.wait_for_everyone()
 
 
 def _generate_missing(
@@ -278,15 +319,15 @@ def _generate_missing(
     plan: pd.DataFrame,
     todo: list[tuple[pd.DataFrame, set[int]]],
     out_dir: Path,
-    embeddings: dict[Path, str],
-    lora_file: Path | None,
+    pipeline: Callable[[], tuple[StableDiffusionPipeline | StableDiffusionImg2ImgPipeline, int]],
     progress: bool,
+    desc: str,
 ) -> None:
-    pipe, resolution = load_pipeline(config, embeddings, lora_file)
+    pipe, resolution = pipeline()
     inputs = BatchInputs(pipe, config, resolution)
     with tqdm(
         total=sum(len(missing) for _, missing in todo),
-        desc="generating",
+        desc=desc,
         unit="img",
         disable=not progress,
     ) as bar:

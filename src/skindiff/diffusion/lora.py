@@ -28,6 +28,7 @@ from skindiff.diffusion.train_data import ManifestImageDataset, check_training_r
 from skindiff.diffusion.training import (
     FrozenEncodings,
     LoopSettings,
+    MicroBatchDraws,
     TrainingStream,
     add_token_embeddings,
     finish_run,
@@ -176,15 +177,15 @@ def _train(
         progress and accelerator.is_main_process,
     )
 
-    def step_loss(batch: dict, generator: torch.Generator) -> torch.Tensor:
-        latents = encodings.latents(batch["pixel_values"], batch["key"], generator)
+    def step_loss(batch: dict, draws: MicroBatchDraws) -> torch.Tensor:
+        latents = encodings.latents(batch["pixel_values"], batch["key"], draws)
         captions = [
             skin_prompt(concepts[condition], int(fst))
             for condition, fst in zip(batch["condition"], batch["fitzpatrick_scale"], strict=True)
         ]
         hidden = encodings.caption_states(pipeline, captions)
         return noise_prediction_loss(
-            prepared_unet, noise_scheduler, latents, hidden, generator, snr_gamma=config.snr_gamma
+            prepared_unet, noise_scheduler, latents, hidden, draws, snr_gamma=config.snr_gamma
         )
 
     losses = run_training_loop(

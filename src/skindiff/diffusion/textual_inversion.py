@@ -33,6 +33,7 @@ from skindiff.diffusion.train_data import ManifestImageDataset, check_training_r
 from skindiff.diffusion.training import (
     FrozenEncodings,
     LoopSettings,
+    MicroBatchDraws,
     TrainingStream,
     add_token_embeddings,
     encode_captions,
@@ -170,24 +171,26 @@ def _train(
     streams = _streams(config, rows, resolution)
     encodings = FrozenEncodings(pipeline.vae)
     settings = LoopSettings.of(config)
-    draws = config.max_train_steps * settings.draws_per_step(accelerator.num_processes)
+    run_draws = config.max_train_steps * settings.draws_per_step(accelerator.num_processes)
     for stream in streams.values():
         encodings.encode_fixed_images(
-            stream.dataset, draws, progress and accelerator.is_main_process
+            stream.dataset, run_draws, progress and accelerator.is_main_process
         )
 
-    def step_loss(batch: dict, generator: torch.Generator) -> torch.Tensor:
-        latents = encodings.latents(batch["pixel_values"], batch["key"], generator)
+    def step_loss(batch: dict, draws: MicroBatchDraws) -> torch.Tensor:
+        latents = encodings.latents(batch["pixel_values"], batch["key"], draws)
         conditions = batch["condition"]
-        picks = torch.randint(
-            len(TI_TEMPLATES), (len(conditions),), generator=generator, device=device
+        picks = draws.each(
+            lambda generator, items: torch.randint(
+                len(TI_TEMPLATES), (len(conditions[items]),), generator=generator, device=device
+            )
         )
         captions = [
             TI_TEMPLATES[pick].format(tokens[condition])
             for pick, condition in zip(picks.tolist(), conditions, strict=True)
         ]
         hidden = encode_captions(pipeline, prepared_encoder, captions, device)
-        return noise_prediction_loss(pipeline.unet, noise_scheduler, latents, hidden, generator)
+        return noise_prediction_loss(pipeline.unet, noise_scheduler, latents, hidden, draws)
 
     losses = run_training_loop(
         accelerator,

@@ -52,7 +52,8 @@ class ManifestImageDataset(Dataset):
     - "lora": bicubic resize of the shorter side to resolution, random square crop, and a
       horizontal flip p=0.5 (lesion photos have no left or right, so a flip keeps label and
       skin type while doubling the variety a few dozen images offer).
-    `len()` is one epoch; any non-negative index is valid.
+    `len()` is one epoch; any non-negative index is valid. Draws whose key is among
+    `skip_pixels_of`'s come without pixels (None): the trainer already has their encoding.
     """
 
     def __init__(self, rows: pd.DataFrame, resolution: int, transform: Transform, seed: int):
@@ -67,6 +68,12 @@ class ManifestImageDataset(Dataset):
         self.resolution = resolution
         self.transform = transform
         self.seed = seed
+        self._skipped_keys: frozenset[str] = frozenset()
+
+    def skip_pixels_of(self, keys: frozenset[str]) -> None:
+        """Draws with these keys leave their pixels out (None), so no time goes into decoding
+        an image whose encoding the trainer remembers."""
+        self._skipped_keys = keys
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -82,16 +89,18 @@ class ManifestImageDataset(Dataset):
             raise IndexError(draw)
         row = self.row_of(draw)
         generator = seeded_generator("augment", self.seed, draw)
-        image = load_rgb(Path(self.paths[row]))
         top = left = 0
         if self.transform == "lora":
-            width, height = self._resized_size(image.size)
+            with Image.open(self.paths[row]) as image:  # reads the header only
+                width, height = self._resized_size(image.size)
             top = int(torch.randint(height - self.resolution + 1, (1,), generator=generator))
             left = int(torch.randint(width - self.resolution + 1, (1,), generator=generator))
         flip = torch.rand(1, generator=generator).item() < 0.5
+        key = self._key(row, top, left, flip)
+        skipped = key in self._skipped_keys
         return {
-            "pixel_values": self._pixels(image, top, left, flip),
-            "key": self._key(row, top, left, flip),
+            "pixel_values": None if skipped else self._pixels(self._image(row), top, left, flip),
+            "key": key,
             "condition": self.conditions[row],
             "fitzpatrick_scale": self.skin_types[row],
         }
@@ -111,7 +120,10 @@ class ManifestImageDataset(Dataset):
 
     def fixed_image(self, row: int, flip: bool) -> torch.Tensor:
         """The pixels of a draw of `row` with the fixed crop (see `fixed_images`)."""
-        return self._pixels(load_rgb(Path(self.paths[row])), 0, 0, flip)
+        return self._pixels(self._image(row), 0, 0, flip)
+
+    def _image(self, row: int) -> Image.Image:
+        return load_rgb(Path(self.paths[row]))
 
     def _key(self, row: int, top: int, left: int, flip: bool) -> str:
         """Names a draw's pixels, in any dataset: draws with the same key are the same image."""
@@ -131,3 +143,13 @@ class ManifestImageDataset(Dataset):
         pixels = _to_tensor(image.resize(self._resized_size(image.size), Image.Resampling.BICUBIC))
         pixels = pixels[:, top : top + side, left : left + side]
         return pixels.flip(-1) if flip else pixels
+
+
+def collate_draws(draws: list[dict]) -> dict:
+    """A batch of draws, their pixels as a list (a skipped draw's are None)."""
+    return {
+        "pixel_values": [draw["pixel_values"] for draw in draws],
+        "key": [draw["key"] for draw in draws],
+        "condition": [draw["condition"] for draw in draws],
+        "fitzpatrick_scale": torch.tensor([draw["fitzpatrick_scale"] for draw in draws]),
+    }

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -42,8 +42,9 @@ from skindiff.core.files import atomic_directory, claim_folder, work_folder_lock
 from skindiff.core.seeding import seeded_generator, seeded_global_rng
 from skindiff.core.settings import Precision
 from skindiff.diffusion.base_model import resolve_base_model
+from skindiff.diffusion.config import MicroBatchPasses
 from skindiff.diffusion.tokenizer import MAX_LENGTH
-from skindiff.diffusion.train_data import ManifestImageDataset
+from skindiff.diffusion.train_data import ManifestImageDataset, collate_draws
 from skindiff.errors import SkindiffError, require
 
 log = logging.getLogger(__name__)
@@ -179,12 +180,35 @@ def freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
     place(module, device, dtype)
 
 
+# --- randomness of micro-batches ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MicroBatchDraws:
+    """The seeded generators of the micro-batches a pass holds, one per `size` consecutive
+    items. Each micro-batch draws from its own generator, in the same order whether it runs
+    alone or joined with others (see `MicroBatchPasses`), so joining changes no draw."""
+
+    generators: tuple[torch.Generator, ...]
+    size: int
+
+    def each(self, draw: Callable[[torch.Generator, slice], torch.Tensor]) -> torch.Tensor:
+        """`draw(generator, items)` for every micro-batch (`items` slices its part of the
+        pass), concatenated."""
+        return torch.cat(
+            [
+                draw(generator, slice(i * self.size, (i + 1) * self.size))
+                for i, generator in enumerate(self.generators)
+            ]
+        )
+
+
 # --- what the frozen encoders make ---------------------------------------------------------
 
 # Memory for remembered encodings, per process: at 512 px an image's latent distribution is
 # 64 KiB in half precision, so this keeps about 16,000 (the paper's runs see about 3,000).
 ENCODING_CACHE_BYTES = 2**30
-ENCODING_BATCH = 8  # images per VAE call when encoding a dataset's fixed images up front
+ENCODING_BATCH = 16  # images per VAE call when encoding a dataset's fixed images up front
 
 
 class FrozenEncodings:
@@ -227,20 +251,31 @@ class FrozenEncodings:
             for (key, _, _), value in zip(chunk, moments, strict=True):
                 self._latents[key] = value[None].clone()
                 self._bytes += size
+        dataset.skip_pixels_of(frozenset(self._latents))
 
     def latents(
-        self, pixel_values: torch.Tensor, keys: list[str], generator: torch.Generator
+        self,
+        pixel_values: Sequence[torch.Tensor | None],
+        keys: list[str],
+        draws: MicroBatchDraws,
     ) -> torch.Tensor:
-        """Scaled latents of a batch, sampled with `generator` from each image's distribution
-        (one draw for the batch, as `latent_dist.sample` makes it)."""
+        """Scaled latents of a pass, sampled from each image's distribution with its
+        micro-batch's generator (one draw per micro-batch, as `latent_dist.sample` makes it).
+        Pixels may be None where the key's encoding is remembered."""
         vae = self.vae
         with torch.no_grad():
-            moments = [
-                self._remembered(self._latents, key, lambda p=pixels: self._moments(p))
-                for pixels, key in zip(pixel_values, keys, strict=True)
-            ]
-            latent_dist = DiagonalGaussianDistribution(torch.cat(moments))
-            return latent_dist.sample(generator) * vae.config.scaling_factor
+            moments = torch.cat(
+                [
+                    self._remembered(self._latents, key, lambda p=pixels: self._moments(p))
+                    for pixels, key in zip(pixel_values, keys, strict=True)
+                ]
+            )
+            latents = draws.each(
+                lambda generator, items: DiagonalGaussianDistribution(moments[items]).sample(
+                    generator
+                )
+            )
+            return latents * vae.config.scaling_factor
 
     def _moments(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.vae
@@ -285,21 +320,25 @@ def noise_prediction_loss(
     noise_scheduler: DDPMScheduler,
     latents: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
-    generator: torch.Generator,
+    draws: MicroBatchDraws,
     snr_gamma: float = 0.0,
 ) -> torch.Tensor:
-    """Denoising loss of one batch of scaled latents: MSE between the UNet's prediction and the
-    noise (epsilon) or the velocity (v_prediction); with `snr_gamma` > 0, Min-SNR-weighted per
-    sample."""
-    noise = torch.randn(
-        latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+    """Denoising loss of a pass of scaled latents, averaged over its images: MSE between the
+    UNet's prediction and the noise (epsilon) or the velocity (v_prediction); with `snr_gamma`
+    > 0, Min-SNR-weighted per sample."""
+    noise = draws.each(
+        lambda generator, items: torch.randn(
+            latents[items].shape, generator=generator, device=latents.device, dtype=latents.dtype
+        )
     )
-    timesteps = torch.randint(
-        0,
-        noise_scheduler.config.num_train_timesteps,
-        (latents.shape[0],),
-        generator=generator,
-        device=latents.device,
+    timesteps = draws.each(
+        lambda generator, items: torch.randint(
+            0,
+            noise_scheduler.config.num_train_timesteps,
+            (len(latents[items]),),
+            generator=generator,
+            device=latents.device,
+        )
     )
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, encoder_hidden_states.to(latents.dtype)).sample
@@ -332,6 +371,7 @@ class LoopSettings:
     gradient_accumulation_steps: int
     checkpoint_every: int
     max_grad_norm: float = 0.0  # 0 = no clipping
+    micro_batch_passes: MicroBatchPasses = MicroBatchPasses.SEPARATE
 
     @classmethod
     def of(cls, config: object) -> "LoopSettings":
@@ -344,8 +384,14 @@ class LoopSettings:
         """Images one optimizer step draws from each stream, over all processes."""
         return self.train_batch_size * self.gradient_accumulation_steps * num_processes
 
+    def joins_micro_batches(self, device: torch.device) -> bool:
+        if self.micro_batch_passes == MicroBatchPasses.AUTO:
+            return device.type == "cpu"
+        return self.micro_batch_passes == MicroBatchPasses.JOINED
 
-StepLoss = Callable[[dict, torch.Generator], torch.Tensor]
+
+# The mean loss of a pass: a batch of one or more micro-batches, with their generators.
+StepLoss = Callable[[dict, MicroBatchDraws], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -438,10 +484,11 @@ def run_training_loop(
     and returns, per stream, one mean loss per step, resuming from the latest checkpoint in
     `out_dir`.
 
-    Each step takes `settings.train_batch_size` x accumulation draws from every stream;
-    `step_loss(batch, generator)` computes a micro-batch's loss, and each is backpropagated
-    alone, so memory holds one micro-batch whatever the number of streams. `after_step` runs
-    after every optimizer step (e.g. to restore parameters that must not move).
+    Each step takes `settings.train_batch_size` x accumulation draws from every stream, in
+    one pass per stream when micro-batches are joined, else one per micro-batch;
+    `step_loss(batch, draws)` computes a pass's mean loss, and each pass is backpropagated
+    alone, so memory holds one pass whatever the number of streams. `after_step` runs after
+    every optimizer step (e.g. to restore parameters that must not move).
     """
     _checkpoint_trainable_only(accelerator, accelerator.unwrap_model(model))
     start, losses = 0, {name: [] for name in streams}
@@ -454,11 +501,18 @@ def run_training_loop(
 
     accumulation = settings.gradient_accumulation_steps
     per_step = settings.draws_per_step(accelerator.num_processes)
+    # Micro-batches of each pass: all of a step's, or one.
+    passes = (
+        [range(accumulation)]
+        if settings.joins_micro_batches(accelerator.device)
+        else [range(micro, micro + 1) for micro in range(accumulation)]
+    )
     batches = {}
     for name, stream in streams.items():
         loader = DataLoader(
             stream.dataset,
-            batch_size=settings.train_batch_size,
+            batch_size=settings.train_batch_size * len(passes[0]),
+            collate_fn=collate_draws,
             # Draws of the remaining steps only: a resumed run continues where it stopped.
             sampler=range(start * per_step, settings.max_train_steps * per_step),
             num_workers=_loader_workers(accelerator.device),
@@ -474,23 +528,29 @@ def run_training_loop(
     )
     for step in range(start, settings.max_train_steps):
         totals = {name: torch.zeros((), device=accelerator.device) for name in streams}
-        for micro in range(accumulation):
+        for p, micros in enumerate(passes):
             for k, (name, stream) in enumerate(streams.items()):
-                generator = seeded_generator(
-                    "step",
-                    stream.seed,
-                    step,
-                    micro,
-                    accelerator.process_index,
-                    device=accelerator.device,
+                draws = MicroBatchDraws(
+                    tuple(
+                        seeded_generator(
+                            "step",
+                            stream.seed,
+                            step,
+                            micro,
+                            accelerator.process_index,
+                            device=accelerator.device,
+                        )
+                        for micro in micros
+                    ),
+                    settings.train_batch_size,
                 )
                 # Gradients are averaged across processes only on the step's last backward.
-                syncing = micro == accumulation - 1 and k == len(streams) - 1
+                syncing = p == len(passes) - 1 and k == len(streams) - 1
                 with contextlib.nullcontext() if syncing else accelerator.no_sync(model):
                     with accelerator.autocast():
-                        loss = step_loss(next(batches[name]), generator)
-                    accelerator.backward(loss / accumulation)
-                totals[name] += loss.detach().float()
+                        loss = step_loss(next(batches[name]), draws)
+                    accelerator.backward(loss * len(micros) / accumulation)
+                totals[name] += loss.detach().float() * len(micros)
         if settings.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()

@@ -16,8 +16,9 @@ from skindiff.core.distributed import run_shared
 from skindiff.core.settings import as_text
 from skindiff.data.config import PrepareConfig
 from skindiff.diffusion.config import GenerateConfig, LoraConfig, TextualInversionConfig
-from skindiff.diffusion.figures import real_synthetic_pairs
+from skindiff.diffusion.figures import real_synthetic_pairs, skin_tone_histograms
 from skindiff.diffusion.generate import IMAGE_DIR, generate_synthetic
+from skindiff.diffusion.skin_tone_check import skin_tone_metrics, source_itas
 from skindiff.options import DATA, GENERATE, LORA, TEXTUAL_INVERSION
 from skindiff.tracking.lora import run_lora
 from skindiff.tracking.names import (
@@ -25,6 +26,7 @@ from skindiff.tracking.names import (
     GENERATOR_SETTING_TAG_PREFIX,
     GENERATOR_URI_TAG,
     LORA_WEIGHTS_ARTIFACT,
+    SKIN_TONE_FIGURE,
     SYNTHETIC_DIR,
     SYNTHETIC_GRID,
     SYNTHETIC_MANIFEST,
@@ -150,10 +152,14 @@ def _generate_and_log(
         lora_run_id=as_text(inputs.upstream.get(Stage.LORA)),
         generator_uri=as_text(generator_uri),
     )
+    train = inputs.splits["train"]
     with tempfile.TemporaryDirectory() as tmp:
         manifest.to_csv(Path(tmp) / SYNTHETIC_MANIFEST, index=False)
         real_synthetic_pairs(manifest, out_dir).save(Path(tmp) / SYNTHETIC_GRID)
+        sources = train.assign(ita=source_itas(train))
+        skin_tone_histograms(sources, manifest).savefig(Path(tmp) / SKIN_TONE_FIGURE, dpi=100)
         mlflow.log_artifacts(tmp, SYNTHETIC_DIR)
+    mlflow.log_metrics(skin_tone_metrics(sources, manifest))
     # The manifest's paths are relative to the work folder: the artifacts keep its layout.
     mlflow.log_artifacts(str(out_dir / IMAGE_DIR), f"{SYNTHETIC_DIR}/{IMAGE_DIR}")
     mlflow.log_metric("n_synthetic", len(manifest))

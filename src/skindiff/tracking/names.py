@@ -21,6 +21,7 @@ class Stage(StrEnum):
     EVALUATE = "evaluate"
     ABLATION = "ablation"
     REPORT = "report"
+    DOWNLOAD = "download"
 
 
 # MLflow's own tags.
@@ -90,6 +91,8 @@ VALIDATION_DIR = "validation"
 SYNTHETIC_DIR = "synthetic"
 SYNTHETIC_MANIFEST = "manifest.csv"
 SYNTHETIC_GRID = "grid.png"
+SKIN_TONE_FIGURE = "skin_tone.png"  # ITA histograms of real and synthetic images
+DOWNLOAD_REPORT = "download_report.csv"  # one row per image: status, reason, hashes
 PREDICTIONS_DIR = "predictions"
 
 

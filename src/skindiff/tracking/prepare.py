@@ -13,10 +13,12 @@ from skindiff.data.prepare import (
     PreparedScenario,
     prepare_scenario,
     resolve_dataset,
+    scenario_rows,
     source_fingerprint,
     split_counts,
     write_prepared,
 )
+from skindiff.data.skin_tone import ita_agreement, ita_by_skin_type
 from skindiff.data.splits import SPLIT_NAMES
 from skindiff.options import DATA
 from skindiff.tracking.names import DATASET_DIGEST_TAG, DATASET_TAGS, Stage, split_digest_tag
@@ -42,6 +44,25 @@ def count_metrics(prepared: PreparedScenario) -> dict[str, float]:
         for (fst, label), n in rows.groupby(["fitzpatrick_scale", "label"])["count"].sum().items():
             metrics[f"n_{split}_fst{fst}_{slug(label)}"] = float(n)
     return metrics
+
+
+def skin_tone_metrics(prepared: PreparedScenario) -> dict[str, float]:
+    """The scenario's skin tones against its labels: `ita_fst_spearman` (Spearman's rho of ITA
+    and Fitzpatrick type, negative when they agree), `ita_dark_auc` (ITA telling the dark group
+    from the light one), `ita_measured_fraction`, `ita_median_fst<k>` per type and
+    `ita_median_<split>_<group>` (e.g. ita_median_test_dark)."""
+    rows = scenario_rows(prepared)
+    agreement = ita_agreement(rows)
+    metrics = {
+        "ita_fst_spearman": agreement.spearman,
+        "ita_dark_auc": agreement.dark_auc,
+        "ita_measured_fraction": agreement.measured / len(rows),
+    }
+    for row in ita_by_skin_type(rows).itertuples():
+        metrics[f"ita_median_fst{row.fitzpatrick_scale}"] = row.ita_median
+    for (split, group), itas in rows.groupby(["split", "group"])["ita"]:
+        metrics[f"ita_median_{split}_{group}"] = itas.median()
+    return {name: float(value) for name, value in metrics.items() if pd.notna(value)}
 
 
 def run_prepare(config: PrepareConfig, *, reuse: bool = False) -> str:
@@ -79,7 +100,7 @@ def _log_prepared(prepared: PreparedScenario) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_prepared(prepared, tmp)
         mlflow.log_artifacts(tmp)
-    mlflow.log_metrics(count_metrics(prepared))
+    mlflow.log_metrics(count_metrics(prepared) | skin_tone_metrics(prepared))
     dataset_name = "demo" if source.is_demo else source.metadata_csv.stem
     for split, manifest in manifests.items():
         with warnings.catch_warnings():

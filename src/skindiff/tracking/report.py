@@ -23,6 +23,7 @@ from skindiff.errors import SkindiffError
 from skindiff.options import REPORT
 from skindiff.report import (
     METRICS,
+    SKIN_TONE_COLUMNS,
     SettingsGroup,
     previous_report_files,
     settings_digest,
@@ -220,6 +221,38 @@ def _figure_2(rows: pd.DataFrame, folder: Path) -> Path | None:
     return None
 
 
+SKIN_TONE_METRICS = {  # report column <- (stage, metric)
+    "real_dark_test_ita": (Stage.PREPARE, "ita_median_test_dark"),
+    "source_light_ita": (Stage.GENERATE, "ita_median_source_light"),
+    "synthetic_ita": (Stage.GENERATE, "ita_median_synthetic"),
+    "on_target": (Stage.GENERATE, "on_target_fraction"),
+    "kept": (Stage.GENERATE, "kept_fraction"),
+}
+
+
+def _skin_tones(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per (scenario, seed): the skin tone metrics of the generate run behind the group's
+    synthetic classifiers and of its prepare run, and whether it filtered (SKIN_TONE_COLUMNS)."""
+    rows = []
+    synthetic = scores[scores["train_type"] != "real"]
+    for (scenario, seed), runs in synthetic.groupby(["scenario", "seed"]):
+        generate_id = _run(runs["run_id"].iloc[0]).data.tags.get(upstream_tag(Stage.GENERATE))
+        if not generate_id:
+            continue
+        generate = _run(generate_id)
+        prepare_id = generate.data.tags.get(upstream_tag(Stage.PREPARE))
+        metrics = {
+            Stage.GENERATE: generate.data.metrics,
+            Stage.PREPARE: _run(prepare_id).data.metrics if prepare_id else {},
+        }
+        values = [
+            metrics[stage].get(name, float("nan")) for stage, name in SKIN_TONE_METRICS.values()
+        ]
+        filtered = generate.data.params.get("skin_tone_filter", "false").lower() == "true"
+        rows.append([scenario, seed, *values, filtered, generate_id])
+    return pd.DataFrame(rows, columns=SKIN_TONE_COLUMNS)
+
+
 def classifier_groups(experiment_id: str) -> dict[str, tuple[dict[str, str], pd.DataFrame]]:
     """Per settings digest: the settings, and the test scores (fractions) of the classifier
     runs that the group's newest FINISHED main pair run of each (scenario, seed) lists in its
@@ -281,7 +314,8 @@ def _groups(experiment_id: str, folder: Path) -> list[SettingsGroup]:
         newest_pair = scores["main_run_id"].iloc[0] if len(scores) else None
         tuning = _tuning(_run(newest_pair)) if newest_pair else (None, None)
         figure = _figure_2(scores, folder)
-        groups.append(SettingsGroup(digest, settings, scores, rows, figure, *tuning))
+        tones = _skin_tones(scores) if len(scores) else pd.DataFrame(columns=SKIN_TONE_COLUMNS)
+        groups.append(SettingsGroup(digest, settings, scores, rows, figure, *tuning, tones))
     return groups
 
 
