@@ -66,7 +66,8 @@ def skin_tone_histograms(sources: pd.DataFrame, manifest: pd.DataFrame) -> Figur
             color=colour,
             label=f"{name} (n={len(itas)})",
         )
+    axes.set_xlim(low, high)
     axes.set_xlabel("ITA (degrees): lighter to the right")
     axes.set_ylabel("density")
-    axes.legend(loc="upper left", fontsize=8)
+    axes.legend(loc="upper center", fontsize=8)  # over tan and intermediate, where few are
     return figure
