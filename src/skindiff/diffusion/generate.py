@@ -92,6 +92,8 @@ MANIFEST_COLUMNS = (
 )
 PLAN_COLUMNS = MANIFEST_COLUMNS[: MANIFEST_COLUMNS.index("ita")]
 MANIFEST_FILE = "manifest.csv"
+# Loads the pipeline (and gives its resolution) when first asked, then returns the same.
+PipelineLoader = Callable[[], tuple[StableDiffusionPipeline | StableDiffusionImg2ImgPipeline, int]]
 IMAGE_DIR = "images"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every complete PNG ends with
 
@@ -299,7 +301,7 @@ def _make_images(
     config: GenerateConfig,
     plan: pd.DataFrame,
     out_dir: Path,
-    pipeline: Callable[[], tuple[StableDiffusionPipeline | StableDiffusionImg2ImgPipeline, int]],
+    pipeline: PipelineLoader,
     progress: bool,
     desc: str,
 ) -> None:
@@ -319,7 +321,7 @@ def _generate_missing(
     plan: pd.DataFrame,
     todo: list[tuple[pd.DataFrame, set[int]]],
     out_dir: Path,
-    pipeline: Callable[[], tuple[StableDiffusionPipeline | StableDiffusionImg2ImgPipeline, int]],
+    pipeline: PipelineLoader,
     progress: bool,
     desc: str,
 ) -> None:
