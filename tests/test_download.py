@@ -265,12 +265,19 @@ def test_the_cohort_by_default_and_every_row_with_all(tmp_path):
     ]
     csv = tmp_path / "meta.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
+    # A file of the user's that does not decode is reported and left as it is.
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / f"{'a' * 32}.jpg").write_bytes(b"my notes")
     two = ("psoriasis", "folliculitis")
     cohort = rows_to_download(config(csv, tmp_path, conditions=two))
     assert list(cohort["md5hash"]) == ["a" * 32, "d" * 32]
     assert len(rows_to_download(config(csv, tmp_path, all=True))) == 4
-    summary = download_images(cohort.tail(1), tmp_path / "images", config(csv, tmp_path), False)
-    assert summary.failed == {"no url": 1}
+    summary = download_images(cohort, tmp_path / "images", config(csv, tmp_path), False)
+    assert summary.failed == {
+        "no url": 1,
+        "a file there does not decode (left as it is; delete it to fetch)": 1,
+    }
+    assert (tmp_path / "images" / f"{'a' * 32}.jpg").read_bytes() == b"my notes"
     with pytest.raises(SkindiffError, match="metadata_csv: no such file"):
         config(tmp_path / "absent.csv", tmp_path)
     pd.DataFrame(rows).drop(columns="url").to_csv(csv, index=False)

@@ -10,7 +10,9 @@ politely and keeps only what is really an image:
   page served with status 200 is refused), written atomically as `<md5hash>.jpg`;
 - each kept file is recorded in the folder's DOWNLOAD_LOG (JSON lines, appended as files
   arrive), so a second call, or one after a kill, fetches only what is missing and re-checks
-  nothing it already verified; a file found without a record is decoded once and recorded.
+  nothing it already verified; a file found without a record is decoded once and recorded,
+  and one that does not decode is reported and left alone (a partial download is never
+  there: files are written whole or not at all), so nothing of the user's is overwritten.
 The MD5 of each file's bytes is compared with its `md5hash`: a mismatch is reported, not
 fatal, as the published hashes may have been made from other bytes.
 """
@@ -264,11 +266,14 @@ def download_images(
     for md5hash, url in zip(rows["md5hash"], rows["url"], strict=True):
         file = image_dir / f"{md5hash}.jpg"
         entry = log.verified(file, md5hash)
-        if entry is None and file.is_file():  # a file of the user's: checked once
+        if entry is None and file.is_file():  # a file of the user's: checked once, kept
             data = file.read_bytes()
-            if image_problem(data) is None:
-                entry = _record(md5hash, data)
-                log.add(entry)
+            if image_problem(data) is not None:
+                reason = "a file there does not decode (left as it is; delete it to fetch)"
+                results[md5hash] = {"url": url, "status": "failed", "reason": reason}
+                continue
+            entry = _record(md5hash, data)
+            log.add(entry)
         if entry is not None:
             results[md5hash] = {"url": url, "status": "already there"} | entry
         elif not str(url).strip():
