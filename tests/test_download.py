@@ -280,6 +280,8 @@ def test_the_cohort_by_default_and_every_row_with_all(tmp_path):
     assert (tmp_path / "images" / f"{'a' * 32}.jpg").read_bytes() == b"my notes"
     with pytest.raises(SkindiffError, match="metadata_csv: no such file"):
         config(tmp_path / "absent.csv", tmp_path)
+    with pytest.raises(SkindiffError, match="image_dir: is not a folder"):
+        config(csv, csv)
     pd.DataFrame(rows).drop(columns="url").to_csv(csv, index=False)
     with pytest.raises(SkindiffError, match="no url column"):
         rows_to_download(config(csv, tmp_path, conditions=two))

@@ -170,6 +170,12 @@ class DownloadConfig(Settings):
         require(bool(self.metadata_csv), "metadata_csv is needed: the CSV with the image URLs")
         require(bool(self.image_dir), "image_dir is needed: where the images go")
         check_input_path("metadata_csv", self.metadata_csv, folder=False)
+        folder = Path(self.image_dir).expanduser()
+        require(not folder.exists() or folder.is_dir(), f"image_dir: is not a folder: {folder}")
+        require(
+            not folder.exists() or os.access(folder, os.W_OK | os.X_OK),
+            f"image_dir: cannot be written: {folder}",
+        )
         for name in ("connections", "retries"):
             minimum = 1 if name == "connections" else 0
             value = getattr(self, name)
