@@ -3,6 +3,7 @@ that replaces off-target synthetic images (tiny model)."""
 
 import math
 import shutil
+import warnings
 from dataclasses import replace
 from itertools import pairwise
 
@@ -19,6 +20,7 @@ from skindiff.data.prepare import prepare_scenario, scenario_rows
 from skindiff.data.skin_tone import ita_agreement, ita_category, measure_skin_tone
 from skindiff.diffusion import generate
 from skindiff.diffusion.config import GenerateConfig
+from skindiff.diffusion.figures import skin_tone_histograms
 from skindiff.diffusion.generate import generate_synthetic
 from skindiff.diffusion.skin_tone_check import target_ita_range
 from skindiff.errors import SkindiffError
@@ -173,3 +175,18 @@ def test_a_filtered_run_resumes_to_the_same_manifest(
     again = generate_synthetic(SMALL, light_sources, copy, progress=False)
     pd.testing.assert_frame_equal(again, manifest)
     assert len(made) == 1  # the one batch of the missing replacement
+
+
+def test_the_histogram_names_a_group_without_images_and_draws_the_others(light_sources):
+    """Scenario iii trains on light skin only: its figure must still come out, quietly."""
+    sources = light_sources.assign(ita=np.linspace(40, 70, len(light_sources)))
+    synthetic = pd.DataFrame({"ita": [-40.0, -20.0, 5.0, np.nan]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figure = skin_tone_histograms(sources, synthetic)
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert labels == [
+        f"real, light group (n={len(sources)})",
+        "real, dark group (n=0)",
+        "synthetic (n=3)",
+    ]

@@ -57,14 +57,12 @@ def skin_tone_histograms(sources: pd.DataFrame, manifest: pd.DataFrame) -> Figur
         series.items(), ("tab:orange", "tab:brown", "tab:blue"), strict=True
     ):
         itas = itas.dropna()
+        label = f"{name} (n={len(itas)})"
+        if itas.empty:  # e.g. no dark training images (scenario iii): named, not drawn
+            axes.plot([], [], color=colour, linewidth=2, label=label)
+            continue
         axes.hist(
-            itas,
-            bins=bins,
-            density=True,
-            histtype="step",
-            linewidth=2,
-            color=colour,
-            label=f"{name} (n={len(itas)})",
+            itas, bins=bins, density=True, histtype="step", linewidth=2, color=colour, label=label
         )
     axes.set_xlim(low, high)
     axes.set_xlabel("ITA (degrees): lighter to the right")
