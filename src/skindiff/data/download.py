@@ -22,7 +22,6 @@ import io
 import json
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -126,7 +125,7 @@ def image_problem(data: bytes) -> str | None:
 class Fetcher:
     """Gets URLs with one `requests` session, the rate limit, retries and redirect rules."""
 
-    def __init__(self, config: DownloadConfig, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, config: DownloadConfig):
         self.config = config
         self.limiter = HostRateLimiter(config.requests_per_second)
         self.session = requests.Session()
@@ -134,26 +133,23 @@ class Fetcher:
         adapter = requests.adapters.HTTPAdapter(pool_maxsize=config.connections)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        self.sleep = sleep
 
     def fetch(self, url: str) -> Fetched:
         if urlsplit(url).scheme not in ("http", "https"):
             return Fetched(None, None, f"not an http(s) url: {url[:80]}")
-        delay, result = self.config.backoff, Fetched(None, None, "no try")
-        for attempt in range(self.config.retries + 1):
+        retries, delay = self.config.retries, self.config.backoff
+        for attempt in range(retries + 1):
             result, wait = self._try(url)
-            if wait is None or attempt == self.config.retries:
+            if wait is None or retries == 0:
+                return result
+            if attempt == retries:
                 break
-            pause = delay if wait == 0 else wait
+            pause = wait or delay
             if pause > MAX_RETRY_AFTER:
                 return Fetched(None, result.http_status, f"{result.reason}: Retry-After too long")
-            self.sleep(pause)
+            time.sleep(pause)
             delay *= 2
-        if wait is not None and self.config.retries:
-            return Fetched(
-                None, result.http_status, f"{result.reason} (after {self.config.retries} retries)"
-            )
-        return result
+        return Fetched(None, result.http_status, f"{result.reason} (after {retries} retries)")
 
     def _try(self, url: str) -> tuple[Fetched, float | None]:
         """One try, redirects included: (result, None) when final, else (result, seconds to
@@ -186,8 +182,10 @@ class Fetcher:
                         return Fetched(None, status, "connection dropped mid-body"), 0
             except requests.Timeout:
                 return Fetched(None, None, "timeout"), 0
-            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
+            except requests.exceptions.ChunkedEncodingError:
                 return Fetched(None, None, "connection dropped mid-body"), 0
+            except requests.ConnectionError:  # refused, reset, or a host name that does not resolve
+                return Fetched(None, None, "connection failed"), 0
             except requests.RequestException as err:
                 return Fetched(None, None, f"request failed: {type(err).__name__}"), None
             problem = image_problem(data)
