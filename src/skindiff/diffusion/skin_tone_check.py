@@ -60,20 +60,20 @@ def replacements(off_target: pd.DataFrame, attempt: int) -> pd.DataFrame:
     return off_target.assign(seed=seeds, path=paths, attempt=attempt)
 
 
-def source_itas(train: pd.DataFrame) -> pd.Series:
-    """The ITA of each training image: prepare's `ita` column, else measured now."""
+def with_source_itas(train: pd.DataFrame) -> pd.DataFrame:
+    """`train` with the ITA of each image as numbers: prepare's `ita` column, else measured
+    now."""
     if "ita" in train.columns:
-        return pd.to_numeric(train["ita"], errors="coerce")
-    return pd.Series([measured_ita(load_rgb(Path(p))) for p in train["path"]], index=train.index)
+        return train.assign(ita=pd.to_numeric(train["ita"], errors="coerce"))
+    return train.assign(ita=[measured_ita(load_rgb(Path(p))) for p in train["path"]])
 
 
-def skin_tone_metrics(train: pd.DataFrame, manifest: pd.DataFrame) -> dict[str, float]:
+def skin_tone_metrics(sources: pd.DataFrame, manifest: pd.DataFrame) -> dict[str, float]:
     """What a generate run made, by skin tone: `ita_median_source_<group>` of the training
-    images, `ita_median_synthetic` and `ita_median_synthetic_fst<k>` per target type, and the
-    shares of synthetic images
+    images (`sources`, see `with_source_itas`), `ita_median_synthetic` and
+    `ita_median_synthetic_fst<k>` per target type, and the shares of synthetic images
     `on_target_fraction`, `on_target_first_try_fraction` (before any replacement),
     `kept_fraction` and `unmeasured_fraction`."""
-    sources = train.assign(ita=source_itas(train))
     metrics = {
         f"ita_median_source_{group}": rows["ita"].median()
         for group, rows in sources.groupby("group")

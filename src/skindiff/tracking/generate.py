@@ -18,7 +18,7 @@ from skindiff.data.config import PrepareConfig
 from skindiff.diffusion.config import GenerateConfig, LoraConfig, TextualInversionConfig
 from skindiff.diffusion.figures import real_synthetic_pairs, skin_tone_histograms
 from skindiff.diffusion.generate import IMAGE_DIR, generate_synthetic
-from skindiff.diffusion.skin_tone_check import skin_tone_metrics, source_itas
+from skindiff.diffusion.skin_tone_check import skin_tone_metrics, with_source_itas
 from skindiff.options import DATA, GENERATE, LORA, TEXTUAL_INVERSION
 from skindiff.tracking.lora import run_lora
 from skindiff.tracking.names import (
@@ -152,11 +152,10 @@ def _generate_and_log(
         lora_run_id=as_text(inputs.upstream.get(Stage.LORA)),
         generator_uri=as_text(generator_uri),
     )
-    train = inputs.splits["train"]
+    sources = with_source_itas(inputs.splits["train"])
     with tempfile.TemporaryDirectory() as tmp:
         manifest.to_csv(Path(tmp) / SYNTHETIC_MANIFEST, index=False)
         real_synthetic_pairs(manifest, out_dir).save(Path(tmp) / SYNTHETIC_GRID)
-        sources = train.assign(ita=source_itas(train))
         skin_tone_histograms(sources, manifest).savefig(Path(tmp) / SKIN_TONE_FIGURE, dpi=100)
         mlflow.log_artifacts(tmp, SYNTHETIC_DIR)
     mlflow.log_metrics(skin_tone_metrics(sources, manifest))
