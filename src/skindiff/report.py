@@ -239,6 +239,16 @@ def skin_tone_markdown(table: pd.DataFrame) -> str:
     return "\n".join([header, *lines])
 
 
+def filtering_markdown(table: pd.DataFrame) -> str:
+    lines = [
+        f"| {r.scenario} | {r.train_type} | {_cell(r.f1_unfiltered)} | {_cell(r.f1_filtered)} |"
+        for r in table.itertuples()
+    ]
+    return "\n".join(
+        ["| scenario | train type | unfiltered | filtered |\n|---|---|---|---|", *lines]
+    )
+
+
 def filtering_comparison(groups: Sequence["SettingsGroup"]) -> pd.DataFrame | None:
     """Classifier F1 (mean over archs and seeds, percent) with and without skin_tone_filter,
     per scenario and train type, where the groups' runs include both; else None."""
@@ -247,9 +257,9 @@ def filtering_comparison(groups: Sequence["SettingsGroup"]) -> pd.DataFrame | No
         tones = group.skin_tones
         if tones is None or tones.empty or group.classifier_scores.empty:
             continue
-        filtered = tones.drop_duplicates(["scenario", "seed"])[["scenario", "seed", "filtered"]]
-        scores = group.classifier_scores.astype({"seed": int}).merge(
-            filtered.astype({"seed": int}), on=["scenario", "seed"]
+        # One row of `tones` per (scenario, seed), taken from these scores: same keys, same types.
+        scores = group.classifier_scores.merge(
+            tones[["scenario", "seed", "filtered"]], on=["scenario", "seed"]
         )
         parts.append(scores[scores["train_type"] != "real"])
     if not parts:
@@ -482,15 +492,10 @@ def write_report(groups: Sequence[SettingsGroup], output_dir: Path, source: str)
     comparison = filtering_comparison(main)
     if comparison is not None:
         save("skin_tone_filtering.csv", comparison)
-        lines = [
-            f"| {r.scenario} | {r.train_type} | {_cell(r.f1_unfiltered)} | {_cell(r.f1_filtered)} |"
-            for r in comparison.itertuples()
-        ]
         sections.append(
             "## Skin-tone filter: classifiers on unfiltered and filtered synthetic images\n\n"
             "F1 (macro, percent), the mean over architectures and seeds.\n\n"
-            "| scenario | train type | unfiltered | filtered |\n|---|---|---|---|\n"
-            + "\n".join(lines)
+            f"{filtering_markdown(comparison)}"
         )
     names = [path.name for path in written] + [REPORT]
     header = (
