@@ -5,8 +5,9 @@ Baseline: a Dataset that decodes each JPEG with PIL and applies the reference tr
 CenterCrop(224), ToTensor, Normalize) every epoch. skindiff: `training_loader`, as
 `train_classifier` uses it: every file decoded once, shrunk, kept in memory (timed, and counted
 in the projected totals), then only the augmentation per epoch, in uint8 batches normalised on
-the device. Both feed the same training step (cross-entropy, Adam, the reference head with
-`finetune head`) with the same class-balanced sampler and DataLoader options.
+the device, with `train_classifier`'s step: channels-last on a CPU and fused Adam. Both train the
+reference head with `finetune head` (cross-entropy, Adam) with the same class-balanced sampler
+and DataLoader options.
 
     python -m benchmarks.classifier_epoch                       # CPU, tiny, 1024 images
     python -m benchmarks.classifier_epoch --arch vgg16 --device cuda --images 8192
@@ -27,12 +28,14 @@ from torch.utils.data import DataLoader, Dataset
 from benchmarks.common import Measurement, measure, print_table, ratio_line
 from skindiff.classify.data import (
     class_indices,
+    memory_format_on,
     to_model_input,
     train_transform,
     weighted_sampler,
 )
 from skindiff.classify.models import build_classifier
 from skindiff.classify.train import loader_options, training_loader
+from skindiff.core.device import fused_adam
 from skindiff.data.demo import draw_lesion_image
 from skindiff.data.fitzpatrick import CONDITIONS
 
@@ -78,15 +81,22 @@ class ReferenceDataset(Dataset):
 
 
 def epoch_runner(
-    loader: DataLoader,
-    to_input: Callable[[torch.Tensor], torch.Tensor],
-    arch: str,
-    device: torch.device,
+    loader: DataLoader, arch: str, device: torch.device, skindiff: bool
 ) -> Callable[[], None]:
-    """One epoch of the classifier's training step on `loader`'s batches, per call."""
+    """One epoch of the classifier's training step on `loader`'s batches, per call: the plain
+    one, or skindiff's (channels-last on a CPU, fused Adam, normalised on the device)."""
     torch.manual_seed(0)
-    model = build_classifier(arch, len(LABELS), weights="none", finetune="head").to(device)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model = build_classifier(arch, len(LABELS), weights="none", finetune="head")
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if skindiff:
+        model.to(device, memory_format=memory_format_on(device))
+        optimizer = torch.optim.Adam(trained, lr=1e-3, fused=fused_adam(trained))
+    else:
+        model.to(device)
+        optimizer = torch.optim.Adam(trained, lr=1e-3)
+
+    def to_input(images: torch.Tensor) -> torch.Tensor:
+        return to_model_input(images, device) if skindiff else images.to(device)
 
     def run() -> None:
         model.train()
@@ -139,9 +149,7 @@ def main() -> None:
             sampler=weighted_sampler(rows, LABELS, seed=0),
             **loader_options(device),
         )
-        baseline_epoch = epoch_runner(
-            baseline_loader, lambda images: images.to(device), args.arch, device
-        )
+        baseline_epoch = epoch_runner(baseline_loader, args.arch, device, skindiff=False)
         baseline = [measure("baseline epoch 1", baseline_epoch, len(rows), "img", device)]
 
         loaders: list[DataLoader] = []
@@ -152,9 +160,7 @@ def main() -> None:
             )
 
         decode = measure("skindiff decode once", decode_once, len(rows), "img", device)
-        skindiff_epoch = epoch_runner(
-            loaders[0], lambda images: to_model_input(images, device), args.arch, device
-        )
+        skindiff_epoch = epoch_runner(loaders[0], args.arch, device, skindiff=True)
         skindiff = [measure("skindiff epoch 1", skindiff_epoch, len(rows), "img", device)]
         # Then the ways alternate, so that both share whatever else the machine is doing.
         for epoch in range(2, args.epochs + 1):

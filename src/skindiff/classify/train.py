@@ -30,10 +30,15 @@ from skindiff.classify.config import (
     Selection,
     require_validation,
 )
-from skindiff.classify.data import ManifestDataset, to_model_input, weighted_sampler
+from skindiff.classify.data import (
+    ManifestDataset,
+    memory_format_on,
+    to_model_input,
+    weighted_sampler,
+)
 from skindiff.classify.metrics import classification_metrics
 from skindiff.classify.models import build_classifier
-from skindiff.core.device import pick_device
+from skindiff.core.device import fused_adam, pick_device
 from skindiff.core.manifest import PREDICTION_COLUMNS, slug
 from skindiff.errors import SkindiffError
 
@@ -78,7 +83,7 @@ def train_classifier(
     torch.manual_seed(config.seed)
     device = pick_device()
     model = build_classifier(config.arch, len(labels), config.resolved_weights, config.finetune)
-    model.to(device)
+    model.to(device, memory_format=memory_format_on(device))
     scored = {"val": val} if not val.empty else {}
     if config.selection == Selection.TEST:
         scored["test"] = test
@@ -93,9 +98,8 @@ def train_classifier(
     # The splits scored every epoch are decoded once; a test split predicted once is read once.
     for name in scored:
         loaders[name].dataset.decode_all(progress)
-    optimizer = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate
-    )
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=config.learning_rate, fused=fused_adam(trained))
     scheduler = torch.optim.lr_scheduler.StepLR(
         optimizer, step_size=max(1, config.epochs // 3), gamma=0.1
     )

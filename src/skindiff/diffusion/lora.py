@@ -18,7 +18,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from skindiff.core.device import resolve_mixed_precision, weight_dtype
+from skindiff.core.device import fused_adam, resolve_mixed_precision, weight_dtype
 from skindiff.core.files import canonical_safetensors, replaced_directory
 from skindiff.core.seeding import seeded_global_rng
 from skindiff.diffusion.adapters import LORA_WEIGHTS_FILE, read_embeddings
@@ -161,10 +161,12 @@ def _train(
     cast_training_params(unet, dtype=torch.float32)  # the adapter trains in full precision
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    trained = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [p for p in unet.parameters() if p.requires_grad],
+        trained,
         lr=config.learning_rate,
         weight_decay=config.weight_decay,
+        fused=fused_adam(trained),
     )
     prepared_unet, optimizer = accelerator.prepare(unet, optimizer)
     noise_scheduler = noise_scheduler_of(pipeline)

@@ -23,7 +23,7 @@ import torch
 from diffusers.utils import make_image_grid
 from safetensors.torch import save_file
 
-from skindiff.core.device import resolve_mixed_precision, weight_dtype
+from skindiff.core.device import fused_adam, resolve_mixed_precision, weight_dtype
 from skindiff.core.files import replaced_directory, write_atomic
 from skindiff.core.seeding import derived_seed
 from skindiff.diffusion.adapters import token_file_name
@@ -154,7 +154,12 @@ def _train(
     learning_rate = config.learning_rate * (
         scale * accelerator.num_processes if config.scale_lr else 1
     )
-    optimizer = torch.optim.AdamW([embedding], lr=learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [embedding],
+        lr=learning_rate,
+        weight_decay=config.weight_decay,
+        fused=fused_adam([embedding]),
+    )
     prepared_encoder, optimizer = accelerator.prepare(text_encoder, optimizer)
 
     # AdamW (weight decay, and updates from the template words) moves every row; all but the
