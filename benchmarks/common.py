@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -42,6 +43,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, default=0, help="0: the model's native size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mixed-precision", default="auto", help="no, fp16, bf16 or auto")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="rounds of the ways, taken in turn; each way shows its median round",
+    )
 
 
 def measure(
@@ -60,6 +67,27 @@ def measure(
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else sampler.peak
     return Measurement(name, seconds, items, unit, peak / 2**20)
+
+
+def measure_rounds(
+    ways: dict[str, Callable[[Path], None]],
+    repeats: int,
+    items: int,
+    unit: str,
+    device: torch.device,
+    folder: Path,
+) -> list[Measurement]:
+    """Each way's median round of `repeats`: `run(out)` with a fresh folder `out` each time.
+    The ways take turns, so that they share whatever else the machine is doing, and the median
+    drops a round that a busy neighbour slowed down (this project's CPUs move by 10-30%)."""
+    rounds: dict[str, list[Measurement]] = {name: [] for name in ways}
+    for r in range(repeats):
+        for k, (name, run) in enumerate(ways.items()):
+            out = folder / f"way{k}-round{r}"
+            rounds[name].append(measure(name, partial(run, out), items, unit, device))
+    return [
+        sorted(times, key=lambda m: m.seconds)[(len(times) - 1) // 2] for times in rounds.values()
+    ]
 
 
 class _RssSampler:

@@ -28,7 +28,7 @@ from benchmarks.common import (
     add_common_arguments,
     bench_folder,
     demo_training_rows,
-    measure,
+    measure_rounds,
     print_table,
     ratio_line,
 )
@@ -165,29 +165,24 @@ def main() -> None:
     if args.batch_size:
         config = replace(config, generation_batch_size=args.batch_size)
     images = len(rows) * config.num_per_image
-    runs = [
-        measure(
-            "reference (per source, LoRA unfused)",
-            lambda: reference_generation(
-                config, rows, embeddings_dir, lora_file, folder / "reference", device
+    runs = measure_rounds(
+        {
+            "reference (per source, LoRA unfused)": lambda out: reference_generation(
+                config, rows, embeddings_dir, lora_file, out, device
             ),
-            images,
-            "images",
-            device,
-        ),
-        measure(
-            "skindiff generate",
-            lambda: generate_synthetic(
-                config, rows, folder / "skindiff", embeddings_dir, lora_file, progress=False
+            "skindiff generate": lambda out: generate_synthetic(
+                config, rows, out, embeddings_dir, lora_file, progress=False
             ),
-            images,
-            "images",
-            device,
-        ),
-    ]
+        },
+        args.repeats,
+        images,
+        "images",
+        device,
+        folder,
+    )
     print_table(
         f"img2img, {args.base_model}, {images} images, {args.steps} steps x strength "
-        f"{config.strength}, {device}",
+        f"{config.strength}, {device}, median of {args.repeats} rounds",
         runs,
     )
     dtype = weight_dtype(resolve_mixed_precision(config.mixed_precision))

@@ -24,7 +24,7 @@ from benchmarks.common import (
     add_common_arguments,
     bench_folder,
     demo_training_rows,
-    measure,
+    measure_rounds,
     print_table,
     ratio_line,
 )
@@ -168,45 +168,39 @@ def main() -> None:
     ti = replace(ti, max_train_steps=ti_steps, checkpoint_every=ti_steps)
     lora = replace(lora, max_train_steps=lora_steps, checkpoint_every=lora_steps)
     runs = {
-        "ti": [
-            measure(
-                "example script",
-                lambda: example_script_steps("ti", ti, one_condition, ti_steps),
-                ti_steps,
-                "steps",
-                device,
-            ),
-            measure(
-                "skindiff",
-                lambda: train_textual_inversion(ti, one_condition, folder / "ti", progress=False),
-                ti_steps,
-                "steps",
-                device,
-            ),
-        ],
-        "lora": [
-            measure(
-                "example script",
-                lambda: example_script_steps("lora", lora, rows, lora_steps),
-                lora_steps,
-                "steps",
-                device,
-            ),
-            measure(
-                "skindiff",
-                lambda: train_lora(lora, rows, None, folder / "lora", progress=False),
-                lora_steps,
-                "steps",
-                device,
-            ),
-        ],
+        "ti": measure_rounds(
+            {
+                "example script": lambda out: example_script_steps(
+                    "ti", ti, one_condition, ti_steps
+                ),
+                "skindiff": lambda out: train_textual_inversion(
+                    ti, one_condition, out, progress=False
+                ),
+            },
+            args.repeats,
+            ti_steps,
+            "steps",
+            device,
+            folder / "ti",
+        ),
+        "lora": measure_rounds(
+            {
+                "example script": lambda _: example_script_steps("lora", lora, rows, lora_steps),
+                "skindiff": lambda out: train_lora(lora, rows, None, out, progress=False),
+            },
+            args.repeats,
+            lora_steps,
+            "steps",
+            device,
+            folder / "lora",
+        ),
     }
     for kind, images, config in (("ti", len(one_condition), ti), ("lora", len(rows), lora)):
         per_step = config.train_batch_size * config.gradient_accumulation_steps
         print_table(
             f"{kind}: {args.base_model}, {config.max_train_steps} steps of {per_step} images "
             f"from {images} ({config.max_train_steps * per_step / images:.1f} draws each), "
-            f"{device}",
+            f"{device}, median of {args.repeats} rounds",
             runs[kind],
         )
     print(ratio_line("textual inversion steps", runs["ti"][1], runs["ti"][0]))

@@ -69,6 +69,7 @@ class ManifestImageDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self._skipped_keys: frozenset[str] = frozenset()
+        self._file_sizes: dict[int, tuple[int, int]] = {}
 
     def skip_pixels_of(self, keys: frozenset[str]) -> None:
         """Draws with these keys leave their pixels out (None), so no time goes into decoding
@@ -91,8 +92,7 @@ class ManifestImageDataset(Dataset):
         generator = seeded_generator("augment", self.seed, draw)
         top = left = 0
         if self.transform == "lora":
-            with Image.open(self.paths[row]) as image:  # reads the header only
-                width, height = self._resized_size(image.size)
+            width, height = self._resized_size(self._file_size(row))
             top = int(torch.randint(height - self.resolution + 1, (1,), generator=generator))
             left = int(torch.randint(width - self.resolution + 1, (1,), generator=generator))
         flip = torch.rand(1, generator=generator).item() < 0.5
@@ -110,17 +110,24 @@ class ManifestImageDataset(Dataset):
         "lora"'s of images that resize to a square. Their draws repeat, so encoding each once
         up front saves an encoding per draw."""
         fixed = []
-        for row, path in enumerate(self.paths):
+        for row in range(len(self.paths)):
             if self.transform == "lora":
-                with Image.open(path) as image:  # reads the header only
-                    if image.width != image.height:
-                        continue
+                width, height = self._file_size(row)
+                if width != height:
+                    continue
             fixed += [(self._key(row, 0, 0, flip), row, flip) for flip in (False, True)]
         return fixed
 
     def fixed_image(self, row: int, flip: bool) -> torch.Tensor:
         """The pixels of a draw of `row` with the fixed crop (see `fixed_images`)."""
         return self._pixels(self._image(row), 0, 0, flip)
+
+    def _file_size(self, row: int) -> tuple[int, int]:
+        """(width, height) of a row's file, read from its header once."""
+        if row not in self._file_sizes:
+            with Image.open(self.paths[row]) as image:
+                self._file_sizes[row] = image.size
+        return self._file_sizes[row]
 
     def _image(self, row: int) -> Image.Image:
         return load_rgb(Path(self.paths[row]))

@@ -223,7 +223,9 @@ class FrozenEncodings:
     way) only the batching of the encoders' arithmetic changes."""
 
     def __init__(self, vae: torch.nn.Module, text_encoder: torch.nn.Module | None = None):
-        self.vae = vae
+        # Its convolutions run channels-last, as in generation: on a CPU 1.3-1.5x faster (tiny,
+        # 16 images at 64 px), the latents the same to float rounding.
+        self.vae = vae.to(memory_format=torch.channels_last)
         self.text_encoder = text_encoder
         self._latents: dict[str, torch.Tensor] = {}
         self._captions: dict[str, torch.Tensor] = {}
@@ -247,7 +249,7 @@ class FrozenEncodings:
             chunk = fixed[start : start + ENCODING_BATCH]
             pixels = torch.stack([dataset.fixed_image(row, flip) for _, row, flip in chunk])
             with torch.no_grad():
-                moments = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters
+                moments = vae.encode(_vae_input(pixels, vae)).latent_dist.parameters
             for (key, _, _), value in zip(chunk, moments, strict=True):
                 self._latents[key] = value[None].clone()
                 self._bytes += size
@@ -279,7 +281,7 @@ class FrozenEncodings:
 
     def _moments(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.vae
-        return vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist.parameters
+        return vae.encode(_vae_input(pixels[None], vae)).latent_dist.parameters
 
     def caption_states(
         self, pipeline: StableDiffusionPipeline, captions: list[str]
@@ -310,6 +312,10 @@ class FrozenEncodings:
             store[key] = value
             self._bytes += size
         return value
+
+
+def _vae_input(pixels: torch.Tensor, vae: torch.nn.Module) -> torch.Tensor:
+    return pixels.to(vae.device, vae.dtype, memory_format=torch.channels_last)
 
 
 # --- the loss -------------------------------------------------------------------------------
