@@ -40,6 +40,7 @@ def test_free_cores_spin_briefly_busy_or_unknown_ones_sleep_at_once():
     assert thread_policy_for(None) == {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux's /proc/stat")
 def test_a_busy_neighbour_is_measured_and_makes_threads_sleep_at_once():
     neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
