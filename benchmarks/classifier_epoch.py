@@ -28,20 +28,19 @@ from torch.utils.data import DataLoader, Dataset
 from benchmarks.common import Measurement, measure, print_table, ratio_line
 from skindiff.classify.data import (
     class_indices,
-    memory_format_on,
     to_model_input,
     train_transform,
     weighted_sampler,
 )
 from skindiff.classify.models import build_classifier
-from skindiff.classify.train import loader_options, training_loader
-from skindiff.core.device import fused_adam
+from skindiff.classify.train import loader_options, placed_with_optimizer, training_loader
 from skindiff.data.demo import draw_lesion_image
 from skindiff.data.fitzpatrick import CONDITIONS
 
 LABELS = tuple(sorted(CONDITIONS))
 DRAWINGS = 16  # distinct drawings; each image is one of them shifted, flipped and noisy
 PROTOCOL_EPOCHS = 30  # the reference's
+LEARNING_RATE = 1e-3  # the reference's Adam
 
 
 def write_images(folder: Path, count: int, width: int, seed: int = 0) -> pd.DataFrame:
@@ -87,13 +86,12 @@ def epoch_runner(
     one, or skindiff's (channels-last on a CPU, fused Adam, normalised on the device)."""
     torch.manual_seed(0)
     model = build_classifier(arch, len(LABELS), weights="none", finetune="head")
-    trained = [p for p in model.parameters() if p.requires_grad]
     if skindiff:
-        model.to(device, memory_format=memory_format_on(device))
-        optimizer = torch.optim.Adam(trained, lr=1e-3, fused=fused_adam(trained))
+        optimizer = placed_with_optimizer(model, device, LEARNING_RATE)
     else:
         model.to(device)
-        optimizer = torch.optim.Adam(trained, lr=1e-3)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(trained, lr=LEARNING_RATE)
 
     def to_input(images: torch.Tensor) -> torch.Tensor:
         return to_model_input(images, device) if skindiff else images.to(device)

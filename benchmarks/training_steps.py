@@ -170,9 +170,7 @@ def main() -> None:
     runs = {
         "ti": measure_rounds(
             {
-                "example script": lambda out: example_script_steps(
-                    "ti", ti, one_condition, ti_steps
-                ),
+                "example script": lambda _: example_script_steps("ti", ti, one_condition, ti_steps),
                 "skindiff": lambda out: train_textual_inversion(
                     ti, one_condition, out, progress=False
                 ),

@@ -83,7 +83,7 @@ def train_classifier(
     torch.manual_seed(config.seed)
     device = pick_device()
     model = build_classifier(config.arch, len(labels), config.resolved_weights, config.finetune)
-    model.to(device, memory_format=memory_format_on(device))
+    optimizer = placed_with_optimizer(model, device, config.learning_rate)
     scored = {"val": val} if not val.empty else {}
     if config.selection == Selection.TEST:
         scored["test"] = test
@@ -98,8 +98,6 @@ def train_classifier(
     # The splits scored every epoch are decoded once; a test split predicted once is read once.
     for name in scored:
         loaders[name].dataset.decode_all(progress)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trained, lr=config.learning_rate, fused=fused_adam(trained))
     scheduler = torch.optim.lr_scheduler.StepLR(
         optimizer, step_size=max(1, config.epochs // 3), gamma=0.1
     )
@@ -186,6 +184,16 @@ def training_loader(
         sampler=weighted_sampler(rows, labels, seed),
         **loader_options(device),
     )
+
+
+def placed_with_optimizer(
+    model: nn.Module, device: torch.device, learning_rate: float
+) -> torch.optim.Adam:
+    """Moves `model` to `device` in the layout its inputs come in (`memory_format_on`) and
+    returns the reference's Adam over its trainable parameters, as torch's fused kernel."""
+    model.to(device, memory_format=memory_format_on(device))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(trained, lr=learning_rate, fused=fused_adam(trained))
 
 
 def loader_options(device: torch.device) -> dict[str, Any]:
