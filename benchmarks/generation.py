@@ -3,7 +3,9 @@
 Baseline: one stock `StableDiffusionImg2ImgPipeline` call per source image with
 `num_images_per_prompt` variants, Textual Inversion tokens loaded, the LoRA adapter loaded and
 not fused, each output resized and saved as PNG. skindiff: `generate_synthetic` on the same
-images with the same strength, steps, guidance and precision.
+images with the same strength, steps, guidance and precision; with `--compile`, also with
+`compile_unet` (compiling included in its time: cold in the first round, if this machine's
+inductor cache has not seen the shapes, from the cache in the next ones).
 
 Both are timed whole (pipeline loading included). It also prints the UNet's achieved
 throughput: its FLOPs per call (counted by torch's FlopCounterMode on one call) x the calls
@@ -17,6 +19,7 @@ writing share the time); on a GPU, as a share of the card's bf16 dense peak.
 import argparse
 import io
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -150,6 +153,9 @@ def main() -> None:
     parser.add_argument("--sources", type=int, default=7, help="source images (one per condition)")
     parser.add_argument("--steps", type=int, default=40, help="scheduler steps (x strength 0.5)")
     parser.add_argument("--batch-size", type=int, default=0, help="skindiff's; 0 = its default")
+    parser.add_argument(
+        "--compile", action="store_true", help="also skindiff with compile_unet (a third way)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     per_condition = max(1, -(-args.sources // 7))
@@ -165,15 +171,25 @@ def main() -> None:
     if args.batch_size:
         config = replace(config, generation_batch_size=args.batch_size)
     images = len(rows) * config.num_per_image
+    skindiff_configs = {"skindiff generate": config}
+    if args.compile:
+        skindiff_configs["skindiff generate, UNet compiled"] = replace(config, compile_unet=True)
+    ways = {
+        "reference (per source, LoRA unfused)": lambda out: reference_generation(
+            config, rows, embeddings_dir, lora_file, out, device
+        )
+    }
+    for name, way_config in skindiff_configs.items():
+        ways[name] = partial(
+            generate_synthetic,
+            way_config,
+            rows,
+            embeddings_dir=embeddings_dir,
+            lora_weights=lora_file,
+            progress=False,
+        )
     runs = measure_rounds(
-        {
-            "reference (per source, LoRA unfused)": lambda out: reference_generation(
-                config, rows, embeddings_dir, lora_file, out, device
-            ),
-            "skindiff generate": lambda out: generate_synthetic(
-                config, rows, out, embeddings_dir, lora_file, progress=False
-            ),
-        },
+        ways,
         args.repeats,
         images,
         "images",
@@ -187,14 +203,15 @@ def main() -> None:
     )
     dtype = weight_dtype(resolve_mixed_precision(config.mixed_precision))
     flops, calls = unet_flops_per_image(config, device, dtype)
-    achieved = flops * images / runs[1].seconds / 1e12
+    achieved = flops * images / min(run.seconds for run in runs[1:]) / 1e12
     peak = card_peak(device)
     share = f", {100 * achieved / peak:.0f}% of the card's {peak:.0f} bf16 dense" if peak else ""
     print(
-        f"UNet: {flops / 1e12:.3f} TFLOP per image ({calls} calls); skindiff's run achieved "
-        f"{achieved:.3f} TFLOP/s in the UNet over its whole wall time{share}"
+        f"UNet: {flops / 1e12:.3f} TFLOP per image ({calls} calls); skindiff's fastest run "
+        f"achieved {achieved:.3f} TFLOP/s in the UNet over its whole wall time{share}"
     )
-    print(ratio_line("generation", runs[1], runs[0]))
+    for run in runs[1:]:
+        print(ratio_line(f"generation{run.name.removeprefix('skindiff generate')}", run, runs[0]))
 
 
 if __name__ == "__main__":

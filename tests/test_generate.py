@@ -23,6 +23,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import save_file
+from torch._dynamo.utils import counters
 
 from skindiff.data.fitzpatrick import CONDITIONS
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
@@ -428,3 +429,51 @@ def test_fast_path_makes_the_stock_pipelines_images(train: pd.DataFrame, adapter
     assert one_source["prompt"].nunique() == 1 and one_source["source_group"].eq("dark").all()
     same = as_array(generate.generate_batch(pipe, config, one_source, resolution))
     assert np.array_equal(same, stock_pipeline_images(pipe, config, one_source, resolution))
+
+
+@pytest.mark.slow  # torch.compile: about 20 s the first time on a machine
+def test_compiled_unet_makes_the_same_images_to_float_rounding(
+    train: pd.DataFrame, adapters: dict[str, Path]
+):
+    config = dataclasses.replace(SMALL, mode="img2img/ti+lora")
+    embeddings, lora_file = generate.adapter_files(
+        config, adapters["embeddings_dir"], adapters["lora_weights"], list(train["label"])
+    )
+    compiled_config = dataclasses.replace(config, compile_unet=True)
+    compiled, resolution = generate.load_pipeline(compiled_config, embeddings, lora_file)
+    eager, _ = generate.load_pipeline(config, embeddings, lora_file)
+    assert compiled.unet._compiled_call_impl is not None
+    assert eager.unet._compiled_call_impl is None
+    plan = plan_generation(config, train.head(3)).head(config.generation_batch_size)
+    graphs = counters["stats"]["unique_graphs"]
+    fast = as_array(generate.generate_batch(compiled, config, plan, resolution))
+    assert counters["stats"]["unique_graphs"] > graphs  # the UNet did run compiled
+    slow = as_array(generate.generate_batch(eager, config, plan, resolution))
+    assert np.abs(fast - slow).mean() < 1, np.abs(fast - slow).mean()
+    # What an error would look like: another image's noise.
+    shifted = plan.assign(seed=plan["seed"].shift(1, fill_value=0))
+    other = as_array(generate.generate_batch(eager, config, shifted, resolution))
+    assert np.abs(other - slow).mean() > 1
+    # Compiled code runs the same every time.
+    assert np.array_equal(
+        fast, as_array(generate.generate_batch(compiled, config, plan, resolution))
+    )
+
+
+@pytest.mark.slow  # torch.compile traces the UNet before it fails
+def test_a_unet_that_cannot_be_compiled_is_one_clear_error(
+    train: pd.DataFrame, adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+):
+    from torch._inductor import config as inductor
+
+    # A machine without a C++ compiler, and nothing compiled before to fall back on.
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)
+    torch._dynamo.reset()
+    config = dataclasses.replace(SMALL, compile_unet=True)
+    embeddings, lora_file = generate.adapter_files(config, None, None)
+    pipe, resolution = generate.load_pipeline(config, embeddings, lora_file)
+    plan = plan_generation(config, train.head(1))
+    with pytest.raises(SkindiffError, match=r"^compile_unet: torch.compile could not .*C\+\+"):
+        generate.generate_batch(pipe, config, plan, resolution)
+    torch._dynamo.reset()

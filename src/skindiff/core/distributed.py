@@ -63,5 +63,8 @@ def release_followers() -> None:
 
 def _leave_group() -> None:
     # Left to the interpreter's exit, the process group's threads can abort the process
-    # ("terminate called without an active exception") after its work is done.
-    process_state().destroy_process_group()
+    # ("terminate called without an active exception") after its work is done. The barrier
+    # first: no process tears its connections down while another still reads the last call.
+    state = process_state()
+    state.wait_for_everyone()
+    state.destroy_process_group()

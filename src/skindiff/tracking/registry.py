@@ -120,8 +120,9 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         generator = PackagedGenerator.from_artifacts(context.artifacts)
-        # Precision is the loading machine's choice (fp16 on a GPU), like its device.
-        self.config = replace(generator.config, mixed_precision=Precision.AUTO)
+        # Precision is the loading machine's choice (fp16 on a GPU), like its device; the UNet
+        # runs uncompiled, as requests of any size would each compile it for their shape.
+        self.config = replace(generator.config, mixed_precision=Precision.AUTO, compile_unet=False)
         embeddings, lora_file = adapter_files(
             self.config, generator.embeddings_dir, generator.lora_file
         )
