@@ -462,7 +462,7 @@ def test_compiled_unet_makes_the_same_images_to_float_rounding(
 
 @pytest.mark.slow  # torch.compile traces the UNet before it fails
 def test_a_unet_that_cannot_be_compiled_is_one_clear_error(
-    train: pd.DataFrame, adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    train: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
 ):
     from torch._inductor import config as inductor
 
