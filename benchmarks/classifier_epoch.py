@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.common import Measurement, measure, print_table, ratio_line
+from benchmarks.common import Measurement, measure, ratio_line, record, table
 from skindiff.classify.data import (
     class_indices,
     to_model_input,
@@ -170,25 +170,28 @@ def main() -> None:
         cached_mb = sum(pixels.nbytes for pixels, _ in loaders[0].dataset.images) / 2**20
 
     fast, slow = steady("skindiff epochs 2..", skindiff), steady("baseline epochs 2..", baseline)
-    print_table(
+    epochs = table(
         f"classifier epochs, {args.arch} on {device.type}, {len(rows)} JPEGs of "
         f"{args.source_size}x{args.source_size * 3 // 4} px, crops of {args.image_size}, "
         f"batch {args.batch_size}",
         [*baseline, slow, decode, *skindiff, fast],
     )
-    print(
+    memory = (
         f"peak MB: {'GPU memory' if device.type == 'cuda' else 'the process resident set'}; "
         f"from skindiff's decoding on, {cached_mb:.0f} MB of decoded images (uint8) stay in "
         "memory, during baseline epochs 2.. too"
     )
     total_fast = projected("skindiff", [decode], skindiff)
     total_slow = projected("baseline", [], baseline)
-    print_table(
+    protocol = table(
         f"the {PROTOCOL_EPOCHS}-epoch protocol, projected (skindiff's decoding included)",
         [total_slow, total_fast],
     )
-    print(ratio_line(f"{PROTOCOL_EPOCHS}-epoch protocol", total_fast, total_slow))
-    print(ratio_line("classifier epoch", per_epoch(fast), per_epoch(slow)))
+    ratios = [
+        ratio_line(f"{PROTOCOL_EPOCHS}-epoch protocol", total_fast, total_slow),
+        ratio_line("classifier epoch", per_epoch(fast), per_epoch(slow)),
+    ]
+    record("classifier_epoch", "\n".join([epochs, memory, "", protocol, *ratios]), device)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """What the benchmarks share: timing a phase with its peak memory, the table, the ratio line,
-and the inputs (demo training rows, Textual Inversion tokens and a LoRA adapter) they run on.
+the record of what a benchmark printed (docs/generated/<name>.md, which the documentation
+includes), and the inputs (demo training rows, Textual Inversion tokens and a LoRA adapter) they
+run on.
 
 Every benchmark runs its baseline and skindiff's way in one process, on the same model, data
 and hardware, and prints the speed ratio on its last line.
@@ -7,10 +9,14 @@ and hardware, and prints the speed ratio on its last line.
 
 import argparse
 import os
+import platform
+import shlex
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +27,10 @@ from tabulate import tabulate
 
 from skindiff.data.config import PrepareConfig
 from skindiff.data.prepare import prepare_scenario
+
+# The documentation includes these files (docs/speed.md, docs/quickstart.md): numbers that move
+# with the code are written here by what measures them, never typed into a page.
+GENERATED = Path(__file__).resolve().parents[1] / "docs" / "generated"
 
 
 @dataclass(frozen=True)
@@ -115,17 +125,56 @@ class _RssSampler:
         self.peak = max(self.peak, self._process.memory_info().rss)
 
 
-def print_table(title: str, measurements: list[Measurement]) -> None:
+def table(title: str, measurements: list[Measurement]) -> str:
     rows = [
         [m.name, f"{m.seconds:.2f}", f"{m.rate:.3f} {m.unit}/s", f"{m.peak_mb:.0f}"]
         for m in measurements
     ]
-    print(f"\n{title}")
-    print(tabulate(rows, headers=["way", "wall s", "throughput", "peak MB"]))
+    return f"{title}\n{tabulate(rows, headers=['way', 'wall s', 'throughput', 'peak MB'])}"
 
 
 def ratio_line(what: str, fast: Measurement, baseline: Measurement) -> str:
     return f"{what}: skindiff {fast.rate / baseline.rate:.2f}x the baseline's {fast.unit}/s"
+
+
+def machine(device: torch.device | str) -> str:
+    """The hardware a number was measured on: CPU count and model, the device, torch."""
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [
+        line.split(":", 1)[1].strip()
+        for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+        if line.startswith("model name")
+    ]
+    cpu = models[0] if models else platform.processor() or platform.machine()
+    device = torch.device(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{os.cpu_count()} CPUs ({cpu}), device {where}, torch {torch.__version__}"
+
+
+def record(
+    name: str,
+    text: str,
+    device: torch.device | str,
+    *,
+    markdown: bool = False,
+    folder: Path = GENERATED,
+) -> Path:
+    """Prints what a benchmark measured and writes it to `folder`/<name>.md (<name>-cuda.md
+    from a GPU, so that GPU numbers do not replace the CPU ones), under a line saying which
+    command wrote it, when and on what. Plain text goes into a code block; `markdown` text
+    (tables in Markdown) as it is."""
+    print(f"\n{text}")
+    device = torch.device(device)
+    path = folder / f"{name}{'' if device.type == 'cpu' else '-' + device.type}.md"
+    module = f"benchmarks.{Path(sys.argv[0]).stem}"  # run as `python -m benchmarks.<name>`
+    command = shlex.join(["python", "-m", module, *sys.argv[1:]])
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    body = text if markdown else f"```text\n{text}\n```"
+    header = f"*Written by `{command}` on {when}: {machine(device)}.*"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{header}\n\n{body}\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return path
 
 
 def demo_training_rows(per_condition: int | None = None) -> pd.DataFrame:

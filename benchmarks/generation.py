@@ -32,8 +32,9 @@ from benchmarks.common import (
     bench_folder,
     demo_training_rows,
     measure_rounds,
-    print_table,
     ratio_line,
+    record,
+    table,
 )
 from skindiff.core.device import resolve_mixed_precision, weight_dtype
 from skindiff.diffusion.base_model import resolve_base_model
@@ -196,22 +197,27 @@ def main() -> None:
         device,
         folder,
     )
-    print_table(
-        f"img2img, {args.base_model}, {images} images, {args.steps} steps x strength "
-        f"{config.strength}, {device}, median of {args.repeats} rounds",
-        runs,
-    )
+    lines = [
+        table(
+            f"img2img, {args.base_model}, {images} images, {args.steps} steps x strength "
+            f"{config.strength}, {device}, median of {args.repeats} rounds",
+            runs,
+        )
+    ]
     dtype = weight_dtype(resolve_mixed_precision(config.mixed_precision))
     flops, calls = unet_flops_per_image(config, device, dtype)
     achieved = flops * images / min(run.seconds for run in runs[1:]) / 1e12
     peak = card_peak(device)
     share = f", {100 * achieved / peak:.0f}% of the card's {peak:.0f} bf16 dense" if peak else ""
-    print(
+    lines.append(
         f"UNet: {flops / 1e12:.3f} TFLOP per image ({calls} calls); skindiff's fastest run "
         f"achieved {achieved:.3f} TFLOP/s in the UNet over its whole wall time{share}"
     )
     for run in runs[1:]:
-        print(ratio_line(f"generation{run.name.removeprefix('skindiff generate')}", run, runs[0]))
+        lines.append(
+            ratio_line(f"generation{run.name.removeprefix('skindiff generate')}", run, runs[0])
+        )
+    record("generation", "\n".join(lines), device)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 
 from tabulate import tabulate
 
-from benchmarks.common import bench_folder
+from benchmarks.common import bench_folder, record
 
 SPIN = "while True: pass"
 # A child: times LoRA steps (the difference of a 60- and a 10-step run, so loading and encoding
@@ -92,18 +92,18 @@ def main() -> None:
         ]
         for (way, busy), r in results.items()
     ]
-    print(f"\nOpenMP thread policy on the CPU ({os.cpu_count()} cores), tiny")
-    print(
+    lines = [
+        f"OpenMP thread policy on the CPU ({os.cpu_count()} cores), tiny",
         tabulate(
             rows,
             headers=["threads", "machine", "policy", "LoRA ms/step", "img2img images/s"],
-        )
-    )
+        ),
+    ]
     for busy in (False, True):
         ours = results["skindiff", busy]
         for way in ("torch default", "sleep at once"):
             theirs = results[way, busy]
-            print(
+            lines.append(
                 f"{'busy' if busy else 'quiet'}: skindiff against {way}: LoRA steps "
                 f"{theirs['lora_ms'] / ours['lora_ms']:.2f}x, img2img "
                 f"{ours['images_per_s'] / theirs['images_per_s']:.2f}x"
@@ -112,7 +112,8 @@ def main() -> None:
         min(results[w, b]["lora_ms"] for w in WAYS) / results["skindiff", b]["lora_ms"]
         for b in (False, True)
     )
-    print(f"thread policy: skindiff {worst:.2f}x the best way's LoRA steps/s, quiet or busy")
+    lines.append(f"thread policy: skindiff {worst:.2f}x the best way's LoRA steps/s, quiet or busy")
+    record("thread_policy", "\n".join(lines), "cpu")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ from benchmarks.common import (
     bench_folder,
     demo_training_rows,
     measure_rounds,
-    print_table,
     ratio_line,
+    record,
+    table,
 )
 from skindiff.core.device import resolve_mixed_precision, weight_dtype
 from skindiff.diffusion.config import LoraConfig, TextualInversionConfig
@@ -193,16 +194,22 @@ def main() -> None:
             folder / "lora",
         ),
     }
+    tables = []
     for kind, images, config in (("ti", len(one_condition), ti), ("lora", len(rows), lora)):
         per_step = config.train_batch_size * config.gradient_accumulation_steps
-        print_table(
-            f"{kind}: {args.base_model}, {config.max_train_steps} steps of {per_step} images "
-            f"from {images} ({config.max_train_steps * per_step / images:.1f} draws each), "
-            f"{device}, median of {args.repeats} rounds",
-            runs[kind],
+        tables.append(
+            table(
+                f"{kind}: {args.base_model}, {config.max_train_steps} steps of {per_step} "
+                f"images from {images} ({config.max_train_steps * per_step / images:.1f} draws "
+                f"each), {device}, median of {args.repeats} rounds",
+                runs[kind],
+            )
         )
-    print(ratio_line("textual inversion steps", runs["ti"][1], runs["ti"][0]))
-    print(ratio_line("lora steps", runs["lora"][1], runs["lora"][0]))
+    ratios = [
+        ratio_line("textual inversion steps", runs["ti"][1], runs["ti"][0]),
+        ratio_line("lora steps", runs["lora"][1], runs["lora"][0]),
+    ]
+    record("training_steps", "\n\n".join(tables) + "\n" + "\n".join(ratios), device)
 
 
 if __name__ == "__main__":

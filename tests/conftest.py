@@ -9,6 +9,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Nothing may download in a test: the model hub client answers from its cache or fails at once.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import logging
 import subprocess
 import sys
 import time
@@ -207,3 +208,18 @@ def sample_image(pipeline, prompt: str):
         generator=torch.Generator().manual_seed(0),
         output_type="np",
     ).images
+
+
+@pytest.fixture()
+def library_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """caplog, fed by the loggers of transformers, diffusers and MLflow too (they pass nothing
+    to the root logger), with transformers' once-per-process warnings able to log again."""
+    from transformers.utils.logging import warning_once
+
+    loggers = [logging.getLogger(name) for name in ("transformers", "diffusers", "mlflow")]
+    for logger in loggers:
+        logger.addHandler(caplog.handler)
+    warning_once.cache_clear()
+    yield caplog
+    for logger in loggers:
+        logger.removeHandler(caplog.handler)

@@ -22,40 +22,67 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class MlflowServer:
+    """`mlflow server --backend-store-uri ... [args]` on a free loopback port, artifacts served
+    from `root`. `start()` returns once /health answers (it does without credentials); `stop()`
+    ends its whole process group (its uvicorn worker goes with it), gracefully or, with
+    `crash=True`, at once; `start()` again serves the same store on the same port."""
+
+    def __init__(
+        self, root: Path, backend_store_uri: str, *args: str, env: Mapping[str, str] | None = None
+    ) -> None:
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.command = [
+            *(sys.executable, "-m", "mlflow", "server", "--workers", "1"),
+            *("--backend-store-uri", backend_store_uri),
+            *("--artifacts-destination", str(root / "artifacts")),
+            *("--host", "127.0.0.1", "--port", str(self.port), *args),
+        ]
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        log_path = self.root / "server.log"
+        with log_path.open("a") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 120
+        while not healthy(self.uri):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop(crash=True)
+                raise RuntimeError(f"mlflow server did not start:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.25)
+
+    def stop(self, crash: bool = False) -> None:
+        if self.process is None:
+            return
+        os.killpg(self.process.pid, signal.SIGKILL if crash else signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+
 @contextmanager
 def mlflow_server(
     root: Path, backend_store_uri: str, *args: str, env: Mapping[str, str] | None = None
 ) -> Iterator[str]:
-    """`mlflow server --backend-store-uri ... [args]` with artifacts served from `root`; yields
-    its URI once /health answers (it does without credentials) and stops it after."""
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log_path = root / "server.log"
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri]
-    command += ["--artifacts-destination", str(root / "artifacts")]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1", *args]
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,  # its uvicorn worker goes with it
-        )
-        try:
-            deadline = time.monotonic() + 120
-            while not healthy(uri):
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start:\n{log_path.read_text()}")
-                time.sleep(0.5)
-            yield uri
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+    """A started MlflowServer for the block; yields its URI and stops it after."""
+    server = MlflowServer(root, backend_store_uri, *args, env=env)
+    server.start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
 
 
 def healthy(uri: str) -> bool:

@@ -4,7 +4,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import mlflow
-import mlflow.pytorch
 import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
@@ -15,8 +14,9 @@ from skindiff.diffusion.config import GenerationMode
 from skindiff.errors import SkindiffError
 from skindiff.options import StudyConfigs
 from skindiff.tracking.ablation import mode_metric_name, run_ablation
+from skindiff.tracking.classifier_model import load_classifier
 from skindiff.tracking.runs import load_split
-from skindiff.tracking.settings import AblationPlan
+from skindiff.plans import AblationPlan
 
 STAGES = ("prepare", "textual_inversion", "lora", "generate", "train_classifier", "evaluate")
 
@@ -52,7 +52,7 @@ def test_ablation_runs_all_modes_on_both_subsets_and_reuses_runs(
             assert row.accuracy == pytest.approx(run.data.metrics["test_accuracy"])
             assert row.f1_macro == pytest.approx(run.data.metrics["test_f1_macro"])
         else:
-            model = mlflow.pytorch.load_model(f"runs:/{row.classifier_run_id}/model")
+            model = load_classifier(f"runs:/{row.classifier_run_id}/model")
             predicted = predict(model, light_rows, CONDITIONS, 32, 64)
             truth, guess = predicted["label"], predicted["predicted"]
             assert row.accuracy == pytest.approx(accuracy_score(truth, guess))

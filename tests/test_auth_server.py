@@ -130,7 +130,7 @@ def test_a_user_without_permission_on_the_experiment_stops_in_one_line(
         assert run_command(prepare_argv(tmp_path)) == 2
     assert capsys.readouterr().err == (
         f"error: tracking server {auth_server} denied user '{USER}' permission: log to an "
-        "experiment of your own (MLFLOW_EXPERIMENT_NAME creates it) or ask the server's admin "
+        "experiment of your own (--experiment-name NAME creates it) or ask the server's admin "
         "for EDIT on this one\n"
     )
     assert mlflow.search_runs(["0"], output_format="list") == []

@@ -17,7 +17,7 @@ from skindiff.errors import SkindiffError
 from skindiff.tracking.evaluate import run_evaluate
 from skindiff.tracking.generate import run_generate
 from skindiff.tracking.prepare import run_prepare
-from skindiff.tracking.settings import EvaluateConfig
+from skindiff.plans import EvaluateConfig
 from skindiff.tracking.train_classifier import check_classifiers, run_train_classifier
 
 CLASSIFIER = {
@@ -199,3 +199,28 @@ def test_selection_without_a_validation_split(tracking: str, selection: str) -> 
         f1 = {m.step: m.value for m in curve}
         assert metrics["best_epoch"] == min(s for s in f1 if f1[s] == max(f1.values()))
         assert metrics["test_f1_macro"] == pytest.approx(max(f1.values()))
+
+
+def test_a_timm_classifier_is_logged_and_evaluated(tracking: str) -> None:
+    """`arch timm:<name>` through the stage: its name in the run name and params, the logged
+    model rebuilt by `evaluate` with the same scores."""
+    data, ti, lora, generate = fast_configs()
+    prepare = run_prepare(data)
+    config = ClassifierConfig(
+        arch="timm:test_resnet", weights="none", epochs=1, batch_size=32, image_size=32
+    )
+    run = mlflow.get_run(
+        run_train_classifier(data, config, ti, lora, generate, prepare_run_id=prepare)
+    )
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "i/seed-0/timm:test_resnet/real"
+    assert run.data.params["arch"] == "timm:test_resnet"
+    evaluate_id = run_evaluate(
+        EvaluateConfig(
+            model_uri=f"runs:/{run.info.run_id}/model",
+            manifest=f"runs:/{prepare}/splits/test.csv",
+        )
+    )
+    again = mlflow.get_run(evaluate_id).data.metrics
+    assert again["test_accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
+    assert again["test_f1_macro"] == pytest.approx(run.data.metrics["test_f1_macro"])

@@ -4,9 +4,11 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pandas as pd
 import pytest
+import timm
 import torch
 from matplotlib.figure import Figure
 from PIL import ImageOps
@@ -17,8 +19,8 @@ from torchvision.models import resnet18
 
 from skindiff.classify import data as classify_data
 from skindiff.classify import train as train_module
-from skindiff.classify.config import Arch
-from skindiff.classify.data import build_training_set, weighted_sampler
+from skindiff.classify.config import BUILTIN_ARCHS
+from skindiff.classify.data import IMAGENET_MEAN, IMAGENET_STD, build_training_set, weighted_sampler
 from skindiff.classify.metrics import classification_metrics, confusion_matrix_figure
 from skindiff.classify.models import build_classifier, require_imagenet_files
 from skindiff.classify.train import ClassifierConfig, predict, train_classifier
@@ -27,6 +29,7 @@ from skindiff.data.fitzpatrick import CONDITIONS
 from skindiff.data.images import load_rgb
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.errors import SkindiffError
+from skindiff.plans import StudyPlan
 
 LABELS = tuple(sorted(CONDITIONS))
 # Small and quick: a few seconds per run on two CPU cores.
@@ -223,12 +226,19 @@ ARCH_CASES = [
     ("resnet18", 64, "full"),
     ("vgg16", 64, "head"),
     ("vit_b_16", 224, "head"),
+    # timm's test models: small, random weights
+    ("timm:test_resnet", 64, "head"),
+    ("timm:test_efficientnet", 64, "full"),
+    ("timm:test_vit", 160, "head"),
 ]
 
 
-# The module each architecture's new head replaces, and that module's input width.
+# The module each architecture's new head replaces (a timm model's goes after its pooled
+# features), and that module's input width.
 LAST_LAYER = {"tiny": "fc", "resnet18": "fc", "vgg16": "classifier.6", "vit_b_16": "heads.head"}
+LAST_LAYER |= {arch: "head" for arch, _, _ in ARCH_CASES if arch.startswith("timm:")}
 HEAD_INPUT = {"tiny": 128, "resnet18": 512, "vgg16": 4096, "vit_b_16": 768}
+HEAD_INPUT |= {"timm:test_resnet": 96, "timm:test_efficientnet": 256, "timm:test_vit": 64}
 
 
 @pytest.mark.parametrize(("arch", "size", "finetune"), ARCH_CASES)
@@ -257,7 +267,97 @@ def test_every_architecture_trains(arch, size, finetune):
 
 
 def test_all_architectures_are_covered():
-    assert sorted(arch for arch, _, _ in ARCH_CASES) == sorted(Arch)
+    builtin = [arch for arch, _, _ in ARCH_CASES if not arch.startswith("timm:")]
+    assert sorted(builtin) == sorted(BUILTIN_ARCHS)
+
+
+def test_timm_models_see_their_own_normalisation():
+    """Images come ImageNet-normalised; test_vit's weights expect mean = std = 0.5."""
+    assert timm.models.get_pretrained_cfg("test_vit").mean == (0.5, 0.5, 0.5)
+    torch.manual_seed(0)
+    model = build_classifier("timm:test_vit", 7).eval()
+    pixels = torch.rand(2, 3, 160, 160)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    with torch.no_grad():
+        logits = model((pixels - mean) / std)
+        expected = model.head(model.backbone((pixels - 0.5) / 0.5))
+    torch.testing.assert_close(logits, expected)
+    assert set(model.state_dict()) == {
+        *(f"backbone.{k}" for k in model.backbone.state_dict()),
+        *(f"head.{k}" for k in model.head.state_dict()),
+    }
+
+
+@pytest.fixture()
+def empty_caches(tmp_path, monkeypatch) -> Path:
+    """Empty torch hub and Hugging Face hub caches (the hub client is offline in tests)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def cache_hub_weights(hub: Path, repo: str, state: dict[str, torch.Tensor]) -> Path:
+    """Puts `state` into the Hugging Face hub cache `hub` as repo `repo`'s model.safetensors,
+    laid out as the hub client leaves a download."""
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0123abcd")
+    save_file({k: v.contiguous() for k, v in state.items()}, snapshot / "model.safetensors")
+    return snapshot / "model.safetensors"
+
+
+@pytest.mark.parametrize("weights", ["imagenet", "auto"])
+def test_timm_weights_come_only_from_timms_local_cache(empty_caches, weights):
+    with pytest.raises(SkindiffError) as error:
+        build_classifier("timm:test_resnet", 7, weights=weights)
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"models--timm--test_resnet.r160_in1k in {empty_caches}" in message
+    assert "timm.create_model('test_resnet', pretrained=True)" in message
+
+    torch.manual_seed(1)
+    cached = timm.create_model("test_resnet").state_dict()
+    cache_hub_weights(empty_caches, "timm/test_resnet.r160_in1k", cached)
+    model = build_classifier("timm:test_resnet", 7, weights=weights)
+    backbone = model.backbone.state_dict()
+    assert backbone.keys() == {k for k in cached if not k.startswith("fc.")}
+    for name, value in backbone.items():
+        assert torch.equal(value, cached[name]), name
+
+
+def test_missing_timm_and_torchvision_weights_in_one_error(empty_caches):
+    with pytest.raises(SkindiffError) as error:
+        require_imagenet_files(["timm:test_resnet", "vgg16", "tiny", "timm:coatnet_0_224"], "auto")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "vgg16-397923af.pth (vgg16)" in message
+    assert "models--timm--test_resnet.r160_in1k" in message
+    assert "timm:coatnet_0_224 (timm has no pretrained weights for it)" in message
+    assert message.endswith("or use --weights none")
+    require_imagenet_files(["timm:test_resnet", "timm:coatnet_0_224"], "none")
+
+
+def test_timm_local_checkpoints_load(tmp_path):
+    """A state_dict of the model as timm builds it, or of a classifier built here."""
+    torch.manual_seed(2)
+    plain = timm.create_model("test_resnet").state_dict()
+    torch.save(plain, tmp_path / "plain.pt")
+    model = build_classifier("timm:test_resnet", 7, weights=str(tmp_path / "plain.pt"))
+    for name, value in model.backbone.state_dict().items():
+        assert torch.equal(value, plain[name]), name
+
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "c.safetensors"
+    )
+    again = build_classifier("timm:test_resnet", 7, weights=str(tmp_path / "c.safetensors"))
+    for name, value in again.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name
+
+    torch.save(timm.create_model("test_efficientnet").state_dict(), tmp_path / "other.pt")
+    with pytest.raises(SkindiffError, match=r"other\.pt does not fit timm:test_resnet: .*Missing"):
+        build_classifier("timm:test_resnet", 7, weights=str(tmp_path / "other.pt"))
 
 
 @pytest.mark.parametrize("weights", ["imagenet", "auto"])
@@ -346,7 +446,19 @@ def test_bad_checkpoints_are_refused(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"arch": "alexnet"}, "arch must be one of"),
+        ({"arch": "alexnet"}, "arch must be one of vgg16, .* or timm:<model name>, got 'alexnet'$"),
+        (
+            {"arch": "timm:convnxt_tiny"},
+            r"^arch must be one of .*: timm has no model 'convnxt_tiny' \(close: convnext_tiny",
+        ),
+        (
+            {"arch": "timm:resnet10t.nope"},
+            r"^arch .*: timm has no pretrained tag 'nope' for resnet10t \(its tags: c3_in1k\)$",
+        ),
+        (
+            {"arch": "timm:test_vit", "image_size": 64},
+            "image_size must be 160 for arch timm:test_vit",
+        ),
         ({"finetune": "partial"}, "finetune must be one of"),
         ({"weights": "/nowhere/model.pt"}, "checkpoint file not found"),
         ({"train_type": "both"}, "train_type must be one of"),
@@ -364,6 +476,31 @@ def test_bad_config_values_are_refused(splits, change, message):
         train_classifier(
             replace(QUICK, **change), splits.train, splits.val, splits.test, LABELS, False
         )
+
+
+def test_study_archs_take_timm_names():
+    plan = StudyPlan(archs="vgg16, timm:test_resnet")
+    assert plan.archs == ("vgg16", "timm:test_resnet")
+    assert plan.archs[1].timm_name == "test_resnet"
+    with pytest.raises(SkindiffError, match=r"^archs must be one of .*: timm has no model 'nope'"):
+        StudyPlan(archs="tiny,timm:nope")
+
+
+def test_a_timm_classifier_trains_and_evaluates(splits):
+    """A frozen timm backbone with random weights: only the reference head learns."""
+    config = replace(QUICK, arch="timm:test_resnet", weights="none", finetune="head", epochs=2)
+    result = train_classifier(config, splits.train, splits.val, splits.test, LABELS, False)
+
+    assert list(result.history["epoch"]) == [1, 2]
+    assert result.history["train_loss"].notna().all()
+    torch.manual_seed(config.seed)  # as train_classifier starts: the same initial weights
+    initial = build_classifier(config.arch, len(LABELS), "none", "head").state_dict()
+    trained = result.model.state_dict()
+    for name, _ in result.model.named_parameters():
+        assert torch.equal(trained[name], initial[name]) == name.startswith("backbone."), name
+    again = predict(result.model, splits.test, LABELS, image_size=64, batch_size=16)
+    pd.testing.assert_frame_equal(again, result.test_predictions)
+    assert set(result.test_predictions["predicted"]) <= set(LABELS)
 
 
 def test_bad_data_is_refused(splits):

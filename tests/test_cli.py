@@ -1,5 +1,6 @@
 """The MLproject file and the CLI agree: same entry points, parameters and defaults."""
 
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,16 @@ from conftest import REPO
 from skindiff.cli import ENTRY_POINTS, app, render_mlproject
 from skindiff.diffusion.config import GenerationMode
 from skindiff.errors import SkindiffError
-from skindiff.options import GENERATE, RUNS, TEXTUAL_INVERSION
+from skindiff.options import (
+    DEMO_PLAN,
+    DEMO_STUDY,
+    GENERATE,
+    MAIN_STUDY,
+    RUNS,
+    STUDY,
+    TEXTUAL_INVERSION,
+    TRACKING,
+)
 
 
 def test_mlproject_is_rendered_from_the_cli() -> None:
@@ -24,9 +34,14 @@ def test_every_entry_point_has_a_script_and_all_options() -> None:
     spec = yaml.safe_load((REPO / "MLproject").read_text())
     assert tuple(spec["entry_points"]) == ENTRY_POINTS
     commands = get_command(app).commands
+    # `mlflow run` chooses the experiment itself (its --experiment-name): no parameter.
+    tracking = {option.name for option in TRACKING.options()}
     for name, entry in spec["entry_points"].items():
         assert (REPO / "entrypoints" / f"{name}.py").is_file(), name
-        options = {p.name for p in commands[name].params} - {"help"}
+        params = {p.name: p for p in commands[name].params}
+        assert params["experiment_name"].default == "skindiff", name
+        assert params["experiment_name"].envvar == "MLFLOW_EXPERIMENT_NAME", name
+        options = set(params) - {"help"} - tracking
         assert set(entry["parameters"]) == options, name
         for param in options:
             assert f"--{param.replace('_', '-')} {{{param}}}" in entry["command"], (name, param)
@@ -43,12 +58,52 @@ def test_every_option_is_explained() -> None:
 @pytest.mark.slow  # a fresh interpreter, to see what importing the CLI loads
 def test_the_cli_loads_no_torch_diffusers_or_mlflow_until_a_command_runs() -> None:
     probe = (
-        "import sys, skindiff.cli; "
-        "print(sorted({'torch', 'diffusers', 'mlflow', 'optuna', 'pandas'} & set(sys.modules)))"
+        "import os, sys; environ = dict(os.environ); "
+        "import skindiff.options; "
+        "tracking = sorted(m for m in sys.modules if m.startswith('skindiff.tracking')); "
+        "import skindiff.cli; "
+        "heavy = {'torch', 'diffusers', 'mlflow', 'optuna', 'pandas'} & set(sys.modules); "
+        "print(sorted(heavy), tracking, dict(os.environ) == environ)"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    environ = {
+        k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=environ
+    )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    heavy, tracking, same_environ = done.stdout.strip().rsplit(" ", 2)
+    assert (heavy, tracking) == ("[]", "[]"), done.stdout  # options.py needs no MLflow glue
+    # Importing changes nothing: the thread policy is chosen where a command starts.
+    assert same_environ == "True"
+
+
+def test_the_demo_is_main_with_the_demo_preset_and_every_option_still_open() -> None:
+    commands = get_command(app).commands
+    demo = {p.name: p.default for p in commands["demo"].params}
+    main = {p.name: p.default for p in commands["main"].params}
+    assert demo.keys() == main.keys()  # every option of main can be given to the demo
+    changed = {name for name in demo if demo[name] != main[name]}
+    assert changed == {
+        "seeds",
+        "archs",
+        "ti_max_train_steps",
+        "ti_per_token",
+        "lora_max_train_steps",
+        "lora_learning_rate",
+        "num_inference_steps",
+        "finetune",
+        "epochs",
+        "batch_size",
+        "image_size",
+    }
+    assert (demo["seeds"], demo["archs"], demo["epochs"]) == ("0", "tiny", 20)
+    # Built from no option, the preset; an option given replaces its value.
+    configs = DEMO_STUDY.build({"epochs": "3"})
+    assert configs.textual_inversion.max_train_steps == 100
+    assert configs.classifier.epochs == 3
+    assert configs.data == MAIN_STUDY.build({}).data  # the same data as the paper's study
+    assert DEMO_PLAN.build({}).seeds == (0,) and STUDY.build({}).seeds != (0,)
 
 
 def test_text_options_become_typed_configs_with_one_line_errors() -> None:

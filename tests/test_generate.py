@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import re
 import shutil
 import signal
@@ -22,13 +23,20 @@ from diffusers import (
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch._dynamo.utils import counters
 
+from conftest import stock_tiny_pipeline
+from skindiff.core.library_logs import LibraryMessage, without_messages
 from skindiff.data.fitzpatrick import CONDITIONS
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.diffusion import generate
-from skindiff.diffusion.adapters import token_file_name
+from skindiff.diffusion.adapters import (
+    LORA_WEIGHTS_FILE,
+    NEW_EMBEDDINGS_NOTE,
+    NO_TEXT_ENCODER_LORA,
+    token_file_name,
+)
 from skindiff.diffusion.base_model import resolve_base_model
 from skindiff.diffusion.config import GenerationMode, SchedulerName
 from skindiff.diffusion.generate import (
@@ -383,6 +391,61 @@ def test_missing_adapters_are_clear_errors(
             lora_weights=tmp_path / "nowhere",
         )
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def library_notes(log: pytest.LogCaptureFixture) -> set[LibraryMessage]:
+    """Which of the notes skindiff drops when it loads adapters were logged."""
+    logged = [record.getMessage() for record in log.records]
+    notes = (NEW_EMBEDDINGS_NOTE, NO_TEXT_ENCODER_LORA)
+    return {note for note in notes if any(text.startswith(note.start) for text in logged)}
+
+
+def test_adapters_load_without_the_library_notes_that_do_not_apply(
+    adapters: dict[str, Path], library_log: pytest.LogCaptureFixture, tmp_path: Path
+):
+    config = dataclasses.replace(SMALL, mode="img2img/ti+lora")
+    embeddings, lora_file = generate.adapter_files(
+        config, adapters["embeddings_dir"], adapters["lora_weights"]
+    )
+    generate.load_pipeline(config, embeddings, lora_file)
+    assert library_notes(library_log) == set()
+
+    # The stock calls log both: what the console would show without skindiff's filters.
+    library_log.clear()
+    stock = stock_tiny_pipeline()
+    stock.load_textual_inversion([str(path) for path in embeddings])
+    stock.load_lora_weights(str(lora_file))
+    assert library_notes(library_log) == {NEW_EMBEDDINGS_NOTE, NO_TEXT_ENCODER_LORA}
+
+    # A LoRA file with weights for a text encoder this pipeline lacks (SDXL's second): diffusers
+    # drops them, and its note says so.
+    library_log.clear()
+    q_proj = stock.text_encoder.get_submodule("encoder.layers.0.self_attn.q_proj")
+    prefix = "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer"
+    foreign = load_file(lora_file) | {
+        f"{prefix}.down.weight": q_proj.weight[:4].clone(),
+        f"{prefix}.up.weight": q_proj.weight[:, :4].clone(),
+    }
+    save_file(foreign, tmp_path / LORA_WEIGHTS_FILE)
+    generate.load_pipeline(config, embeddings, tmp_path / LORA_WEIGHTS_FILE)
+    assert library_notes(library_log) == {NO_TEXT_ENCODER_LORA}
+
+
+def test_dropped_messages_are_only_those_named_and_only_in_the_block(
+    library_log: pytest.LogCaptureFixture,
+):
+    logger = logging.getLogger(NO_TEXT_ENCODER_LORA.logger)
+    note = NO_TEXT_ENCODER_LORA.start + " found with the prefix='text_encoder'."
+    with without_messages(NO_TEXT_ENCODER_LORA):
+        logger.warning(note)
+        logger.warning("No LoRA keys associated to UNet2DConditionModel found")
+        logging.getLogger("diffusers.loaders.peft").warning(note)
+    logger.warning(note)
+    assert [(r.name, r.getMessage()) for r in library_log.records] == [
+        (logger.name, "No LoRA keys associated to UNet2DConditionModel found"),
+        ("diffusers.loaders.peft", note),
+        (logger.name, note),
+    ]
 
 
 def stock_pipeline_images(pipe, config: GenerateConfig, chunk: pd.DataFrame, resolution: int):

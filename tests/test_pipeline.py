@@ -15,7 +15,7 @@ from skindiff.options import StudyConfigs
 from skindiff.tracking.names import PARENT_RUN_TAG, RUN_KEY_TAG
 from skindiff.tracking.pipeline import run_main
 from skindiff.tracking.report import run_report
-from skindiff.tracking.settings import ReportConfig, StudyPlan
+from skindiff.plans import ReportConfig, StudyPlan
 
 # A classifier that trains in a second: the pipeline's bookkeeping is under test.
 FAST_CLASSIFIER = {"arch": "tiny", "epochs": 1, "batch_size": 16, "image_size": 32}

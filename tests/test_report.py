@@ -16,7 +16,7 @@ from PIL import Image
 from skindiff.cli import run as cli
 from skindiff.errors import SkindiffError
 from skindiff.tracking.report import run_report
-from skindiff.tracking.settings import ReportConfig
+from skindiff.plans import ReportConfig
 
 ENTRY_POINT = "mlflow.project.entryPoint"
 TEST_METRICS = {

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 
 from conftest import runs_by_stage
-from servers import free_port, healthy
+from servers import MlflowServer, free_port
 from skindiff.cli import _stopped_by_signals, run
 from skindiff.diffusion import generate
 from skindiff.tracking.names import RUN_KEY_TAG, SUPERSEDED_BY_TAG, Stage
@@ -154,43 +154,6 @@ def test_a_rerun_ends_the_run_of_a_sigkilled_process_failed(tracking: str, tmp_p
     assert_taken_over(tracking, dead.info.run_id)
 
 
-class MlflowServer:
-    """An `mlflow server` of its own (SQLite store, served artifacts) that a test stops (as if
-    it crashed: the whole process group at once) and starts again on the same port and store."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.port = root, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / "server.log").open("a") as log:
-            self.process = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "mlflow", "server", "--workers", "1"),
-                    *("--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"),
-                    *("--artifacts-destination", str(self.root / "artifacts")),
-                    *("--host", "127.0.0.1", "--port", str(self.port)),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its workers go with it
-            )
-        deadline = time.monotonic() + 120
-        while not healthy(self.uri):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError((self.root / "server.log").read_text()[-4000:])
-            time.sleep(0.25)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-            self.process = None
-
-
 def assert_taken_over(experiment: str, dead_run_id: str) -> None:
     """The experiment's generate runs: the dead one FAILED, tagged with the one rerun, which
     FINISHED on the same key."""
@@ -207,7 +170,8 @@ def assert_taken_over(experiment: str, dead_run_id: str) -> None:
 def test_a_server_gone_mid_run_is_one_line_and_the_rerun_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    server = MlflowServer(tmp_path / "server")
+    root = tmp_path / "server"
+    server = MlflowServer(root, f"sqlite:///{root / 'mlflow.db'}")
     server.start()
     previous_uri = mlflow.get_tracking_uri()
     try:
@@ -224,7 +188,7 @@ def test_a_server_gone_mid_run_is_one_line_and_the_rerun_resumes(
                 worker.kill()
                 pytest.fail(worker.communicate()[1][-4000:])
             time.sleep(0.1)
-        server.stop()
+        server.stop(crash=True)
         (tmp_path / "go").touch()
         _, err = worker.communicate(timeout=300)
         assert worker.returncode == 2, err[-4000:]

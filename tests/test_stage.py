@@ -2,6 +2,7 @@
 with a process already at work on the key, wait for its run."""
 
 import logging
+import re
 import shutil
 import signal
 import subprocess
@@ -30,7 +31,9 @@ from skindiff.tracking.stage import (
     STAGE_CODE,
     StageCall,
     StageInputs,
+    _standard_tags,
     code_version,
+    duration_text,
     process_tags,
     run_stage,
     stage_key,
@@ -69,10 +72,61 @@ def test_a_code_edit_changes_the_keys_of_the_stages_that_run_that_code(tmp_path:
     assert cli_edit == installed
 
 
-def test_reuse_resolves_once_and_finds_the_finished_run(tracking: str) -> None:
+def test_a_stage_tags_the_upstream_runs_it_declares_and_no_other() -> None:
+    inputs = StageInputs(prepare_run_id="p", upstream={Stage.TEXTUAL_INVERSION: None})
+    assert _standard_tags(Stage.LORA, "k", inputs) == {
+        RUN_KEY_TAG: "k",
+        upstream_tag(Stage.PREPARE): "p",
+        upstream_tag(Stage.TEXTUAL_INVERSION): "",  # declared, and this mode used none
+    }
+    with pytest.raises(ValueError, match=r"^textual_inversion declares no upstream lora$"):
+        _standard_tags(Stage.TEXTUAL_INVERSION, "k", StageInputs("p", upstream={Stage.LORA: "x"}))
+
+
+def test_no_module_but_the_stage_protocol_searches_runs_or_reads_their_links() -> None:
+    owners = {PACKAGE_ROOT / "tracking" / "stage.py", PACKAGE_ROOT / "tracking" / "names.py"}
+    for path in sorted(set(PACKAGE_ROOT.rglob("*.py")) - owners):
+        text = path.read_text()
+        for lookup in ("search_runs", "PARENT_RUN_TAG", "RUN_KEY_TAG", "upstream_tag("):
+            assert lookup not in text, f"{path.relative_to(PACKAGE_ROOT)} uses {lookup}"
+
+
+@pytest.mark.parametrize(
+    ("stage", "run_name", "label"),
+    [
+        (Stage.LORA, "ii/seed-42/lora", "[ii/seed-42] lora"),
+        (Stage.TRAIN_CLASSIFIER, "i/seed-0/tiny/real", "[i/seed-0] train_classifier tiny/real"),
+        (Stage.GENERATE, "i/seed-0/generate/txt2img/ti", "[i/seed-0] generate txt2img/ti"),
+        (Stage.EVALUATE, "evaluate/test", "evaluate test"),
+    ],
+)
+def test_the_console_names_a_stage_by_its_pair(stage: Stage, run_name: str, label: str) -> None:
+    assert StageCall(stage, run_name, {}).console_label() == label
+
+
+def test_durations_read_as_a_person_says_them() -> None:
+    assert [duration_text(s) for s in (0.4, 38, 252, 3725)] == [
+        "0 s",
+        "38 s",
+        "4 min 12 s",
+        "1 h 02 min",
+    ]
+
+
+def test_reuse_resolves_once_and_finds_the_finished_run(
+    tracking: str, caplog: pytest.LogCaptureFixture
+) -> None:
     data = fast_configs()[0]
-    first = run_prepare(data, reuse=True)
-    assert run_prepare(data, reuse=True) == first  # found, not run again
+    with caplog.at_level(logging.INFO, logger="skindiff.progress"):
+        first = run_prepare(data, reuse=True)
+        assert run_prepare(data, reuse=True) == first  # found, not run again
+    label = f"[{data.scenario}/seed-{data.seed}] prepare"
+    started, done, reused = [
+        r.getMessage() for r in caplog.records if r.name == "skindiff.progress"
+    ]
+    assert started == f"{label}: running..."
+    assert re.fullmatch(rf"{re.escape(label)}: done in [0-9]+ s, run {first}", done), done
+    assert reused == f"{label}: re-used run {first}"
     assert len(runs_by_stage(tracking)["prepare"]) == 1
     assert run_prepare(data) != first  # a command always opens its run
 

@@ -4,7 +4,6 @@ Each test states its measured number in its assertion message (run with `-s` to 
 printed). The demo's images are never in the pretraining corpus, so they are held out here.
 """
 
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,24 +28,15 @@ from skindiff.diffusion.generate import generate_synthetic
 from skindiff.diffusion.lora import train_lora
 from skindiff.diffusion.prompts import skin_prompt
 from skindiff.diffusion.textual_inversion import train_textual_inversion
-from skindiff.options import MAIN_STUDY, StudyConfigs
+from skindiff.options import DEMO_STUDY, StudyConfigs
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE = 64  # the tiny model's native resolution
-
-
-def quick_start_configs() -> StudyConfigs:
-    """The settings of the README's quick start command (its `-P name=value` options)."""
-    readme = (REPO / "README.md").read_text()
-    command = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
-    values = dict(re.findall(r"-P (\w+)=(\S+)", command))
-    assert values, "no -P options found in the README's quick start command"
-    return MAIN_STUDY.build(values)
 
 
 @pytest.fixture(scope="module")
 def configs(demo_dataset) -> StudyConfigs:
-    return quick_start_configs()
+    """The demo's settings (the `demo` command's defaults)."""
+    return DEMO_STUDY.build({})
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from skindiff.options import GENERATE, LORA, TEXTUAL_INVERSION, StudyConfigs, as
 from skindiff.search_space import load_search_space
 from skindiff.tracking.names import TUNE_PROTOCOL_TAG, Stage, split_artifact, upstream_tag
 from skindiff.tracking.pipeline import load_frozen_params, run_main
-from skindiff.tracking.settings import StudyPlan
+from skindiff.plans import StudyPlan
 from skindiff.tracking.tune import (
     CLASSIFIER_RUN_ATTR,
     INFEASIBLE_ATTR,

@@ -1,9 +1,6 @@
-"""skindiff: diffusion-based augmentation of under-represented skin types, tracked with MLflow."""
+"""skindiff: diffusion-based augmentation of under-represented skin types, tracked with MLflow.
 
-from skindiff.core.threads import choose_thread_policy
-
-# The OpenMP runtime reads its wait policy once, when torch loads it, which is after this line
-# whenever skindiff is imported first (every skindiff command and MLproject entry point).
-choose_thread_policy()
+Importing it changes nothing: a command sets the process up where it starts (`cli.run`).
+"""
 
 __version__ = "0.1.0"

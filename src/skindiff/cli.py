@@ -26,12 +26,15 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from skindiff.core.settings import as_text
+from skindiff.core.threads import choose_thread_policy
 from skindiff.errors import SkindiffError
 from skindiff.options import (
     ABLATION,
     ABLATION_STUDY,
     CLASSIFIER,
     DATA,
+    DEMO_PLAN,
+    DEMO_STUDY,
     DOWNLOAD,
     EVALUATE,
     GENERATE,
@@ -43,12 +46,14 @@ from skindiff.options import (
     RUNS,
     STUDY,
     TEXTUAL_INVERSION,
+    TRACKING,
     TUNE,
     TUNE_STUDY,
     Option,
     OptionGroup,
     StudyGroups,
 )
+from skindiff.plans import TrackingConfig
 
 app = typer.Typer(
     help="Diffusion-based augmentation of under-represented skin types, tracked with MLflow.\n\n"
@@ -77,7 +82,26 @@ def _cli_annotation(option: Option) -> tuple[Any, Any]:
     return str, as_text(option.default)
 
 
+# Stage commands that are MLproject entry points, in the order MLproject lists them: the
+# commands that log to the tracking server.
+ENTRY_POINTS = (
+    "main",
+    "demo",
+    "tune",
+    "prepare",
+    "textual_inversion",
+    "lora",
+    "generate",
+    "train_classifier",
+    "evaluate",
+    "ablation",
+    "report",
+    "download",
+)
+
 # The options of each stage command, in order: its CLI options and its MLproject parameters.
+# A tracked command also takes TRACKING's options, which are no MLproject parameter: `mlflow run`
+# has chosen the experiment before the entry point starts (`mlflow run --experiment-name`).
 COMMAND_OPTIONS: dict[str, list[Option]] = {}
 
 
@@ -96,7 +120,9 @@ def _parameter(option: Option) -> inspect.Parameter:
         option.name,
         inspect.Parameter.KEYWORD_ONLY,
         default=default,
-        annotation=Annotated[kind, typer.Option(help=option.help, show_default=True)],
+        annotation=Annotated[
+            kind, typer.Option(help=option.help, show_default=True, envvar=option.env)
+        ],
     )
 
 
@@ -104,36 +130,41 @@ def stage_command(name: str, **groups: OptionGroup | StudyGroups) -> Callable:
     """Registers `body(**configs)` as the command `name`: one option per config field of the
     `groups`, and the body gets each group's config under the group's keyword."""
 
+    tracked = name in ENTRY_POINTS
+
     def register(body: Callable) -> Callable:
         def command(**values: Any) -> None:
             configs = {key: group.build(values) for key, group in groups.items()}
-            if name in ENTRY_POINTS:  # the commands that log to the tracking server
-                from skindiff.core.distributed import (
-                    follow_main_process,
-                    is_follower,
-                    release_followers,
-                )
-
-                if is_follower():  # of a launch: the main process logs, this one helps
-                    follow_main_process()
-                    return
-                from skindiff.tracking.access import require_tracking_access
-
-                require_tracking_access()
-                body(**configs)
-                release_followers()
+            if tracked:
+                _run_tracked(body, configs, TRACKING.build(values))
             else:
                 body(**configs)
 
         COMMAND_OPTIONS[name] = _command_options(groups)
-        command.__signature__ = inspect.Signature(
-            [_parameter(option) for option in COMMAND_OPTIONS[name]]
-        )
+        options = COMMAND_OPTIONS[name] + (list(TRACKING.options()) if tracked else [])
+        command.__signature__ = inspect.Signature([_parameter(option) for option in options])
         command.__doc__ = body.__doc__
         app.command(name)(command)
         return body
 
     return register
+
+
+def _run_tracked(body: Callable, configs: dict[str, Any], tracking: TrackingConfig) -> None:
+    """Runs a command that logs to the tracking server, in `tracking`'s experiment; a follower
+    process of a launch helps the main process, which logs."""
+    from skindiff.core.distributed import follow_main_process, is_follower, release_followers
+
+    if is_follower():
+        follow_main_process()
+        return
+    from skindiff.tracking.access import require_tracking_access
+    from skindiff.tracking.experiment import use_experiment
+
+    require_tracking_access()
+    use_experiment(tracking.experiment_name)
+    body(**configs)
+    release_followers()
 
 
 @stage_command("prepare", data=DATA)
@@ -239,10 +270,24 @@ def evaluate(config) -> None:
 
 @stage_command("main", configs=MAIN_STUDY, plan=STUDY)
 def main(configs, plan) -> None:
-    """Run the whole study: for each scenario and seed a parent MLflow run with prepare,
-    textual_inversion, lora, generate and one train_classifier per arch x train type as
-    child runs; finished runs with the same inputs are re-used. With --shard k/n, this worker
-    runs its share of the pairs (one worker per GPU or machine, one tracking server)."""
+    """Run the paper's whole study (meant for a GPU, the real data and SD 2.1 base; `demo` is
+    the same on a CPU in minutes): for each scenario and seed a parent MLflow run with
+    prepare, textual_inversion, lora, generate and one train_classifier per arch x train type
+    as child runs; finished runs with the same inputs are re-used. With --shard k/n, this
+    worker runs its share of the pairs (one worker per GPU or machine, one tracking server)."""
+    _run_study(configs, plan)
+
+
+@stage_command("demo", configs=DEMO_STUDY, plan=DEMO_PLAN)
+def demo(configs, plan) -> None:
+    """The study on the embedded default in minutes on a CPU: `main` with the demo's settings
+    (the demo dataset, the built-in `tiny` model, scenarios i, ii and iii with seed 0, fewer
+    steps, a small CNN at 64 px). Every option of `main` can still be given. Then `skindiff
+    report` writes its tables and figures."""
+    _run_study(configs, plan)
+
+
+def _run_study(configs, plan) -> None:
     from skindiff.tracking.pipeline import run_main
 
     for (scenario, seed), ids in run_main(plan, configs).items():
@@ -297,22 +342,6 @@ def tune(configs, config) -> None:
         )
 
 
-# Stage commands that are MLproject entry points, in the order MLproject lists them.
-ENTRY_POINTS = (
-    "main",
-    "tune",
-    "prepare",
-    "textual_inversion",
-    "lora",
-    "generate",
-    "train_classifier",
-    "evaluate",
-    "ablation",
-    "report",
-    "download",
-)
-
-
 @stage_command("download", config=DOWNLOAD)
 def download(config) -> None:
     """Fetch the images of a Fitzpatrick17k-format CSV (md5hash, url) into --image-dir as
@@ -349,8 +378,10 @@ def pretrain_base(config, target) -> None:
 
 MLPROJECT_HEADER = """\
 # Generated by `skindiff mlproject > MLproject` from the CLI; tests check it is current.
-# `mlflow run . --env-manager local` uses the Python it is started from (after `pip install -e .`);
-# with conda installed, plain `mlflow run .` builds conda.yaml's environment instead.
+# Plain `mlflow run .` makes python_env.yaml's virtualenv (once; it needs pyenv), `--env-manager uv`
+# makes it with uv (`pip install uv`), `--env-manager local` uses the Python it is started from
+# (after `pip install -e .`). With conda: `conda env create -f conda.yaml`, `conda activate
+# skindiff`, then `--env-manager local` (conda cannot make a python_env).
 """
 # MLproject parameter type of each Python type; the rest (text, choices, lists) are strings.
 MLPROJECT_TYPES = {int: "int", float: "float"}
@@ -358,7 +389,7 @@ MLPROJECT_TYPES = {int: "int", float: "float"}
 
 def render_mlproject() -> str:
     """The MLproject file: one entry point per stage command, its options as parameters."""
-    lines = [MLPROJECT_HEADER + "name: skindiff\nconda_env: conda.yaml\n\nentry_points:"]
+    lines = [MLPROJECT_HEADER + "name: skindiff\npython_env: python_env.yaml\n\nentry_points:"]
     for name in ENTRY_POINTS:
         options = COMMAND_OPTIONS[name]
         lines.append(f"  {name}:\n    parameters:")
@@ -448,6 +479,15 @@ def _tracking_server_error(err: Exception) -> str | None:
     return unreachable_server(err) or refused_access(err)
 
 
+class ConsoleFormatter(logging.Formatter):
+    """Progress as plain lines (`[ii/seed-42] lora: done in 4 min 12 s, run ...`); what may
+    need the user's attention with its level (`WARNING: ...`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else f"{record.levelname}: {message}"
+
+
 def _fail(message: str, code: int) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -458,8 +498,9 @@ def run(argv: list[str] | None = None) -> None:
     unreachable tracking server with exit code 2; SIGTERM and SIGINT (Ctrl-C) end the runs the
     command has open KILLED and exit with 128 + the signal's number (143, 130), as a shell
     reports a process killed by it."""
+    choose_thread_policy()  # before torch loads: the OpenMP runtime reads it once
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.setFormatter(ConsoleFormatter())
     package_log = logging.getLogger("skindiff")
     package_log.addHandler(handler)
     package_log.setLevel(logging.INFO)

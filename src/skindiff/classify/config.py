@@ -1,35 +1,104 @@
 """Settings of a classifier run. Training settings are the reference code's (Adam lr 1e-3,
 StepLR at a third of the epochs, 30 epochs of batch 256, 224 px crops). The arch defaults to
 `tiny`, which runs offline on a CPU (the paper: vgg16); weights default to `auto`: ImageNet
-weights for the paper's archs, as the paper, and random ones for `tiny`, which has none."""
+weights for the paper's archs and timm's models, as the paper, and random ones for `tiny`,
+which has none.
 
+Besides the built-in archs, `timm:<model name>` is any model timm lists (`timm:convnext_tiny`,
+`timm:efficientnet_b0`, or with a pretrained tag that picks its weights,
+`timm:convnext_tiny.fb_in22k`). timm is imported only when such a name is parsed, so
+`skindiff --help` stays fast."""
+
+import difflib
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import ClassVar
 
 from skindiff.core.settings import Settings, check_seed, setting
 from skindiff.errors import require
 
+TIMM_PREFIX = "timm:"
+ARCH_CHOICES = "vgg16, resnet18, vit_b_16, tiny or timm:<model name>"
 
-class Arch(StrEnum):
-    VGG16 = "vgg16"
-    RESNET18 = "resnet18"
-    VIT_B_16 = "vit_b_16"
-    TINY = "tiny"  # a small CNN for CPU runs and tests
+
+class Arch(str):
+    """A classifier architecture: a built-in one (`Arch.VGG16`, ...) or `timm:<model name>`.
+
+    Text that is neither raises ValueError, which `core.settings.coerce` turns into a one-line
+    error naming the option."""
+
+    VGG16: ClassVar["Arch"]
+    RESNET18: ClassVar["Arch"]
+    VIT_B_16: ClassVar["Arch"]
+    TINY: ClassVar["Arch"]  # a small CNN for CPU runs and tests
+
+    def __new__(cls, value: str) -> "Arch":
+        if isinstance(value, cls):
+            return value
+        text = str(value)
+        if text.startswith(TIMM_PREFIX):
+            problem = _timm_problem(text.removeprefix(TIMM_PREFIX))
+            if problem:
+                raise ValueError(f"must be one of {ARCH_CHOICES}, got {text!r}: {problem}")
+        elif text not in _BUILTIN_NAMES:
+            raise ValueError(f"must be one of {ARCH_CHOICES}, got {text!r}")
+        return super().__new__(cls, text)
+
+    @property
+    def timm_name(self) -> str | None:
+        """The timm model name of a `timm:` arch; None for a built-in one."""
+        return self.removeprefix(TIMM_PREFIX) if self.startswith(TIMM_PREFIX) else None
+
+
+_BUILTIN_NAMES = ("vgg16", "resnet18", "vit_b_16", "tiny")
+Arch.VGG16, Arch.RESNET18, Arch.VIT_B_16, Arch.TINY = (Arch(name) for name in _BUILTIN_NAMES)
+BUILTIN_ARCHS = (Arch.VGG16, Arch.RESNET18, Arch.VIT_B_16, Arch.TINY)
+
+
+def _timm_problem(name: str) -> str | None:
+    """Why timm cannot build the model `name` (unknown, or a pretrained tag it lacks); None
+    when it can."""
+    import timm  # here, not at import: only a timm arch pays for it
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        return f"timm has no model {name!r}" + (f" (close: {', '.join(close)})" if close else "")
+    try:
+        timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # a tag the model's pretrained configs lack
+        base, tag = timm.models.split_model_name_tag(name)
+        tags = ", ".join(t.removeprefix(f"{base}.") for t in timm.list_pretrained(f"{base}.*"))
+        return f"timm has no pretrained tag {tag!r} for {base} (its tags: {tags or 'none'})"
+    return None
 
 
 PAPER_ARCHS = (Arch.VGG16, Arch.RESNET18, Arch.VIT_B_16)  # the archs of the paper's Tables 2-4
-# Architectures whose input size is fixed by their position embeddings.
+# Built-in architectures whose input size is fixed by their position embeddings.
 FIXED_INPUT_SIZE = {Arch.VIT_B_16: 224}
 MIN_IMAGE_SIZE = 32
+
+
+def fixed_input_size(arch: Arch) -> int | None:
+    """The only image size `arch` takes; None where any (from MIN_IMAGE_SIZE) will do. A timm
+    model's is its pretrained config's input size where that config says it is fixed (ViTs and
+    other models with position embeddings)."""
+    if arch.timm_name is None:
+        return FIXED_INPUT_SIZE.get(arch)
+    import timm
+
+    config = timm.models.get_pretrained_cfg(arch.timm_name)
+    return config.input_size[-1] if config.fixed_input_size else None
 
 
 class Weights(StrEnum):
     """Where a classifier's starting weights come from, besides a checkpoint file."""
 
-    AUTO = "auto"  # imagenet for the paper's archs, none for tiny (see resolve_weights)
+    AUTO = "auto"  # imagenet for the paper's archs and timm's, none for tiny (resolve_weights)
     NONE = "none"  # random initialisation
-    IMAGENET = "imagenet"  # torchvision's IMAGENET1K_V1, from the local torch cache only
+    # torchvision's IMAGENET1K_V1 from the local torch cache only; a timm model's pretrained
+    # weights from timm's local cache only
+    IMAGENET = "imagenet"
 
 
 def resolve_weights(arch: Arch, weights: Weights | Path) -> Weights | Path:
@@ -65,12 +134,16 @@ class ClassifierConfig(Settings):
     """Settings of a classifier run (see the module docstring)."""
 
     arch: Arch = setting(
-        Arch.TINY, "Classifier: vgg16, resnet18, vit_b_16 or tiny (a small CNN for CPU runs)."
+        Arch.TINY,
+        "Classifier: vgg16, resnet18, vit_b_16, tiny (a small CNN for CPU runs), or "
+        "timm:<model name>, any model timm lists (timm:convnext_tiny, timm:efficientnet_b0; "
+        "a pretrained tag picks its weights: timm:convnext_tiny.fb_in22k).",
     )
     weights: Weights | Path = setting(
         Weights.AUTO,
-        "auto (imagenet for vgg16, resnet18, vit_b_16; none for tiny), imagenet (from the "
-        "local torch hub cache, never downloaded), none (random), or a checkpoint file.",
+        "auto (imagenet for vgg16, resnet18, vit_b_16 and timm:<name>; none for tiny), "
+        "imagenet (torchvision's from the local torch hub cache, timm's from timm's local "
+        "cache; never downloaded), none (random), or a checkpoint file.",
     )
     finetune: Finetune = setting(
         Finetune.HEAD, "head: frozen backbone, new head (reference); full: train everything."
@@ -83,7 +156,11 @@ class ClassifierConfig(Settings):
     learning_rate: float = setting(
         1e-3, "Classifier: Adam learning rate (StepLR divides it by 10 every epochs // 3)."
     )
-    image_size: int = setting(224, "Classifier: input crop in pixels (ViT-B-16 needs 224).")
+    image_size: int = setting(
+        224,
+        "Classifier: input crop in pixels (ViT-B-16 needs 224, a timm model with a fixed input "
+        "size its own).",
+    )
     seed: int = setting(0, "Seed of the classifier's initialisation and sampling.")
     selection: Selection = setting(
         Selection.VAL,
@@ -100,7 +177,7 @@ class ClassifierConfig(Settings):
             self.image_size >= MIN_IMAGE_SIZE,
             f"image_size must be at least {MIN_IMAGE_SIZE}, got {self.image_size}",
         )
-        fixed = FIXED_INPUT_SIZE.get(self.arch)
+        fixed = fixed_input_size(self.arch)
         require(
             fixed is None or self.image_size == fixed,
             f"image_size must be {fixed} for arch {self.arch}, got {self.image_size}",

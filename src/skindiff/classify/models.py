@@ -1,12 +1,20 @@
-"""Classifier networks: torchvision's VGG-16, ResNet-18 and ViT-B/16, and a tiny CNN for tests.
+"""Classifier networks: torchvision's VGG-16, ResNet-18 and ViT-B/16, any timm model
+(`timm:<model name>`, see `classify.timm_backbones`), and a tiny CNN for tests.
 
-Every network gets the reference code's new head in place of its last layer:
+Every network gets the reference code's new head in place of its last layer (for a timm model:
+after its pooled features, timm's classifier removed):
 Linear(in, 256)-ReLU-Dropout(0.4)-Linear(256, num_classes). The head returns logits and training
 uses CrossEntropyLoss, which equals the reference's LogSoftmax + NLLLoss.
 
 With finetune="head" the backbone's parameters are frozen, but its BatchNorm layers (ResNet-18,
-tiny) still update their running statistics in train mode, as in torchvision's usual
-fine-tuning recipe; VGG-16, the reference's network, has none.
+tiny, many timm models) still update their running statistics in train mode, as in
+torchvision's usual fine-tuning recipe; VGG-16, the reference's network, has none.
+
+Every network takes the same ImageNet-normalised images (`classify.data`); a timm model whose
+pretrained weights expect another normalisation (mean = std = 0.5 for many of timm's ViTs,
+CLIP's statistics, ...) re-normalises them first, inside the network, so a logged classifier
+needs no other preprocessing. Image sizes follow the classifier's `image_size` for every arch
+(the reference's 224 px crops by default), except where timm's config fixes a model's size.
 """
 
 from collections.abc import Callable, Iterable
@@ -19,6 +27,7 @@ from torch import nn
 from torchvision import models
 
 from skindiff.classify.config import Arch, Finetune, Weights, resolve_weights
+from skindiff.classify.data import IMAGENET_MEAN, IMAGENET_STD
 from skindiff.core.settings import coerce
 from skindiff.errors import SkindiffError
 
@@ -69,6 +78,43 @@ class TinyCNN(nn.Module):
         return self.fc(self.features(x))
 
 
+class TimmClassifier(nn.Module):
+    """A timm model without its classifier (`backbone`, pooled features) and the reference
+    `head`; ImageNet-normalised inputs are re-normalised to the backbone's pretrained
+    `mean` and `std` first (an identity where they are ImageNet's)."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        given_mean, given_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        wanted_mean, wanted_std = torch.tensor(mean), torch.tensor(std)
+        scale = (given_std / wanted_std).view(-1, 1, 1)
+        shift = ((given_mean - wanted_mean) / wanted_std).view(-1, 1, 1)
+        # Not in the state_dict: a checkpoint's keys are those of the backbone and the head.
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("shift", shift, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x * self.scale + self.shift))
+
+
+def _reference_head(in_features: int, num_classes: int) -> nn.Sequential:
+    """The reference code's head: Linear(in, 256)-ReLU-Dropout(0.4)-Linear(256, num_classes)."""
+    return nn.Sequential(
+        nn.Linear(in_features, HEAD_HIDDEN),
+        nn.ReLU(inplace=True),
+        nn.Dropout(HEAD_DROPOUT),
+        nn.Linear(HEAD_HIDDEN, num_classes),
+    )
+
+
 def build_classifier(
     arch: Arch | str,
     num_classes: int,
@@ -78,9 +124,10 @@ def build_classifier(
     """A classifier with the reference head for `num_classes` classes.
 
     weights: none (random init), imagenet (torchvision's IMAGENET1K_V1, read from the local
-    torch hub cache only), auto (imagenet, none for tiny) or the path of a local state_dict
-    (.pt, .pth or .safetensors) either of the plain architecture (ImageNet-shaped last layer)
-    or of a classifier built here.
+    torch hub cache only; a timm model's pretrained weights, from timm's local cache only),
+    auto (imagenet, none for tiny) or the path of a local state_dict (.pt, .pth or
+    .safetensors) either of the plain architecture (ImageNet-shaped last layer; for a timm
+    model, as timm builds it) or of a classifier built here.
     finetune: head freezes everything but the new head (the reference); full trains all.
     """
     arch = coerce(Arch, "arch", arch)
@@ -88,6 +135,8 @@ def build_classifier(
     finetune = coerce(Finetune, "finetune", finetune)
     if num_classes < 2:
         raise SkindiffError(f"num_classes must be at least 2, got {num_classes}")
+    if arch.timm_name is not None:
+        return _timm_classifier(arch, num_classes, weights, finetune)
     state, source = _requested_state(arch, weights)
     model = TinyCNN() if arch == Arch.TINY else _TORCHVISION[arch][0]()
     # A state_dict of the plain architecture loads before the head is swapped, one of a
@@ -98,15 +147,41 @@ def build_classifier(
     if finetune == Finetune.HEAD:
         model.requires_grad_(False)
     last = model.get_submodule(_LAST_LAYER[arch])
-    head = nn.Sequential(
-        nn.Linear(last.in_features, HEAD_HIDDEN),
-        nn.ReLU(inplace=True),
-        nn.Dropout(HEAD_DROPOUT),
-        nn.Linear(HEAD_HIDDEN, num_classes),
-    )
-    model.set_submodule(_LAST_LAYER[arch], head)
+    model.set_submodule(_LAST_LAYER[arch], _reference_head(last.in_features, num_classes))
     if state is not None and not plain:
         _load(model, state, source, arch)
+    return model
+
+
+def _timm_classifier(
+    arch: Arch, num_classes: int, weights: Weights | Path, finetune: Finetune
+) -> TimmClassifier:
+    """build_classifier for a timm arch: a state_dict of a classifier built here loads into
+    the classifier; timm's pretrained weights, or a state_dict of the model as timm builds it,
+    load through timm's pretrained loader."""
+    from skindiff.classify import timm_backbones  # imports timm: only timm archs pay for it
+
+    name = arch.timm_name
+    pretrained = None
+    if weights == Weights.IMAGENET:
+        require_imagenet_files([arch], weights)
+        pretrained = timm_backbones.cached_weights(name)
+
+    def classifier(weights_file: Path | None) -> TimmClassifier:
+        backbone = timm_backbones.create_backbone(name, weights_file)
+        if finetune == Finetune.HEAD:
+            backbone.requires_grad_(False)
+        head = _reference_head(backbone.num_features, num_classes)
+        return TimmClassifier(backbone, head, *timm_backbones.normalisation(name))
+
+    model = classifier(pretrained)
+    if isinstance(weights, Path):
+        path = weights.expanduser()
+        state = _read_state_dict(path)
+        if state.keys() == model.state_dict().keys():
+            _load(model, state, str(weights), arch)
+        else:  # the plain timm model's weights
+            model = classifier(path)
     return model
 
 
@@ -136,33 +211,45 @@ def imagenet_file(arch: Arch) -> Path:
 
 def require_imagenet_files(archs: Iterable[Arch | str], weights: Weights | Path | str) -> None:
     """Raises one SkindiffError naming every ImageNet weight file that classifiers of `archs`
-    with `weights` need and the torch hub cache lacks, and how to fetch them: nothing is ever
-    downloaded here, and a pipeline should stop before it trains anything, not at its first
-    VGG-16 hours later."""
+    with `weights` need and the torch hub cache (timm's cache, for timm archs) lacks, and how
+    to fetch them: nothing is ever downloaded here, and a pipeline should stop before it
+    trains anything, not at its first VGG-16 hours later."""
     weights = coerce(Weights | Path, "weights", weights)
-    missing = [
+    wanted = [
         arch
         for arch in dict.fromkeys(coerce(Arch, "arch", a) for a in archs)
-        if arch in _TORCHVISION
-        and resolve_weights(arch, weights) == Weights.IMAGENET
-        and not imagenet_file(arch).is_file()
+        if resolve_weights(arch, weights) == Weights.IMAGENET
     ]
-    if not missing:
-        return
-    folder = imagenet_file(missing[0]).parent
-    names = ", ".join(f"{imagenet_file(arch).name} ({arch})" for arch in missing)
-    calls = "; ".join(
-        f"torchvision.models.{builder.__name__}(weights='{enum.name}')"
-        for builder, enum in (_TORCHVISION[arch] for arch in missing)
-    )
-    urls = " ".join(_TORCHVISION[arch][1].url for arch in missing)
-    raise SkindiffError(
-        f"weights {weights}: ImageNet weight files missing from the torch hub cache {folder}: "
-        f"{names}. Nothing is downloaded here: on a machine with internet run "
-        f'python -c "import torchvision; {calls}" and copy the files from its torch hub '
-        f"checkpoints folder into {folder} (or download {urls} there, or set TORCH_HOME to "
-        "where they are), or use --weights none"
-    )
+    missing = [a for a in wanted if a in _TORCHVISION and not imagenet_file(a).is_file()]
+    problems, fixes = [], []
+    if missing:
+        folder = imagenet_file(missing[0]).parent
+        names = ", ".join(f"{imagenet_file(arch).name} ({arch})" for arch in missing)
+        calls = "; ".join(
+            f"torchvision.models.{builder.__name__}(weights='{enum.name}')"
+            for builder, enum in (_TORCHVISION[arch] for arch in missing)
+        )
+        urls = " ".join(_TORCHVISION[arch][1].url for arch in missing)
+        problems.append(f"ImageNet weight files missing from the torch hub cache {folder}: {names}")
+        fixes.append(
+            f'on a machine with internet run python -c "import torchvision; {calls}" and copy '
+            f"the files from its torch hub checkpoints folder into {folder} (or download {urls} "
+            "there, or set TORCH_HOME to where they are)"
+        )
+    timm_names = [arch.timm_name for arch in wanted if arch.timm_name is not None]
+    if timm_names:
+        from skindiff.classify import timm_backbones  # imports timm: only timm archs pay for it
+
+        uncached = [name for name in timm_names if timm_backbones.cached_weights(name) is None]
+        if uncached:
+            problem, fix = timm_backbones.missing_weights(uncached)
+            problems.append(problem)
+            fixes.append(fix)
+    if problems:
+        raise SkindiffError(
+            f"weights {weights}: {'; '.join(problems)}. Nothing is downloaded here: "
+            f"{'; '.join(fixes)}, or use --weights none"
+        )
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

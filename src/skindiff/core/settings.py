@@ -41,13 +41,18 @@ class Precision(StrEnum):
     BF16 = "bf16"
 
 
-def setting(default: Any, help: str) -> Any:
-    """A config field with its default and the help text its CLI option shows."""
-    return field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, env: str | None = None) -> Any:
+    """A config field with its default and the help text its CLI option shows; `env` names an
+    environment variable that replaces the default (the option given still wins)."""
+    return field(default=default, metadata={"help": help, "env": env})
 
 
 def help_of(config_field: Field) -> str:
     return config_field.metadata.get("help", "")
+
+
+def env_of(config_field: Field) -> str | None:
+    return config_field.metadata.get("env")
 
 
 @cache
@@ -103,6 +108,8 @@ def coerce(kind: Any, name: str, value: Any) -> Any:
         try:
             return tuple(coerce(args[0], name, item) for item in items)
         except SkindiffError:
+            if _is_text_type(args[0]):
+                raise  # it names the item and says what is wrong with it
             what = choices_of(args[0]) if _is_enum(args[0]) else f"{args[0].__name__}s"
             raise SkindiffError(
                 f"{name} must be a comma list of {what}, got {as_text(value)!r}"
@@ -114,6 +121,11 @@ def coerce(kind: Any, name: str, value: Any) -> Any:
             raise SkindiffError(
                 f"{name} must be one of {choices_of(kind)}, got {as_text(value)!r}"
             ) from None
+    if _is_text_type(kind):
+        try:
+            return kind(value)
+        except ValueError as err:
+            raise SkindiffError(f"{name} {err}") from None
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -137,6 +149,14 @@ def coerce(kind: Any, name: str, value: Any) -> Any:
 
 def _is_enum(kind: Any) -> bool:
     return isinstance(kind, type) and issubclass(kind, Enum)
+
+
+def _is_text_type(kind: Any) -> bool:
+    """A str subclass, not an enum, that checks its text (`classify.config.Arch`): its
+    ValueError's message completes "<name> ...", e.g. "must be one of ..., got 'x'"."""
+    return (
+        isinstance(kind, type) and issubclass(kind, str) and kind is not str and not _is_enum(kind)
+    )
 
 
 def _coerce_union(kinds: tuple, name: str, value: Any) -> Any:

@@ -11,7 +11,8 @@ process's cores free as skindiff starts, and sleep at once when they do not.
 The number of threads stays the number of cores either way: on a CPU it changes the sums, and a
 run must make the same bytes whatever else the machine is doing.
 
-This module imports nothing heavy: it runs when skindiff is imported, before torch.
+This module imports nothing heavy: a command calls `choose_thread_policy` as it starts, before
+torch loads.
 """
 
 import os

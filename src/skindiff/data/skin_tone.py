@@ -41,7 +41,6 @@ ITA_CATEGORIES: tuple[tuple[str, float], ...] = (
     ("brown", -30.0),
     ("dark", -np.inf),
 )
-CATEGORY_NAMES = tuple(name for name, _ in ITA_CATEGORIES)
 
 
 @dataclass(frozen=True)

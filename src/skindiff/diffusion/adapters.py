@@ -11,12 +11,25 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open
 
+from skindiff.core.library_logs import LibraryMessage, without_messages
 from skindiff.errors import SkindiffError, require
 
 if TYPE_CHECKING:  # the file names and checks here are needed without torch (tracking, CLI)
     import torch
+    from diffusers import StableDiffusionPipeline
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+# transformers' note, as load_textual_inversion grows the text encoder's vocabulary, that the
+# new rows start from the old ones' mean and covariance: the loaded embeddings overwrite them
+# at once.
+NEW_EMBEDDINGS_NOTE = LibraryMessage(
+    "transformers.modeling_utils", "The new embeddings will be initialized from"
+)
+# diffusers' note that a LoRA file holds no text encoder weights, which a file of UNet weights
+# only (as skindiff's) never does. Its note on a file without UNet weights still shows.
+NO_TEXT_ENCODER_LORA = LibraryMessage(
+    "diffusers.loaders.lora_base", "No LoRA keys associated to CLIPTextModel"
+)
 
 
 def token_file_name(token: str) -> str:
@@ -78,3 +91,25 @@ def lora_weights_file(lora_weights: Path | None) -> Path:
         f"lora_weights {path} not found (a {LORA_WEIGHTS_FILE} or its folder)",
     )
     return path
+
+
+def load_token_embeddings(
+    pipeline: "StableDiffusionPipeline", embeddings: "list[str] | list[dict[str, torch.Tensor]]"
+) -> None:
+    """The pipeline's `load_textual_inversion(embeddings)` (files, or `{token: tensor}`s),
+    without NEW_EMBEDDINGS_NOTE."""
+    with without_messages(NEW_EMBEDDINGS_NOTE):
+        pipeline.load_textual_inversion(embeddings)
+
+
+def load_lora(pipeline: "StableDiffusionPipeline", path: Path) -> None:
+    """The pipeline's `load_lora_weights(path)`, without NO_TEXT_ENCODER_LORA where the file
+    holds UNet weights only."""
+    try:
+        with safe_open(path, "pt") as handle:
+            keys = handle.keys()
+    except (OSError, SafetensorError) as err:
+        raise SkindiffError(f"lora_weights {path} is not readable: {err}") from None
+    dropped = [NO_TEXT_ENCODER_LORA] if all(key.startswith("unet.") for key in keys) else []
+    with without_messages(*dropped):
+        pipeline.load_lora_weights(str(path))

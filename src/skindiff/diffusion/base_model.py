@@ -105,7 +105,6 @@ BUILTIN_CONFIGS = {
 # Built-in pretrained models, shipped in the package as diffusers folders.
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 PRETRAINED_MODELS = {"tiny": PRETRAINED_DIR / "tiny"}
-BUILTIN_NAMES = (*PRETRAINED_MODELS, *BUILTIN_CONFIGS)
 
 
 def build_builtin_pipeline(name: str, seed: int = 0) -> StableDiffusionPipeline:

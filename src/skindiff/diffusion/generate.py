@@ -51,7 +51,13 @@ from skindiff.core.manifest import IMAGE_COLUMNS, require_columns, usable_as_fil
 from skindiff.core.seeding import image_seed
 from skindiff.data.fitzpatrick import DARK_FST
 from skindiff.data.images import load_rgb
-from skindiff.diffusion.adapters import embedding_files, embedding_width, lora_weights_file
+from skindiff.diffusion.adapters import (
+    embedding_files,
+    embedding_width,
+    load_lora,
+    load_token_embeddings,
+    lora_weights_file,
+)
 from skindiff.diffusion.base_model import base_model_fingerprint, resolve_base_model
 from skindiff.diffusion.config import GenerateConfig, Pipeline, SchedulerName
 from skindiff.diffusion.prompts import SKIN_TYPE_PHRASES, placeholder_token, skin_prompt
@@ -209,10 +215,10 @@ def load_pipeline(
                 f"embedding file {path} has width {embedding_width(path)}, base_model "
                 f"expects {width}",
             )
-        pipe.load_textual_inversion([str(path) for path in embeddings])
+        load_token_embeddings(pipe, [str(path) for path in embeddings])
     if lora_file is not None:
         try:
-            pipe.load_lora_weights(str(lora_file))
+            load_lora(pipe, lora_file)
         except (ValueError, RuntimeError, KeyError) as err:
             raise SkindiffError(
                 f"lora_weights {lora_file} do not fit the base_model: {err}"

@@ -41,6 +41,7 @@ from skindiff.core.distributed import process_state
 from skindiff.core.files import atomic_directory, claim_folder, work_folder_lock, write_atomic
 from skindiff.core.seeding import seeded_generator, seeded_global_rng
 from skindiff.core.settings import Precision
+from skindiff.diffusion.adapters import load_token_embeddings
 from skindiff.diffusion.base_model import resolve_base_model
 from skindiff.diffusion.config import MicroBatchPasses
 from skindiff.diffusion.tokenizer import MAX_LENGTH
@@ -138,7 +139,7 @@ def add_token_embeddings(
     which names the vectors of a multi-vector token `<x>`, `<x>_1`, ..."""
     try:
         with seeded_global_rng(0):
-            pipeline.load_textual_inversion([{token: e} for token, e in embeddings.items()])
+            load_token_embeddings(pipeline, [{token: e} for token, e in embeddings.items()])
     except ValueError as err:
         raise SkindiffError(f"cannot add the tokens {', '.join(embeddings)}: {err}") from None
 

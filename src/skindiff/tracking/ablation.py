@@ -21,11 +21,11 @@ from skindiff.diffusion.config import (
     GenerationMode,
 )
 from skindiff.options import ABLATION, ABLATION_STUDY, StudyConfigs
+from skindiff.plans import AblationPlan, EvaluateConfig
 from skindiff.tracking.evaluate import run_evaluate
 from skindiff.tracking.generate import ensure_generator_chain
 from skindiff.tracking.names import ABLATION_FILE, CLASSIFIER_MODEL, Stage, split_artifact
 from skindiff.tracking.prepare import ensure_prepare
-from skindiff.tracking.settings import AblationPlan, EvaluateConfig
 from skindiff.tracking.stage import open_stage_run
 from skindiff.tracking.train_classifier import check_classifiers, run_train_classifier
 

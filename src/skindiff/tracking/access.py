@@ -48,6 +48,6 @@ def refused_access(err: BaseException) -> str | None:
     if status == 403:
         return (
             f"{server} denied user {user!r} permission: log to an experiment of your own "
-            "(MLFLOW_EXPERIMENT_NAME creates it) or ask the server's admin for EDIT on this one"
+            "(--experiment-name NAME creates it) or ask the server's admin for EDIT on this one"
         )
     return None

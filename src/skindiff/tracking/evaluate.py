@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import mlflow
-import mlflow.pytorch
 import pandas as pd
 
 from skindiff.classify.metrics import classification_metrics, confusion_matrix_figure
@@ -22,8 +21,9 @@ from skindiff.data.images import check_images
 from skindiff.data.metadata import read_metadata
 from skindiff.errors import SkindiffError
 from skindiff.options import EVALUATE
+from skindiff.plans import EvaluateConfig
+from skindiff.tracking.classifier_model import load_classifier
 from skindiff.tracking.names import PREDICTIONS_DIR, Stage, confusion_figure
-from skindiff.tracking.settings import EvaluateConfig
 from skindiff.tracking.stage import StageCall, StageInputs, run_stage
 
 ARTIFACT_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:")
@@ -98,7 +98,7 @@ def run_evaluate(config: EvaluateConfig, *, reuse: bool = False) -> str:
         return StageInputs(digests={"model": info.model_uuid, "rows": _rows_digest(loaded["rows"])})
 
     def work(inputs: StageInputs, key: str) -> None:
-        model = mlflow.pytorch.load_model(config.model_uri, map_location="cpu")
+        model = load_classifier(config.model_uri)
         labels = loaded["labels"]
         predictions = predict(
             model, loaded["rows"], labels, loaded["image_size"], config.batch_size

@@ -15,7 +15,8 @@ import yaml
 from skindiff.core.settings import as_text
 from skindiff.errors import SkindiffError
 from skindiff.tracking.names import FROZEN_PARAMS_FILE, Stage
-from skindiff.tracking.runs import download_run_dir, require_stage_run
+from skindiff.tracking.runs import download_run_dir
+from skindiff.tracking.stage import require_stage_run
 
 
 def write_frozen_params(params: Mapping[str, str], path: Path) -> Path:

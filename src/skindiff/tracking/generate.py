@@ -20,6 +20,7 @@ from skindiff.diffusion.figures import real_synthetic_pairs, skin_tone_histogram
 from skindiff.diffusion.generate import IMAGE_DIR, generate_synthetic
 from skindiff.diffusion.skin_tone_check import skin_tone_metrics, with_source_itas
 from skindiff.options import DATA, GENERATE, LORA, TEXTUAL_INVERSION
+from skindiff.plans import UpstreamRuns
 from skindiff.tracking.lora import run_lora
 from skindiff.tracking.names import (
     EMBEDDINGS_DIR,
@@ -31,12 +32,17 @@ from skindiff.tracking.names import (
     SYNTHETIC_GRID,
     SYNTHETIC_MANIFEST,
     Stage,
-    upstream_tag,
 )
 from skindiff.tracking.registry import MODEL_SETTINGS, fetch_generator
-from skindiff.tracking.runs import download_run_dir, fetch_upstream, require_stage_run
-from skindiff.tracking.settings import UpstreamRuns
-from skindiff.tracking.stage import StageCall, StageInputs, run_stage, work_dir
+from skindiff.tracking.runs import download_run_dir, fetch_upstream
+from skindiff.tracking.stage import (
+    StageCall,
+    StageInputs,
+    require_stage_run,
+    run_stage,
+    upstream_run_id,
+    work_dir,
+)
 from skindiff.tracking.textual_inversion import generator_inputs, run_textual_inversion
 
 
@@ -69,6 +75,7 @@ def run_generate(
         f"{data.scenario}/seed-{data.seed}/{Stage.GENERATE}/{config.mode}",
         GENERATE.values(config),
         context,
+        f"{config.num_per_image} images per training image",
     )
 
     def resolve() -> StageInputs:
@@ -115,6 +122,7 @@ def _generate_with_model(
             f"{data.scenario}/seed-{data.seed}/{Stage.GENERATE}/generator-model",
             own,
             DATA.values(data) | {"generator_uri": generator_uri},
+            f"{config.num_per_image} images per training image",
         )
 
         def resolve() -> StageInputs:
@@ -176,8 +184,8 @@ def ensure_generator_chain(
     """(textual_inversion, lora, generate) run ids for `config.mode`, each found or run; None
     for an adapter the mode does not use."""
     generate = run_generate(data, ti_config, lora_config, config, prepare_run_id, reuse=True)
-    tags = mlflow.get_run(generate).data.tags
-    ti, lora = (tags.get(upstream_tag(s)) or None for s in (Stage.TEXTUAL_INVERSION, Stage.LORA))
+    run = mlflow.get_run(generate)
+    ti, lora = (upstream_run_id(run, s) for s in (Stage.TEXTUAL_INVERSION, Stage.LORA))
     return ti, lora, generate
 
 

@@ -33,7 +33,11 @@ def run_lora(
     context = DATA.values(data) | (TEXTUAL_INVERSION.values(ti_config) if ti_config else {})
     context |= {"ti_run_id": as_text(ti_run_id)}
     call = StageCall(
-        Stage.LORA, f"{data.scenario}/seed-{data.seed}/{Stage.LORA}", LORA.values(config), context
+        Stage.LORA,
+        f"{data.scenario}/seed-{data.seed}/{Stage.LORA}",
+        LORA.values(config),
+        context,
+        f"{config.max_train_steps} steps",
     )
 
     def resolve() -> StageInputs:

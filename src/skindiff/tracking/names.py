@@ -107,7 +107,6 @@ FROZEN_PARAMS_FILE = "frozen_params.yaml"
 # Models.
 CLASSIFIER_MODEL = "model"
 GENERATOR_MODEL = "generator"
-DEFAULT_REGISTERED_MODEL = "skin-diff-generator"
 CHAMPION_ALIAS = "champion"
 
 # tune: the protocol a tune run scored trials by ("paper", "exclude-test-of-ii,iii").

@@ -20,21 +20,19 @@ from skindiff.classify.config import Arch, TrainType
 from skindiff.data.config import Scenario
 from skindiff.errors import SkindiffError
 from skindiff.options import MAIN_STUDY, STUDY, StudyConfigs
+from skindiff.plans import StudyPlan
 from skindiff.tracking.frozen import read_frozen_params, tune_run_frozen_params
 from skindiff.tracking.generate import ensure_generator_chain
 from skindiff.tracking.names import (
-    ENTRY_POINT_TAG,
     FROZEN_PARAM_PREFIX,
     FROZEN_PARAMS_TAG,
-    PARENT_RUN_TAG,
     RESULTS_FILE,
     SCENARIO_TAG,
     Stage,
 )
 from skindiff.tracking.prepare import ensure_prepare
 from skindiff.tracking.registry import generator_frozen_params
-from skindiff.tracking.settings import StudyPlan
-from skindiff.tracking.stage import open_stage_run
+from skindiff.tracking.stage import child_runs, open_stage_run
 from skindiff.tracking.train_classifier import check_classifiers, run_train_classifier
 
 logger = logging.getLogger(__name__)
@@ -102,12 +100,12 @@ def run_main(plan: StudyPlan, configs: StudyConfigs) -> dict[tuple[Scenario, int
             mlflow.log_params({FROZEN_PARAM_PREFIX + name: value for name, value in frozen.items()})
             mlflow.set_tag(FROZEN_PARAMS_TAG, plan.frozen_params)
         for scenario, seed in pairs:
-            with mlflow.start_run(
-                run_name=f"{scenario}/seed-{seed}",
-                nested=True,
-                tags={ENTRY_POINT_TAG: str(Stage.MAIN), SCENARIO_TAG: str(scenario)},
+            with open_stage_run(
+                Stage.MAIN,
+                f"{scenario}/seed-{seed}",
+                {"scenario": str(scenario), "seed": str(seed)},
+                {SCENARIO_TAG: str(scenario)},
             ) as parent:
-                mlflow.log_params({"scenario": str(scenario), "seed": seed})
                 try:
                     runs = _run_pair(configs.for_pair(scenario, seed), plan)
                 except Exception as err:
@@ -145,11 +143,7 @@ def _stopped(parent_run_id: str, err: Exception) -> SkindiffError:
     """The one-line reason the pipeline stopped: which stage run failed, and why."""
     if not isinstance(err, SkindiffError):
         logger.error("unexpected failure", exc_info=err)
-    failed = mlflow.search_runs(
-        filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}' "
-        "and attributes.status = 'FAILED'",
-        output_format="list",
-    )
+    failed = child_runs(mlflow.get_run(parent_run_id), "FAILED")
     where = ", ".join(f"{run.info.run_name} (run {run.info.run_id})" for run in failed)
     return SkindiffError(
         f"main stopped: {where or 'a stage'} failed: {err}. Finished stages are kept; run the "

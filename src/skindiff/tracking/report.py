@@ -8,7 +8,6 @@ classifier runs) and, per seed, from the newest FINISHED `ablation` run that has
 """
 
 import logging
-import os
 import tempfile
 from collections.abc import Callable
 from functools import cache
@@ -21,6 +20,7 @@ from mlflow.entities import Experiment, Run
 from skindiff.core.manifest import slug
 from skindiff.errors import SkindiffError
 from skindiff.options import REPORT
+from skindiff.plans import ReportConfig
 from skindiff.report import (
     METRICS,
     SKIN_TONE_COLUMNS,
@@ -32,10 +32,8 @@ from skindiff.report import (
 from skindiff.tracking.ablation import COLUMNS as ABLATION_COLUMNS
 from skindiff.tracking.names import (
     ABLATION_FILE,
-    ENTRY_POINT_TAG,
     FROZEN_PARAM_PREFIX,
     FROZEN_PARAMS_TAG,
-    PARENT_RUN_TAG,
     REPORT_EXPERIMENT_TAG,
     RESULTS_FILE,
     SCENARIO_TAG,
@@ -43,10 +41,8 @@ from skindiff.tracking.names import (
     SYNTHETIC_GRID,
     TUNE_PROTOCOL_TAG,
     Stage,
-    upstream_tag,
 )
-from skindiff.tracking.settings import ReportConfig
-from skindiff.tracking.stage import open_stage_run
+from skindiff.tracking.stage import finished_runs, open_stage_run, parent_run_id, upstream_run_id
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +83,11 @@ FIGURE_2_SCENARIOS = ("i", "ii", "iii")
 
 
 def resolve_experiment(experiment: str | None) -> Experiment:
-    """The experiment named `experiment`, or with that id; empty: the current one
-    (MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME, else Default)."""
+    """The experiment named `experiment`, or with that id; empty: the one the report run goes
+    to (the command's experiment_name, or the run `mlflow run` opened)."""
     if not experiment:
-        by_id = os.environ.get("MLFLOW_EXPERIMENT_ID", "")
-        experiment = by_id or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
+        # MLflow's own choice for the next run: what `use_experiment` set, or the environment's.
+        return mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id())
     found = mlflow.get_experiment_by_name(experiment)
     if found is None and experiment.isdigit():
         try:
@@ -126,16 +122,6 @@ def _run(run_id: str) -> Run:
     return mlflow.get_run(run_id)
 
 
-def _finished_runs(experiment_id: str, stage: Stage) -> list[Run]:
-    """FINISHED runs of `stage`, newest first."""
-    return mlflow.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{ENTRY_POINT_TAG}` = '{stage}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        output_format="list",
-    )
-
-
 def _artifact(run_id: str, path: str, read: Callable[[Path], object]) -> object | None:
     """`read(local file)` of a run's artifact, or None (with a warning) where it has none."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +141,7 @@ def _table(run_id: str, path: str) -> pd.DataFrame | None:
 
 def _main_call(pair: Run) -> Run | None:
     """The `main` run a pair run belongs to (None for a pair without one)."""
-    parent = pair.data.tags.get(PARENT_RUN_TAG)
+    parent = parent_run_id(pair)
     return _run(parent) if parent else None
 
 
@@ -176,7 +162,7 @@ def _tuning(pair: Run) -> tuple[str | None, str | None]:
 def _test_sizes(classifier: Run) -> tuple[float, float]:
     """(test images, test images per class where every class has as many, else NaN) from the
     prepare run the classifier was trained from (NaN, NaN without one)."""
-    prepare = classifier.data.tags.get(upstream_tag(Stage.PREPARE))
+    prepare = upstream_run_id(classifier, Stage.PREPARE)
     if not prepare:
         return float("nan"), float("nan")
     metrics = _run(prepare).data.metrics
@@ -211,7 +197,7 @@ def _figure_2(rows: pd.DataFrame, folder: Path) -> Path | None:
     synthetic = rows[rows["train_type"] != "real"]
     for scenario in FIGURE_2_SCENARIOS:
         for run_id in synthetic[synthetic["scenario"] == scenario].sort_values("seed")["run_id"]:
-            generate = _run(run_id).data.tags.get(upstream_tag(Stage.GENERATE))
+            generate = upstream_run_id(_run(run_id), Stage.GENERATE)
             if generate:
                 grid = f"{SYNTHETIC_DIR}/{SYNTHETIC_GRID}"
                 target = folder / f"figure2_{generate}.png"
@@ -236,11 +222,11 @@ def _skin_tones(scores: pd.DataFrame) -> pd.DataFrame:
     rows = []
     synthetic = scores[scores["train_type"] != "real"]
     for (scenario, seed), runs in synthetic.groupby(["scenario", "seed"]):
-        generate_id = _run(runs["run_id"].iloc[0]).data.tags.get(upstream_tag(Stage.GENERATE))
+        generate_id = upstream_run_id(_run(runs["run_id"].iloc[0]), Stage.GENERATE)
         if not generate_id:
             continue
         generate = _run(generate_id)
-        prepare_id = generate.data.tags.get(upstream_tag(Stage.PREPARE))
+        prepare_id = upstream_run_id(generate, Stage.PREPARE)
         metrics = {
             Stage.GENERATE: generate.data.metrics,
             Stage.PREPARE: _run(prepare_id).data.metrics if prepare_id else {},
@@ -259,7 +245,7 @@ def classifier_groups(experiment_id: str) -> dict[str, tuple[dict[str, str], pd.
     results.csv (column `main_run_id`: the pair run)."""
     newest: dict[tuple, Run] = {}
     settings_of: dict[str, dict[str, str]] = {}
-    for run in _finished_runs(experiment_id, Stage.MAIN):
+    for run in finished_runs(experiment_id, Stage.MAIN):
         scenario = run.data.tags.get(SCENARIO_TAG)
         if scenario:  # the pair runs, not the parent of a whole `main` call
             call = _main_call(run)
@@ -284,7 +270,7 @@ def ablation_groups(experiment_id: str) -> dict[str, tuple[dict[str, str], pd.Da
     group's newest FINISHED ablation run that has it."""
     tables: dict[str, list[pd.DataFrame]] = {}
     settings_of, seen = {}, {}
-    for run in _finished_runs(experiment_id, Stage.ABLATION):
+    for run in finished_runs(experiment_id, Stage.ABLATION):
         table = _table(run.info.run_id, ABLATION_FILE)
         if table is None:
             continue

@@ -14,23 +14,8 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from skindiff.errors import SkindiffError
-from skindiff.tracking.names import ENTRY_POINT_TAG, Stage, split_artifact
-
-
-def require_stage_run(run_id: str, stage: Stage) -> mlflow.entities.Run:
-    """The FINISHED run `run_id` of `stage`, or a clear error saying what it is instead."""
-    try:
-        run = mlflow.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise SkindiffError(
-            f"{stage} run {run_id!r} not found on {mlflow.get_tracking_uri()}"
-        ) from None
-    found = run.data.tags.get(ENTRY_POINT_TAG)
-    if found != stage:
-        raise SkindiffError(f"run {run_id} is a {found or 'untagged'} run, not a {stage} run")
-    if run.info.status != "FINISHED":
-        raise SkindiffError(f"{stage} run {run_id} is {run.info.status}, not FINISHED")
-    return run
+from skindiff.tracking.names import Stage, split_artifact
+from skindiff.tracking.stage import require_stage_run
 
 
 def fetch_upstream(

@@ -18,6 +18,11 @@ generate`, `mlflow run -e generate`) it opens its run first, so that the upstrea
 to make nest under it. The key also names the stage's work folder in the cache, so a run
 killed mid-way resumes from its checkpoints when the same key is run again.
 
+Every run is opened here (`open_stage_run`: stage runs, and the pair and trial runs above them)
+and found here: by key, by stage, by parent, and through the upstream runs each stage declares
+(`UPSTREAM`), so no other module searches runs by tag. Each stage run says on the console when it
+starts, ends or is re-used, naming its pair (`[ii/seed-42] lora: ...`).
+
 A run's end: it ends FINISHED, or FAILED when its block raises; a command stopped by SIGTERM or
 SIGINT ends the runs it has open KILLED (`end_stopped_runs`, called by the CLI). A SIGKILLed
 process (or one cut off from the tracking server) leaves its runs RUNNING: each run carries the
@@ -30,6 +35,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +50,7 @@ import skindiff
 from skindiff import __version__
 from skindiff.core.files import cache_dir, work_folder_lock
 from skindiff.core.manifest import content_digest
+from skindiff.errors import SkindiffError
 from skindiff.tracking.names import (
     ENTRY_POINT_TAG,
     HOST_TAG,
@@ -57,6 +64,8 @@ from skindiff.tracking.names import (
 )
 
 logger = logging.getLogger(__name__)
+# One line per stage as it starts, ends or is re-used: what a person follows on the console.
+progress = logging.getLogger("skindiff.progress")
 
 # The science packages whose code decides each stage's results (besides the ground floor).
 STAGE_CODE = {
@@ -68,6 +77,16 @@ STAGE_CODE = {
     Stage.EVALUATE: ("data", "classify"),
 }
 GROUND_FLOOR = ("core", "errors.py")
+# The stages whose runs each stage's runs are made from: tagged `skindiff.<stage>_run_id` on
+# its runs (empty where a mode uses none), and the only upstream runs `upstream_run_id` reads.
+UPSTREAM = {
+    Stage.PREPARE: (),
+    Stage.TEXTUAL_INVERSION: (Stage.PREPARE,),
+    Stage.LORA: (Stage.PREPARE, Stage.TEXTUAL_INVERSION),
+    Stage.GENERATE: (Stage.PREPARE, Stage.TEXTUAL_INVERSION, Stage.LORA),
+    Stage.TRAIN_CLASSIFIER: (Stage.PREPARE, Stage.GENERATE),
+    Stage.EVALUATE: (),
+}
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,17 @@ class StageCall:
     run_name: str
     settings: Mapping[str, str]
     context: Mapping[str, str] = field(default_factory=dict)
+    work: str = ""  # what the stage does, for the console: "3000 steps", "20 epochs"
+
+    def console_label(self) -> str:
+        """`[ii/seed-42] lora` from the run name `ii/seed-42/lora`; the stage's own words
+        after the pair (`[i/seed-0] train_classifier tiny/real`)."""
+        parts = self.run_name.split("/")
+        pair = ""
+        if len(parts) > 2 and parts[1].startswith("seed-"):
+            pair, parts = f"[{parts[0]}/{parts[1]}] ", parts[2:]
+        rest = "/".join(parts[1:] if parts[0] == self.stage else parts)
+        return f"{pair}{self.stage}{' ' + rest if rest else ''}"
 
 
 @dataclass
@@ -115,18 +145,37 @@ def run_stage(
                 waiting.enter_context(work_folder_lock(work_dir(call.stage, key)))
                 found = find_finished_run(key)
             if found is not None:
+                progress.info("%s: re-used run %s", call.console_label(), found.info.run_id)
                 return found.info.run_id
         with open_stage_run(call.stage, call.run_name, {**call.context, **call.settings}) as run:
             if inputs is None:
                 inputs = resolve()
                 key = stage_key(call, inputs)
-            mlflow.set_tags(_standard_tags(key, inputs))
+            mlflow.set_tags(_standard_tags(call.stage, key, inputs))
             # One process at a time works on a key: another one waits here, then finds the
             # work done in the work folder. The lock names a holder that died holding it.
             with work_folder_lock(work_dir(call.stage, key), holder=run.info.run_id) as dead:
                 end_stale_runs(key, run.info.run_id, dead)
+                started = time.monotonic()
+                progress.info("%s: %s...", call.console_label(), call.work or "running")
                 work(inputs, key)
+    progress.info(
+        "%s: done in %s, run %s",
+        call.console_label(),
+        duration_text(time.monotonic() - started),
+        run.info.run_id,
+    )
     return run.info.run_id
+
+
+def duration_text(seconds: float) -> str:
+    """`4 min 12 s`, `38 s`, `1 h 02 min`: a duration as a person reads it."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 @contextmanager
@@ -156,13 +205,72 @@ def open_stage_run(
         yield run
 
 
-def _standard_tags(key: str, inputs: StageInputs) -> dict[str, str]:
-    tags = {RUN_KEY_TAG: key}
-    if inputs.prepare_run_id:
-        tags[upstream_tag(Stage.PREPARE)] = inputs.prepare_run_id
-    for stage, run_id in inputs.upstream.items():
-        tags[upstream_tag(stage)] = run_id or ""
-    return tags
+def _standard_tags(stage: Stage, key: str, inputs: StageInputs) -> dict[str, str]:
+    """The key and the declared upstream runs (`UPSTREAM`) of a stage run."""
+    used = {Stage.PREPARE: inputs.prepare_run_id, **inputs.upstream}
+    undeclared = {s for s, run_id in used.items() if run_id} - set(UPSTREAM[stage])
+    if undeclared:
+        raise ValueError(f"{stage} declares no upstream {', '.join(sorted(undeclared))}")
+    return {RUN_KEY_TAG: key} | {
+        upstream_tag(upstream): used.get(upstream) or "" for upstream in UPSTREAM[stage]
+    }
+
+
+def upstream_run_id(run: Run, stage: Stage) -> str | None:
+    """The run of `stage` that `run` was made from (None where its mode used none)."""
+    own = Stage(run.data.tags[ENTRY_POINT_TAG])
+    if stage not in UPSTREAM.get(own, ()):
+        raise ValueError(f"{own} declares no upstream {stage}")
+    return run.data.tags.get(upstream_tag(stage)) or None
+
+
+def require_stage_run(run_id: str, stage: Stage) -> mlflow.entities.Run:
+    """The FINISHED run `run_id` of `stage`, or a clear error saying what it is instead."""
+    try:
+        run = mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise SkindiffError(
+            f"{stage} run {run_id!r} not found on {mlflow.get_tracking_uri()}"
+        ) from None
+    found = run.data.tags.get(ENTRY_POINT_TAG)
+    if found != stage:
+        raise SkindiffError(f"run {run_id} is a {found or 'untagged'} run, not a {stage} run")
+    if run.info.status != "FINISHED":
+        raise SkindiffError(f"{stage} run {run_id} is {run.info.status}, not FINISHED")
+    return run
+
+
+def parent_run_id(run: Run) -> str | None:
+    """The run `run` is nested under, if any."""
+    return run.data.tags.get(PARENT_RUN_TAG) or None
+
+
+def finished_runs(experiment_id: str, stage: Stage) -> list[Run]:
+    """The FINISHED runs of `stage` in an experiment, newest first."""
+    return mlflow.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{ENTRY_POINT_TAG}` = '{stage}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+
+
+def child_runs(parent: Run, status: str | None = None) -> list[Run]:
+    """The runs nested directly under `parent` (with `status`, if given), newest end first."""
+    condition = f"tags.`{PARENT_RUN_TAG}` = '{parent.info.run_id}'"
+    if status:
+        condition += f" and attributes.status = '{status}'"
+    return mlflow.search_runs(
+        [parent.info.experiment_id],
+        condition,
+        order_by=["attributes.end_time DESC"],
+        output_format="list",
+    )
+
+
+def run_tree(run: Run) -> list[Run]:
+    """`run` and every run nested under it, at any depth."""
+    return [run] + [r for child in child_runs(run) for r in run_tree(child)]
 
 
 PACKAGE_ROOT = Path(skindiff.__file__).parent
@@ -309,12 +417,6 @@ def end_stopped_runs(since_ms: int) -> list[str]:
             run.info.run_id, RunStatus.to_string(RunStatus.KILLED), end_time=run.info.end_time
         )
         stopped.append(run.info.run_id)
-        children = mlflow.search_runs(
-            [run.info.experiment_id],
-            f"tags.`{PARENT_RUN_TAG}` = '{run.info.run_id}' and attributes.status = 'FAILED'",
-            order_by=["attributes.end_time DESC"],
-            max_results=1,
-            output_format="list",
-        )
+        children = child_runs(run, "FAILED")
         run = children[0] if children else None
     return stopped

@@ -40,6 +40,8 @@ def run_textual_inversion(
         f"{data.scenario}/seed-{data.seed}/{Stage.TEXTUAL_INVERSION}",
         TEXTUAL_INVERSION.values(config),
         DATA.values(data),
+        f"{len(config.conditions)} tokens, {config.max_train_steps} steps"
+        + (" each" if config.per_token else ""),
     )
 
     def work(inputs: StageInputs, key: str) -> None:

@@ -13,10 +13,10 @@ from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
-import mlflow.pytorch
 import numpy as np
 import torch
 from mlflow.models import infer_signature
+from safetensors.torch import save_file
 
 from skindiff.classify.config import Arch, ClassifierConfig, TrainType, require_validation
 from skindiff.classify.data import build_training_set
@@ -26,6 +26,7 @@ from skindiff.core.settings import as_text
 from skindiff.data.config import PrepareConfig
 from skindiff.diffusion.config import GenerateConfig, LoraConfig, TextualInversionConfig
 from skindiff.options import CLASSIFIER, DATA, GENERATE, LORA, TEXTUAL_INVERSION
+from skindiff.tracking.classifier_model import CODE_FILE, WEIGHTS
 from skindiff.tracking.evaluate import log_evaluation
 from skindiff.tracking.generate import ensure_generator_chain, load_synthetic
 from skindiff.tracking.names import CLASSIFIER_MODEL, SELECTION_TAG, Stage
@@ -36,24 +37,31 @@ SPLITS = ("train", "val", "test")  # what a classifier is trained, selected and 
 
 
 def log_classifier(result: ClassifierResult, config: ClassifierConfig) -> None:
-    """The best epoch's model with its signature, labels and input size (for `evaluate`)."""
+    """The best epoch's model with its signature, labels and input size (for `evaluate`): its
+    weights as safetensors and the code that rebuilds it (classifier_model.py), no pickle."""
     example = np.zeros((1, 3, config.image_size, config.image_size), dtype=np.float32)
     with torch.no_grad():
         output = result.model(torch.from_numpy(example)).numpy()
-    mlflow.pytorch.log_model(
-        result.model,
-        name=CLASSIFIER_MODEL,
-        signature=infer_signature(example, output),
-        input_example=example,
-        # A plain nn.Module on load (the pt2 export format loads as a graph without eval());
-        # the `tiny` architecture's class then comes from the installed skindiff.
-        serialization_format="pickle",
-        # Listed, not inferred: inference re-loads the model in a subprocess, slowly.
-        # Installed distribution versions: `torch.__version__` carries a local label (+cu130)
-        # that pip metadata lacks, and MLflow warns about the mismatch at every load.
-        pip_requirements=[f"{name}=={version(name)}" for name in ("torch", "torchvision")],
-        metadata={"labels": list(result.labels), "image_size": config.image_size},
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "model.safetensors"
+        # safetensors takes contiguous tensors only; a CPU-trained model's are channels-last.
+        save_file({k: v.contiguous() for k, v in result.model.state_dict().items()}, weights)
+        mlflow.pyfunc.log_model(
+            name=CLASSIFIER_MODEL,
+            python_model=CODE_FILE,
+            artifacts={WEIGHTS: str(weights)},
+            model_config={"arch": str(config.arch), "num_classes": len(result.labels)},
+            signature=infer_signature(example, output),
+            input_example=example,
+            # Listed, not inferred: inference re-loads the model in a subprocess, slowly.
+            # Installed distribution versions: `torch.__version__` carries a local label
+            # (+cu130) that pip metadata lacks, and MLflow warns about the mismatch at every
+            # load.
+            pip_requirements=[
+                f"{name}=={version(name)}" for name in ("torch", "torchvision", "safetensors")
+            ],
+            metadata={"labels": list(result.labels), "image_size": config.image_size},
+        )
 
 
 def check_classifiers(data: PrepareConfig, config: ClassifierConfig, archs: Iterable[Arch]) -> None:
@@ -99,6 +107,7 @@ def run_train_classifier(
         f"{data.scenario}/seed-{data.seed}/{config.arch}/{config.train_type}",
         CLASSIFIER.values(config),
         context,
+        f"{config.epochs} epochs",
     )
 
     def resolve() -> StageInputs:

@@ -38,7 +38,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import sqlalchemy
-from mlflow.entities import Run, RunStatus
+from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
 from skindiff.classify.config import Selection, TrainType
@@ -46,16 +46,15 @@ from skindiff.core.settings import as_text
 from skindiff.data.config import PrepareConfig, Scenario
 from skindiff.errors import SkindiffError, require
 from skindiff.options import TUNE, StudyConfigs
+from skindiff.plans import TuneConfig
 from skindiff.search_space import Dimension, load_search_space
 from skindiff.tracking.frozen import write_frozen_params
 from skindiff.tracking.generate import ensure_generator_chain
 from skindiff.tracking.names import (
     BEST_TRIAL_TAG,
     BEST_VALUE_TAG,
-    ENTRY_POINT_TAG,
     FROZEN_PARAMS_FILE,
     FROZEN_TAG_PREFIX,
-    PARENT_RUN_TAG,
     STORAGE_TAG,
     STUDY_TAG,
     TRIAL_TAG,
@@ -65,8 +64,7 @@ from skindiff.tracking.names import (
 )
 from skindiff.tracking.prepare import ensure_prepare
 from skindiff.tracking.registry import log_generator_model, register_generator
-from skindiff.tracking.settings import TuneConfig
-from skindiff.tracking.stage import open_stage_run
+from skindiff.tracking.stage import open_stage_run, parent_run_id, run_tree
 from skindiff.tracking.train_classifier import check_classifiers, run_train_classifier
 
 logger = logging.getLogger(__name__)
@@ -264,17 +262,13 @@ def _trial(trial: optuna.Trial, configs: StudyConfigs, space: list[Dimension]) -
         logger.warning("trial %d is infeasible: %s", trial.number, err)
         trial.set_user_attr(INFEASIBLE_ATTR, str(err))
         return float("nan")
-    with mlflow.start_run(
-        run_name=f"{Stage.TUNE}/trial-{trial.number}",
-        nested=True,
-        tags={
-            ENTRY_POINT_TAG: str(Stage.TUNE),
-            STUDY_TAG: trial.study.study_name,
-            TRIAL_TAG: str(trial.number),
-        },
+    with open_stage_run(
+        Stage.TUNE,
+        f"{Stage.TUNE}/trial-{trial.number}",
+        values,
+        {STUDY_TAG: trial.study.study_name, TRIAL_TAG: str(trial.number)},
     ) as run:
         trial.set_user_attr(TRIAL_RUN_ATTR, run.info.run_id)
-        mlflow.log_params(values)
         try:
             value = _objective(trial, configs)
         except optuna.TrialPruned:
@@ -324,22 +318,14 @@ def fail_and_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None
         client = mlflow.MlflowClient()
         try:
             trial_run = client.get_run(run_id)
-            worker = trial_run.data.tags.get(PARENT_RUN_TAG)
-            dead = _run_tree(client, trial_run) + ([client.get_run(worker)] if worker else [])
+            worker = parent_run_id(trial_run)
+            dead = run_tree(trial_run) + ([client.get_run(worker)] if worker else [])
             for run in dead:
                 if run.info.status == "RUNNING":
                     client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
         except MlflowException as err:
             logger.warning("trial %d: its MLflow runs not marked FAILED: %s", trial.number, err)
     optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
-
-
-def _run_tree(client: mlflow.MlflowClient, run: Run) -> list[Run]:
-    """`run` and every run nested under it."""
-    children = client.search_runs(
-        [run.info.experiment_id], f"tags.`{PARENT_RUN_TAG}` = '{run.info.run_id}'"
-    )
-    return [run] + [r for child in children for r in _run_tree(client, child)]
 
 
 def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:

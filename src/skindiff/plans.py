@@ -1,5 +1,5 @@
-"""Settings of the tracked commands beyond the science stages' own configs: which runs to
-chain, what `main`, `ablation`, `tune`, `evaluate` and `report` cover.
+"""Plans of the tracked commands beyond the science stages' own configs: which runs to chain,
+what `main`, `ablation`, `tune`, `evaluate` and `report` cover.
 
 Like the stage configs, these import neither MLflow nor torch, so `skindiff --help` is fast.
 """
@@ -8,12 +8,14 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from skindiff.classify.config import PAPER_ARCHS, Arch, TrainType
+from skindiff.classify.config import ARCH_CHOICES, PAPER_ARCHS, Arch, TrainType
 from skindiff.core.settings import Settings, check_seed, setting
 from skindiff.data.config import Scenario
 from skindiff.data.fitzpatrick import DARK_FST, LIGHT_FST, PAPER_SEEDS
 from skindiff.errors import require
-from skindiff.tracking.names import DEFAULT_REGISTERED_MODEL
+
+# The registered model `tune` adds its best generator to, unless told another.
+DEFAULT_REGISTERED_MODEL = "skin-diff-generator"
 
 
 def _run_id_help(stage: str, options: str) -> str:
@@ -21,6 +23,24 @@ def _run_id_help(stage: str, options: str) -> str:
         f"Id of a finished {stage} run to use. Empty: find a finished {stage} run with the "
         f"same inputs and {options}, or run it first."
     )
+
+
+DEFAULT_EXPERIMENT = "skindiff"
+
+
+@dataclass(frozen=True)
+class TrackingConfig(Settings):
+    """Where a command's runs go."""
+
+    experiment_name: str = setting(
+        DEFAULT_EXPERIMENT,
+        "MLflow experiment the runs go to, created if new. Under `mlflow run`, the experiment "
+        "of the run it opened (give `mlflow run --experiment-name skindiff`).",
+        env="MLFLOW_EXPERIMENT_NAME",
+    )
+
+    def check(self) -> None:
+        require(bool(self.experiment_name.strip()), "experiment_name is empty")
 
 
 @dataclass(frozen=True)
@@ -59,7 +79,9 @@ class StudyPlan(Settings):
         PAPER_SEEDS, "Comma list of repeat seeds (the paper's: 0,42,123,1111,1234)."
     )
     archs: tuple[Arch, ...] = setting(
-        PAPER_ARCHS, "Comma list of classifier architectures (vgg16, resnet18, vit_b_16, tiny)."
+        PAPER_ARCHS,
+        "Comma list of classifier architectures (vgg16, resnet18, vit_b_16, tiny, "
+        "timm:<model name> such as timm:convnext_tiny).",
     )
     train_types: tuple[TrainType, ...] = setting(
         tuple(TrainType), "Comma list of classifier training sets: real, syn, real+syn."
@@ -81,7 +103,7 @@ class StudyPlan(Settings):
     def check(self) -> None:
         for name, choices in (
             ("scenarios", "i, ii, iii"),
-            ("archs", ", ".join(Arch)),
+            ("archs", ARCH_CHOICES),
             ("train_types", ", ".join(TrainType)),
         ):
             require(bool(getattr(self, name)), f"{name} must be a comma list of {choices}, got ''")
@@ -123,7 +145,7 @@ class ReportConfig(Settings):
     experiment: str | None = setting(
         None,
         "Experiment (name or id) whose finished main and ablation runs to report. Empty: the "
-        "current one (MLFLOW_EXPERIMENT_ID / MLFLOW_EXPERIMENT_NAME, else Default).",
+        "one the report run goes to (experiment_name).",
     )
     output_dir: str = setting(
         "report",
