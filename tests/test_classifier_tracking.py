@@ -5,6 +5,7 @@ from pathlib import Path
 
 import mlflow
 import mlflow.pytorch
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -12,13 +13,20 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_sc
 
 from conftest import CONDITIONS, fast_configs, mlflow_run, runs_by_stage
 from skindiff.classify.config import ClassifierConfig
+from skindiff.classify.models import build_classifier
+from skindiff.classify.train import ClassifierResult, placed_with_optimizer
 from skindiff.data.config import PrepareConfig
 from skindiff.errors import SkindiffError
+from skindiff.plans import EvaluateConfig
+from skindiff.tracking.classifier_model import load_classifier
 from skindiff.tracking.evaluate import run_evaluate
 from skindiff.tracking.generate import run_generate
 from skindiff.tracking.prepare import run_prepare
-from skindiff.plans import EvaluateConfig
-from skindiff.tracking.train_classifier import check_classifiers, run_train_classifier
+from skindiff.tracking.train_classifier import (
+    check_classifiers,
+    log_classifier,
+    run_train_classifier,
+)
 
 CLASSIFIER = {
     "conditions": ",".join(CONDITIONS),
@@ -151,6 +159,46 @@ def test_evaluate_refuses_what_is_not_a_classifier(tracking: str) -> None:
         EvaluateConfig(model_uri="runs:/x/model")
     with pytest.raises(SkindiffError, match="model_uri is empty"):
         EvaluateConfig(manifest="x.csv")
+
+
+@pytest.mark.parametrize("arch", ["tiny", "vit_b_16"])
+def test_a_classifier_is_logged_and_loaded_without_pickle(
+    tracking: str, library_log: pytest.LogCaptureFixture, recwarn, tmp_path: Path, arch: str
+) -> None:
+    """Weights as safetensors and the code that rebuilds them: nothing pickled, no word about
+    pickle, and the model loads, for `evaluate` and through mlflow.pyfunc, with the trained
+    model's logits bit for bit."""
+    size = 224 if arch == "vit_b_16" else 32
+    torch.manual_seed(0)
+    model = build_classifier(arch, len(CONDITIONS), "none", "full")
+    placed_with_optimizer(model, torch.device("cpu"), 1e-3)  # the layout training leaves
+    model(torch.randn(4, 3, size, size))  # batch norm statistics that are not the initial ones
+    model.eval()
+    result = ClassifierResult(model, CONDITIONS, pd.DataFrame(), 1, None, pd.DataFrame())
+    with mlflow.start_run() as run:
+        log_classifier(result, ClassifierConfig(arch=arch, weights="none", image_size=size))
+    uri = f"runs:/{run.info.run_id}/model"
+    images = torch.randn(3, 3, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = model(images)
+        assert torch.equal(load_classifier(uri)(images), expected)
+    assert np.array_equal(mlflow.pyfunc.load_model(uri).predict(images.numpy()), expected.numpy())
+
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path)))
+    files = {str(path.relative_to(local)) for path in local.rglob("*") if path.is_file()}
+    assert {"artifacts/model.safetensors", "classifier_code.py"} <= files
+    assert not [name for name in files if name.endswith((".pkl", ".pt", ".pth"))]
+    said = [r.getMessage() for r in library_log.records] + [str(w.message) for w in recwarn]
+    assert not [text for text in said if "pickle" in text.lower()]
+    assert not [r.getMessage() for r in library_log.records if r.name.startswith("mlflow")]
+
+    # A classifier logged by an earlier skindiff: a pickled mlflow.pytorch model.
+    with mlflow.start_run() as run:
+        mlflow.pytorch.log_model(
+            model, name="model", serialization_format="pickle", pip_requirements=["torch"]
+        )
+    with torch.inference_mode():
+        assert torch.equal(load_classifier(f"runs:/{run.info.run_id}/model")(images), expected)
 
 
 def test_classifier_settings_are_checked_before_anything_runs(tmp_path, monkeypatch) -> None:

@@ -25,6 +25,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch._dynamo.utils import counters
+from transformers.utils.logging import warning_once
 
 from conftest import stock_tiny_pipeline
 from skindiff.core.library_logs import LibraryMessage, without_messages
@@ -412,6 +413,7 @@ def test_adapters_load_without_the_library_notes_that_do_not_apply(
 
     # The stock calls log both: what the console would show without skindiff's filters.
     library_log.clear()
+    warning_once.cache_clear()  # transformers logs its note once per process
     stock = stock_tiny_pipeline()
     stock.load_textual_inversion([str(path) for path in embeddings])
     stock.load_lora_weights(str(lora_file))

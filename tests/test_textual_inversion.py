@@ -22,13 +22,14 @@ from conftest import (
 )
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.diffusion import textual_inversion
-from skindiff.diffusion.adapters import token_file_name
+from skindiff.diffusion.adapters import NEW_EMBEDDINGS_NOTE, token_file_name
 from skindiff.diffusion.base_model import resolve_base_model
 from skindiff.diffusion.textual_inversion import (
     TextualInversionConfig,
     train_textual_inversion,
 )
 from skindiff.diffusion.train_data import ManifestImageDataset
+from skindiff.diffusion.training import add_token_embeddings, token_ids
 from skindiff.errors import SkindiffError
 
 # Small and quick, with a learning rate that moves the tokens measurably in 6 steps.
@@ -256,6 +257,20 @@ def test_multi_vector_tokens_load_with_the_stock_loader(train, tmp_path):
     pipeline.load_textual_inversion(str(result.embeddings_dir / "psoriasis.safetensors"))
     assert pipeline.maybe_convert_prompt(PROMPT, pipeline.tokenizer) == PROMPT + " <psoriasis>_1"
     assert sample_image(pipeline, PROMPT).shape == (1, 32, 32, 3)
+
+
+def test_new_tokens_are_added_without_transformers_note_on_their_initial_rows(
+    library_log: pytest.LogCaptureFixture,
+):
+    """The note says how the vocabulary's new rows start; the embeddings overwrite them."""
+    pipeline = stock_tiny_pipeline()
+    width = pipeline.text_encoder.get_input_embeddings().weight.shape[-1]
+    embedding = torch.randn(2, width)
+    add_token_embeddings(pipeline, {"<psoriasis>": embedding})
+    rows = pipeline.text_encoder.get_input_embeddings().weight[token_ids(pipeline, "<psoriasis>")]
+    assert torch.equal(rows, embedding)
+    logged = [record.getMessage() for record in library_log.records]
+    assert not [text for text in logged if text.startswith(NEW_EMBEDDINGS_NOTE.start)]
 
 
 @pytest.mark.parametrize(

@@ -85,9 +85,9 @@ def fixed_input_size(arch: Arch) -> int | None:
     other models with position embeddings)."""
     if arch.timm_name is None:
         return FIXED_INPUT_SIZE.get(arch)
-    import timm
+    from skindiff.classify.timm_backbones import pretrained_config  # imports timm
 
-    config = timm.models.get_pretrained_cfg(arch.timm_name)
+    config = pretrained_config(arch.timm_name)
     return config.input_size[-1] if config.fixed_input_size else None
 
 

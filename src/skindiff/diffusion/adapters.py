@@ -98,7 +98,7 @@ def load_token_embeddings(
 ) -> None:
     """The pipeline's `load_textual_inversion(embeddings)` (files, or `{token: tensor}`s),
     without NEW_EMBEDDINGS_NOTE."""
-    with without_messages(NEW_EMBEDDINGS_NOTE):
+    with without_messages():
         pipeline.load_textual_inversion(embeddings)
 
 

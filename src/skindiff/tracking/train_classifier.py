@@ -22,6 +22,7 @@ from skindiff.classify.config import Arch, ClassifierConfig, TrainType, require_
 from skindiff.classify.data import build_training_set
 from skindiff.classify.models import require_imagenet_files
 from skindiff.classify.train import ClassifierResult, train_classifier
+from skindiff.core.library_logs import LibraryMessage, without_messages
 from skindiff.core.settings import as_text
 from skindiff.data.config import PrepareConfig
 from skindiff.diffusion.config import GenerateConfig, LoraConfig, TextualInversionConfig
@@ -34,6 +35,9 @@ from skindiff.tracking.prepare import split_inputs
 from skindiff.tracking.stage import StageCall, StageInputs, run_stage
 
 SPLITS = ("train", "val", "test")  # what a classifier is trained, selected and scored on
+# MLflow's note, at every classifier logged, that it checks the input example against the
+# signature (a mismatch raises).
+CHECKING_EXAMPLE = LibraryMessage("mlflow.pyfunc", "Validating input example against")
 
 
 def log_classifier(result: ClassifierResult, config: ClassifierConfig) -> None:
@@ -42,26 +46,28 @@ def log_classifier(result: ClassifierResult, config: ClassifierConfig) -> None:
     example = np.zeros((1, 3, config.image_size, config.image_size), dtype=np.float32)
     with torch.no_grad():
         output = result.model(torch.from_numpy(example)).numpy()
+    packages = ["torch", "torchvision", "safetensors"]
+    if config.arch.timm_name:
+        packages.append("timm")
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "model.safetensors"
         # safetensors takes contiguous tensors only; a CPU-trained model's are channels-last.
         save_file({k: v.contiguous() for k, v in result.model.state_dict().items()}, weights)
-        mlflow.pyfunc.log_model(
-            name=CLASSIFIER_MODEL,
-            python_model=CODE_FILE,
-            artifacts={WEIGHTS: str(weights)},
-            model_config={"arch": str(config.arch), "num_classes": len(result.labels)},
-            signature=infer_signature(example, output),
-            input_example=example,
-            # Listed, not inferred: inference re-loads the model in a subprocess, slowly.
-            # Installed distribution versions: `torch.__version__` carries a local label
-            # (+cu130) that pip metadata lacks, and MLflow warns about the mismatch at every
-            # load.
-            pip_requirements=[
-                f"{name}=={version(name)}" for name in ("torch", "torchvision", "safetensors")
-            ],
-            metadata={"labels": list(result.labels), "image_size": config.image_size},
-        )
+        with without_messages(CHECKING_EXAMPLE):
+            mlflow.pyfunc.log_model(
+                name=CLASSIFIER_MODEL,
+                python_model=CODE_FILE,
+                artifacts={WEIGHTS: str(weights)},
+                model_config={"arch": str(config.arch), "num_classes": len(result.labels)},
+                signature=infer_signature(example, output),
+                input_example=example,
+                # Listed, not inferred: inference re-loads the model in a subprocess, slowly.
+                # Installed distribution versions: `torch.__version__` carries a local label
+                # (+cu130) that pip metadata lacks, and MLflow warns about the mismatch at every
+                # load.
+                pip_requirements=[f"{name}=={version(name)}" for name in packages],
+                metadata={"labels": list(result.labels), "image_size": config.image_size},
+            )
 
 
 def check_classifiers(data: PrepareConfig, config: ClassifierConfig, archs: Iterable[Arch]) -> None:
