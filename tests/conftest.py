@@ -132,7 +132,9 @@ def fast_configs(seed: int = 0) -> tuple:
     return data, ti, lora, generate
 
 
-def mlflow_run(entry_point: str, experiment_id: str, cwd: Path, **params: str) -> None:
+def mlflow_run(entry_point: str, experiment_id: str, cwd: Path, **params: str) -> str:
+    """Runs an entry point with `mlflow run` (in the experiment given); returns its console
+    (stdout and stderr)."""
     args = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry_point]
     args += ["--env-manager", "local", "--experiment-id", experiment_id]
     for key, value in params.items():
@@ -141,6 +143,7 @@ def mlflow_run(entry_point: str, experiment_id: str, cwd: Path, **params: str) -
         args, cwd=cwd, env=os.environ.copy(), capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout + done.stderr
 
 
 def runs_by_stage(experiment_id: str) -> dict[str, list]:

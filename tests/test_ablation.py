@@ -13,10 +13,10 @@ from skindiff.classify.train import ClassifierConfig, predict
 from skindiff.diffusion.config import GenerationMode
 from skindiff.errors import SkindiffError
 from skindiff.options import StudyConfigs
+from skindiff.plans import AblationPlan
 from skindiff.tracking.ablation import mode_metric_name, run_ablation
 from skindiff.tracking.classifier_model import load_classifier
 from skindiff.tracking.runs import load_split
-from skindiff.plans import AblationPlan
 
 STAGES = ("prepare", "textual_inversion", "lora", "generate", "train_classifier", "evaluate")
 

@@ -78,6 +78,23 @@ def test_the_cli_loads_no_torch_diffusers_or_mlflow_until_a_command_runs() -> No
     assert same_environ == "True"
 
 
+def test_the_experiment_is_the_option_given_else_mlflows_variable_else_skindiff(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    prepare = get_command(app).commands["prepare"]
+
+    def experiment_name(*args: str) -> str:
+        return prepare.make_context("prepare", list(args)).params["experiment_name"]
+
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    assert experiment_name() == "skindiff"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "alice")
+    assert experiment_name() == "alice"
+    assert experiment_name("--experiment-name", "bob") == "bob"
+    with pytest.raises(SkindiffError, match=r"^experiment_name is empty$"):
+        TRACKING.build({"experiment_name": " "})
+
+
 def test_the_demo_is_main_with_the_demo_preset_and_every_option_still_open() -> None:
     commands = get_command(app).commands
     demo = {p.name: p.default for p in commands["demo"].params}

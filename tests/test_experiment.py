@@ -58,21 +58,15 @@ def test_an_existing_experiment_is_reused_and_a_chosen_kind_kept(server: str) ->
     assert kind(genai_id) == "genai_development"
 
 
-def test_the_environment_chooses_before_the_name(
+def test_a_parent_processs_experiment_id_chooses_before_the_name(
     server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    by_name = unique("by-name")
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", by_name)
-    experiment_id = use_experiment(unique("unused"))
-    assert mlflow.get_experiment(experiment_id).name == by_name
-    assert kind(experiment_id) == TRAINING_KIND
-
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
     by_id = mlflow.create_experiment(unique("by-id"))
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", by_id)
     unused = unique("unused")
     assert use_experiment(unused) == by_id
     assert mlflow.get_experiment_by_name(unused) is None
+    assert kind(by_id) == TRAINING_KIND
 
 
 def test_the_run_mlflow_run_opened_keeps_its_experiment(

@@ -25,8 +25,9 @@ LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 NEW_EMBEDDINGS_NOTE = LibraryMessage(
     "transformers.modeling_utils", "The new embeddings will be initialized from"
 )
-# diffusers' note that a LoRA file holds no text encoder weights, which a file of UNet weights
-# only (as skindiff's) never does. Its note on a file without UNet weights still shows.
+# diffusers' note that a LoRA file has no weights for the text encoder: dropped for a file of
+# UNet weights only (as skindiff's), where none were meant. It shows for any other file (one
+# made for another text encoder), as does the note on a file without UNet weights.
 NO_TEXT_ENCODER_LORA = LibraryMessage(
     "diffusers.loaders.lora_base", "No LoRA keys associated to CLIPTextModel"
 )
@@ -98,7 +99,7 @@ def load_token_embeddings(
 ) -> None:
     """The pipeline's `load_textual_inversion(embeddings)` (files, or `{token: tensor}`s),
     without NEW_EMBEDDINGS_NOTE."""
-    with without_messages():
+    with without_messages(NEW_EMBEDDINGS_NOTE):
         pipeline.load_textual_inversion(embeddings)
 
 

@@ -6,11 +6,12 @@ passes its experiment on in MLFLOW_EXPERIMENT_ID (`mlflow.set_experiment` sets i
 may set MLFLOW_EXPERIMENT_NAME. Only where none did is the command's own experiment name used.
 
 The MLflow 3 UI opens an experiment of the GenAI kind on its overview (traces, tokens) and one
-of the model training kind on its runs. Its first releases read the kind from the experiment tag
-`mlflow.experimentKind`; later ones (3.17 among them) take it from a switch in the sidebar
-(GenAI / Model training, kept in the browser, GenAI until changed) for every experiment, which a
-link sets with `?workflowType=machine_learning`. The tag is set either way: the UIs that read it
-open on the runs, and it records what the experiment holds."""
+of the model training kind on its runs. Earlier MLflow 3 releases read the kind from the
+experiment tag `mlflow.experimentKind` (and ask for it when it is missing); later ones (3.17
+among them) take it from a switch in the sidebar (GenAI / Model training, kept in the browser,
+GenAI until changed) for every experiment, which a link sets with
+`?workflowType=machine_learning`. The tag is set either way: the UIs that read it open on the
+runs without asking, and it records what the experiment holds."""
 
 import os
 from collections.abc import Callable
@@ -62,15 +63,15 @@ def use_experiment(name: str) -> str:
 
 def _chosen_experiment() -> Experiment | None:
     """The experiment of the active run (or of the run `mlflow run` opened), else the one
-    MLFLOW_EXPERIMENT_NAME or MLFLOW_EXPERIMENT_ID names (MLflow's order); None if none."""
+    MLFLOW_EXPERIMENT_ID names (a parent process's); None if none. MLFLOW_EXPERIMENT_NAME is
+    not read here: it is the default of the command's experiment_name, which an option given
+    on the command line replaces."""
     client = mlflow.MlflowClient()
     run = mlflow.active_run()
     if run is None and (run_id := os.environ.get("MLFLOW_RUN_ID")):
         run = _existing(lambda: client.get_run(run_id), "MLFLOW_RUN_ID", run_id)
     if run is not None:
         return client.get_experiment(run.info.experiment_id)
-    if name := os.environ.get("MLFLOW_EXPERIMENT_NAME"):
-        return _get_or_create(name)
     if experiment_id := os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return _existing(
             lambda: client.get_experiment(experiment_id), "MLFLOW_EXPERIMENT_ID", experiment_id
