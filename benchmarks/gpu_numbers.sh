@@ -39,3 +39,6 @@ bench generation 300 --base-model "$model" --resolution "$resolution" --sources 
 bench training_steps 190 --base-model "$model" --resolution "$resolution" --images 24 \
   --mixed-precision "$precision" --repeats 1
 bench classifier_epoch 100 --arch vgg16 --images "${CLASSIFIER_IMAGES:-4096}"
+
+# What the benchmarks wrote for the docs (docs/generated/<name>-cuda.md), beside their output.
+cp docs/generated/*-cuda.md "$out"/ 2>/dev/null || echo "no docs/generated/*-cuda.md written"

@@ -17,21 +17,19 @@ import fcntl
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
 import mlflow
 
 from skindiff.tracking.names import ENTRY_POINT_TAG, Stage
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the tests' server launcher (the test extra's pytest)
+from servers import mlflow_server  # noqa: E402
 
 IMAGES = Path(__file__).resolve().parent / "img"
 EXPERIMENT = "skindiff"
@@ -54,80 +52,54 @@ def main() -> None:
     if chromium is None:
         sys.exit("error: no chromium on PATH (Debian: apt-get install chromium)")
     IMAGES.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp, mlflow_server(Path(tmp)) as uri:
-        chosen = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")  # the study goes to EXPERIMENT only
-        env = {key: value for key, value in os.environ.items() if key not in chosen}
-        env |= {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT}
-        # The console script of this Python: the runs' Source column then reads `skindiff`.
-        study = [str(Path(sys.executable).with_name("skindiff")), *STUDY]
-        subprocess.run(study, cwd=tmp, env=env, check=True)
-
-        client = mlflow.MlflowClient(uri)
-        experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
-        classifiers = client.search_runs(
-            [experiment_id],
-            f"tags.`{ENTRY_POINT_TAG}` = '{Stage.TRAIN_CLASSIFIER}' and params.scenario = 'i'",
-        )
-        # A new browser's GenAI / Model training switch is on GenAI, whatever the experiment's
-        # kind tag (MLflow 3.17); the links set it.
-        training = "workflowType=machine_learning"
-        run_ids, experiment_ids = (
-            quote(json.dumps(ids))
-            for ids in ([run.info.run_id for run in classifiers], [experiment_id])
-        )
-        with Browser(chromium, Path(tmp) / "profile") as browser:
-            browser.open(f"{uri}/#/experiments/{experiment_id}/runs?{training}", STUDY_RUN)
-            browser.click(ASSISTANT_CLOSE, timeout_s=5)
-            for parent in (STUDY_RUN, SEED_RUN):
-                browser.click_in_row(parent)
-            browser.wait_for(CLASSIFIER_RUNS[-1])
-            # Double-clicking the column edge fits the Run Name column to the names.
-            browser.double_click(
-                '.ag-header-cell[col-id="attributes.`Run Name`"] .ag-header-cell-resize'
-            )
-            browser.save(IMAGES / "mlflow-experiment.png", height=640)
-
-            compare = f"{uri}/#/compare-runs?runs={run_ids}&experiments={experiment_ids}&{training}"
-            browser.open(compare, *CLASSIFIER_RUNS)
-            browser.click(ASSISTANT_CLOSE, timeout_s=1)
-            for section in ("Visualizations", "Parameters"):  # folded: the metrics come up
-                browser.click('div[role="button"]', timeout_s=5, text=section)
-            browser.click('[aria-label="Metrics - Show diff only"]', timeout_s=5)
-            browser.save(IMAGES / "mlflow-compare.png")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        with mlflow_server(root, f"sqlite:///{root / 'mlflow.db'}") as uri:
+            take_screenshots(chromium, root, uri)
     print(f"wrote {IMAGES / 'mlflow-experiment.png'} and {IMAGES / 'mlflow-compare.png'}")
 
 
-@contextmanager
-def mlflow_server(root: Path) -> Iterator[str]:
-    """`mlflow server` over a SQLite store in `root` on a free loopback port, until the end."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--workers", "1"]
-    command += ["--artifacts-destination", str(root / "artifacts")]
-    log = root / "server.log"
-    with log.open("w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=out, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not _healthy(uri):
-            if server.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"error: mlflow server did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # its uvicorn worker too
-        server.wait()
+def take_screenshots(chromium: str, root: Path, uri: str) -> None:
+    """Runs the small study against the server at `uri` and saves the two pages."""
+    chosen = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")  # the study goes to EXPERIMENT only
+    env = {key: value for key, value in os.environ.items() if key not in chosen}
+    env |= {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT}
+    # The console script of this Python: the runs' Source column then reads `skindiff`.
+    study = [str(Path(sys.executable).with_name("skindiff")), *STUDY]
+    subprocess.run(study, cwd=root, env=env, check=True)
 
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    classifiers = client.search_runs(
+        [experiment_id],
+        f"tags.`{ENTRY_POINT_TAG}` = '{Stage.TRAIN_CLASSIFIER}' and params.scenario = 'i'",
+    )
+    # A new browser's GenAI / Model training switch is on GenAI, whatever the experiment's
+    # kind tag (MLflow 3.17); the links set it.
+    training = "workflowType=machine_learning"
+    run_ids, experiment_ids = (
+        quote(json.dumps(ids))
+        for ids in ([run.info.run_id for run in classifiers], [experiment_id])
+    )
+    with Browser(chromium, root / "profile") as browser:
+        browser.open(f"{uri}/#/experiments/{experiment_id}/runs?{training}", STUDY_RUN)
+        browser.click(ASSISTANT_CLOSE, timeout_s=5)
+        for parent in (STUDY_RUN, SEED_RUN):
+            browser.click_in_row(parent)
+        browser.wait_for(CLASSIFIER_RUNS[-1])
+        # Double-clicking the column edge fits the Run Name column to the names.
+        browser.double_click(
+            '.ag-header-cell[col-id="attributes.`Run Name`"] .ag-header-cell-resize'
+        )
+        browser.save(IMAGES / "mlflow-experiment.png", height=640)
 
-def _healthy(uri: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
+        compare = f"{uri}/#/compare-runs?runs={run_ids}&experiments={experiment_ids}&{training}"
+        browser.open(compare, *CLASSIFIER_RUNS)
+        browser.click(ASSISTANT_CLOSE, timeout_s=1)
+        for section in ("Visualizations", "Parameters"):  # folded: the metrics come up
+            browser.click('div[role="button"]', timeout_s=5, text=section)
+        browser.click('[aria-label="Metrics - Show diff only"]', timeout_s=5)
+        browser.save(IMAGES / "mlflow-compare.png")
 
 
 class Browser:
