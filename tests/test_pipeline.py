@@ -1,6 +1,7 @@
 """The `main` pipeline: its run tree, reuse, failure and resume, frozen params, shards."""
 
 import logging
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,10 +13,10 @@ from conftest import ENTRY_POINT, FAST, fast_configs, mlflow_run, runs_by_stage
 from skindiff.classify.train import ClassifierConfig
 from skindiff.errors import SkindiffError
 from skindiff.options import StudyConfigs
+from skindiff.plans import ReportConfig, StudyPlan
 from skindiff.tracking.names import PARENT_RUN_TAG, RUN_KEY_TAG
 from skindiff.tracking.pipeline import run_main
 from skindiff.tracking.report import run_report
-from skindiff.plans import ReportConfig, StudyPlan
 
 # A classifier that trains in a second: the pipeline's bookkeeping is under test.
 FAST_CLASSIFIER = {"arch": "tiny", "epochs": 1, "batch_size": 16, "image_size": 32}
@@ -35,7 +36,7 @@ def children(run_id: str) -> list:
 def test_mlflow_run_main_builds_the_run_tree_then_reuses_it(tracking: str, tmp_path: Path) -> None:
     params = FAST | {k: str(v) for k, v in FAST_CLASSIFIER.items() if k != "arch"}
     params |= {"scenarios": "i", "seeds": "0", "archs": "tiny", "train_types": "real,syn"}
-    mlflow_run("main", tracking, tmp_path, **params)
+    console = mlflow_run("main", tracking, tmp_path, **params)
 
     stages = runs_by_stage(tracking)
     (top,) = [r for r in stages["main"] if "mlflow.parentRunId" not in r.data.tags]
@@ -87,7 +88,27 @@ def test_mlflow_run_main_builds_the_run_tree_then_reuses_it(tracking: str, tmp_p
         in (tmp_path / "report" / "report.md").read_text()
     )
 
-    mlflow_run("main", tracking, tmp_path, **params)
+    # A person follows each stage on the console, without library notes they cannot act on.
+    stage_lines = [
+        "[i/seed-0] prepare",
+        "[i/seed-0] textual_inversion",
+        "[i/seed-0] lora",
+        "[i/seed-0] generate img2img/ti+lora",
+        "[i/seed-0] train_classifier tiny/real",
+        "[i/seed-0] train_classifier tiny/syn",
+    ]
+    for label in stage_lines:
+        assert console.count(f"{label}: ") == 2, (label, console[-3000:])  # started, done
+        assert re.search(
+            rf"^{re.escape(label)}: done in [0-9]+ s, run [0-9a-f]{{32}}$", console, re.M
+        )
+    for noise in ("no lora keys associated", "pickle", "new embeddings", "traceback"):
+        assert noise not in console.lower(), noise
+
+    console = mlflow_run("main", tracking, tmp_path, **params)
+    for label in stage_lines[::5]:  # the pair's first and last stage
+        assert re.search(rf"^{re.escape(label)}: re-used run [0-9a-f]{{32}}$", console, re.M)
+    assert ": done in " not in console
     again = runs_by_stage(tracking)
     assert {s: len(again[s]) for s in TRAINING_STAGES} == {
         s: len(stages[s]) for s in TRAINING_STAGES

@@ -499,6 +499,9 @@ def run(argv: list[str] | None = None) -> None:
     command has open KILLED and exit with 128 + the signal's number (143, 130), as a shell
     reports a process killed by it."""
     choose_thread_policy()  # before torch loads: the OpenMP runtime reads it once
+    # A bar per artifact download (a thousand in the demo, each of a few files) buries the
+    # stages' lines and training bars; a user may still turn them on.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     handler = logging.StreamHandler()
     handler.setFormatter(ConsoleFormatter())
     package_log = logging.getLogger("skindiff")
