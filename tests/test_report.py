@@ -15,8 +15,8 @@ from PIL import Image
 
 from skindiff.cli import run as cli
 from skindiff.errors import SkindiffError
-from skindiff.tracking.report import run_report
 from skindiff.plans import ReportConfig
+from skindiff.tracking.report import run_report
 
 ENTRY_POINT = "mlflow.project.entryPoint"
 TEST_METRICS = {

@@ -22,10 +22,10 @@ from skindiff.cli import COMMAND_OPTIONS
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.errors import SkindiffError
 from skindiff.options import GENERATE, LORA, TEXTUAL_INVERSION, StudyConfigs, as_text
+from skindiff.plans import StudyPlan
 from skindiff.search_space import load_search_space
 from skindiff.tracking.names import TUNE_PROTOCOL_TAG, Stage, split_artifact, upstream_tag
 from skindiff.tracking.pipeline import load_frozen_params, run_main
-from skindiff.plans import StudyPlan
 from skindiff.tracking.tune import (
     CLASSIFIER_RUN_ATTR,
     INFEASIBLE_ATTR,

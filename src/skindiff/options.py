@@ -227,10 +227,10 @@ ABLATION_STUDY = StudyGroups(
 TUNE_STUDY = StudyGroups(TUNE_DATA, TEXTUAL_INVERSION, LORA, GENERATE, SYN_CLASSIFIER)
 
 # The demo: `main` on the embedded default with settings a CPU runs in minutes (measured in
-# docs/generated/quickstart.md): fewer steps than the reference, Textual Inversion with batches mixing all conditions
-# (7x cheaper than a run per token), LoRA at lr 1e-4 (at the reference 5e-6, 500 steps leave the
-# adapter almost untouched), and the small CNN trained in full on 64 px crops (the demo's
-# training sets are small). Every option can still be given.
+# docs/generated/quickstart.md): fewer steps than the reference, Textual Inversion with batches
+# mixing all conditions (7x cheaper than a run per token), LoRA at lr 1e-4 (at the reference
+# 5e-6, 500 steps leave the adapter almost untouched), and the small CNN trained in full on 64
+# px crops (the demo's training sets are small). Every option can still be given.
 DEMO_STUDY = StudyGroups(
     PAIR_DATA,
     with_defaults(PAIR_TEXTUAL_INVERSION, max_train_steps=100, per_token=False),
