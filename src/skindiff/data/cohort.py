@@ -1,9 +1,11 @@
 """The study cohort: chosen conditions, light (majority) and dark (minority) skin-type groups."""
 
 import difflib
+from pathlib import Path
 
 import pandas as pd
 
+from skindiff.core.manifest import label_key_problem
 from skindiff.data.config import CohortSpec
 from skindiff.errors import DataValidationError
 
@@ -27,6 +29,16 @@ def select_cohort(metadata: pd.DataFrame, spec: CohortSpec) -> pd.DataFrame:
     cohort = metadata.loc[chosen].copy()
     cohort["group"] = cohort["fitzpatrick_scale"].map(groups)
     return cohort.sort_values("md5hash", kind="stable").reset_index(drop=True)
+
+
+def check_label_names(cohort: pd.DataFrame, csv_path: Path) -> None:
+    """Refuses labels of the cohort that cannot name MLflow keys and files (every key made from a
+    label is its slug: see core.manifest), naming each by its first line in the CSV."""
+    lines = cohort.groupby("label")["line"].min().sort_values()
+    where = {label: f"line {line}" for label, line in lines.items()}
+    problem = label_key_problem(lines.index, where)
+    if problem:
+        raise DataValidationError(f"{csv_path}: {problem}")
 
 
 def count_table(frame: pd.DataFrame, labels: tuple[str, ...] | None = None) -> pd.DataFrame:

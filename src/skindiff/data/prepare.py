@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from skindiff.data.cohort import count_table, select_cohort
+from skindiff.data.cohort import check_label_names, count_table, select_cohort
 from skindiff.data.config import CohortSpec, PrepareConfig
 from skindiff.data.demo import default_demo_dataset
 from skindiff.data.images import check_images
@@ -67,6 +67,7 @@ def prepare_scenario(config: PrepareConfig) -> PreparedScenario:
     source = resolve_dataset(config)
     spec = config.cohort
     cohort = select_cohort(read_metadata(source.metadata_csv), spec)
+    check_label_names(cohort, source.metadata_csv)
     checked = check_images(cohort, source.image_dir, skip_missing=config.skip_missing)
     splits = build_scenario_splits(
         checked.rows,

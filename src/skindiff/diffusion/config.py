@@ -11,9 +11,10 @@ per training image, the model's own scheduler, light sources moved to FST 5 or 6
 from dataclasses import dataclass
 from enum import StrEnum
 
+from skindiff.core.manifest import label_key_problem
 from skindiff.core.settings import Precision, Settings, check_seed, setting
 from skindiff.data.fitzpatrick import CONDITIONS, DARK_FST
-from skindiff.diffusion.prompts import INITIALIZER_WORD, SKIN_TYPE_PHRASES, placeholder_token
+from skindiff.diffusion.prompts import INITIALIZER_WORD, SKIN_TYPE_PHRASES
 from skindiff.errors import require
 
 
@@ -156,11 +157,9 @@ class TextualInversionConfig(Settings):
         _check_training(self)
         require(self.num_vectors >= 1, f"num_vectors must be at least 1, got {self.num_vectors}")
         require(len(self.conditions) > 0, "conditions is empty")
-        tokens = [placeholder_token(c) for c in self.conditions]
-        require(
-            len(set(tokens)) == len(tokens),
-            f"conditions must give distinct tokens; {self.conditions} give {tokens}",
-        )
+        # A condition's token, tag and loss curve are named by its slug.
+        problem = label_key_problem(self.conditions)
+        require(problem is None, f"conditions: {problem}")
 
 
 @dataclass(frozen=True)

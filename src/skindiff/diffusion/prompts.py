@@ -1,6 +1,6 @@
 """Placeholder tokens and the texts that pair images with conditions and skin types."""
 
-import re
+from skindiff.core.manifest import slug
 
 # Captions of Textual Inversion training (the object templates of the reference code).
 TI_TEMPLATES = (
@@ -66,8 +66,10 @@ SKIN_MARKS = {
 
 
 def placeholder_token(condition: str) -> str:
-    """`basal cell carcinoma` -> `<basal-cell-carcinoma>`: one new token per condition."""
-    return "<" + re.sub(r"[^0-9a-z]+", "-", condition.lower()).strip("-") + ">"
+    """`basal cell carcinoma` -> `<basal-cell-carcinoma>`: one new token per condition, made of
+    its slug, so it holds no space for the tokenizer to split it at, names a file, and two
+    conditions have one token only where they have one slug."""
+    return "<" + slug(condition).replace("_", "-") + ">"
 
 
 def skin_prompt(concept: str, fitzpatrick_scale: int) -> str:

@@ -5,6 +5,7 @@ A run is found, compared and re-used by these names, so each is spelled here and
 
 from enum import StrEnum
 
+from skindiff.core.manifest import slug
 from skindiff.diffusion.adapters import LORA_WEIGHTS_FILE
 
 
@@ -49,8 +50,8 @@ def split_digest_tag(split: str) -> str:
 
 
 def token_tag(condition: str) -> str:
-    """Tag of a textual_inversion run naming a condition's token."""
-    return f"skindiff.token.{condition}"
+    """Tag of a textual_inversion run naming a condition's token: `skindiff.token.<slug>`."""
+    return f"skindiff.token.{slug(condition)}"
 
 
 # generate with a generator model

@@ -1,5 +1,6 @@
-"""Logs the `textual_inversion` stage: embeddings, loss curves (one per token, `loss/<condition>`,
-and their mean, `loss`), validation samples."""
+"""Logs the `textual_inversion` stage: embeddings, loss curves (one per token, `loss/<slug>` of
+its condition, and their mean, `loss`), validation samples, a tag `skindiff.token.<slug>` naming
+each condition's token."""
 
 import mlflow
 import numpy as np
