@@ -47,6 +47,9 @@ class Host:
     def __init__(self, slow_seconds: float = 1.5):
         self.requests: list[tuple[float, str]] = []
         self.slow_seconds = slow_seconds
+        self.drip_seconds = 2.5  # between the bytes of /drip/<k>
+        self.fast = False  # True: every path is /img/<k>, as a host back to normal
+        self.closed = threading.Event()
         self.served: dict[str, bytes] = {}  # name -> bytes of /file/<name>
         self.lock = threading.Lock()
         host = self
@@ -72,6 +75,7 @@ class Host:
             self.requests.append((time.monotonic(), request.path))
             calls = self.seen(request.path)
         kind, _, name = request.path.strip("/").partition("/")
+        kind = "img" if self.fast else kind
         image = image_bytes(int(name)) if name.isdigit() else b""
         if kind == "file":  # a file of `served`, or 404
             image = self.served.get(name, b"")
@@ -92,6 +96,8 @@ class Host:
             return redirect(request, "file:///etc/passwd")
         if kind == "to-img":
             return redirect(request, f"/img/{name}")
+        if kind in ("drip", "drip-headers", "endless", "huge"):
+            return trickle(request, kind, self)
         body = HTML if kind == "html" else image
         request.send_response(200)
         request.send_header("Content-Type", "text/html" if kind == "html" else "image/jpeg")
@@ -105,8 +111,30 @@ class Host:
         request.wfile.write(body)
 
     def close(self) -> None:
+        self.closed.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+def trickle(request: BaseHTTPRequestHandler, kind: str, host: Host) -> None:
+    """drip: 100,000 bytes announced, one sent every `host.drip_seconds`; drip-headers: a
+    header's bytes at that pace; endless: no length announced, 64 KiB pieces for ever; huge:
+    10**9 bytes announced, 64 KiB pieces. Each goes on until the client goes or the host
+    closes."""
+    request.send_response(200)
+    request.send_header("Content-Type", "image/jpeg")
+    if kind in ("drip", "huge"):
+        request.send_header("Content-Length", str(10**9 if kind == "huge" else 100_000))
+    if kind == "drip-headers":
+        request.flush_headers()
+        request.wfile.write(b"X-Wait: ")
+    else:
+        request.end_headers()
+    slow = kind.startswith("drip")
+    piece, pause = (b"z", host.drip_seconds) if slow else (bytes(65536), 0.001)
+    while not host.closed.wait(pause):
+        request.wfile.write(piece)
+        request.wfile.flush()
 
 
 def redirect(request: BaseHTTPRequestHandler, location: str) -> None:
@@ -204,6 +232,45 @@ def test_every_good_image_arrives_and_every_bad_one_is_refused_with_its_reason(h
     assert again.already_there == summary.downloaded == 5 and again.downloaded == 0
 
 
+def test_a_trickle_fails_at_the_deadline_and_an_endless_body_at_max_bytes(host, tmp_path):
+    """The issue's drip: 100,000 bytes announced, a byte every 2.5 s, each within --timeout;
+    --deadline bounds the file, its headers coming a byte at a time too."""
+    paths = ["/drip/1", "/drip-headers/2", "/endless/3", "/huge/4", "/img/5"]
+    rows = metadata(host, paths)
+    csv, folder = tmp_path / "meta.csv", tmp_path / "images"
+    rows.to_csv(csv, index=False)
+    settings = config(csv, folder, timeout=5.0, deadline=3.0, retries=0, max_bytes=100_000)
+    start = time.monotonic()
+    summary = download_images(rows, folder, settings, progress=False)
+    elapsed = time.monotonic() - start
+    assert 2.9 < elapsed < 4.5, f"{elapsed:.1f} s"  # the next bytes would come at 5 s
+    assert list(summary.report["reason"].fillna("")) == [
+        "deadline passed",
+        "deadline passed",
+        "larger than max_bytes",  # counted as it came
+        "larger than max_bytes",  # announced: refused before its body
+        "",
+    ]
+    assert [host.seen(path) for path in paths] == [1, 1, 1, 1, 1]
+    kept = [f"{rows['md5hash'][4]}.jpg", DOWNLOAD_LOG]
+    assert sorted(f.name for f in folder.iterdir()) == sorted(kept)
+
+    # A deadline is retried like a timeout; a body too large is not: it would be again.
+    settings = config(csv, folder, timeout=5.0, deadline=1.0, retries=1, max_bytes=100_000)
+    again = download_images(rows, folder, settings, progress=False).report
+    assert list(again["reason"].fillna(""))[:3] == [
+        "deadline passed (after 1 retries)",
+        "deadline passed (after 1 retries)",
+        "larger than max_bytes",
+    ]
+    assert [host.seen(path) for path in paths] == [3, 3, 2, 2, 1]
+    assert sorted(f.name for f in folder.iterdir()) == sorted(kept)
+    with pytest.raises(SkindiffError, match=r"^deadline must be at least 1, got 0\.5$"):
+        config(csv, folder, deadline=0.5)
+    with pytest.raises(SkindiffError, match=r"^max_bytes must be at least 1, got 0$"):
+        config(csv, folder, max_bytes=0)
+
+
 def test_requests_to_one_host_keep_to_the_rate_limit(host, tmp_path):
     rows = metadata(host, [f"/img/{k}" for k in range(12)])
     csv, folder = tmp_path / "meta.csv", tmp_path / "images"
@@ -254,6 +321,48 @@ def test_a_download_killed_midway_leaves_no_partial_file_and_resumes(host, tmp_p
     refetched = {p for p, md5 in zip(paths, rows["md5hash"], strict=True) if md5 in fetched_before}
     assert not refetched & set(asked)
     assert [f.name for f in folder.iterdir() if not f.name.endswith(".jpg")] == [DOWNLOAD_LOG]
+
+
+@pytest.mark.slow  # a subprocess, signalled
+def test_sigterm_stops_a_download_at_once_and_a_rerun_fetches_the_rest(host, tracking, tmp_path):
+    """`skindiff download` with 4 connections on 4 images, then 36 trickles; SIGTERM while 4
+    trickles are under way."""
+    paths = [f"/img/{k}" for k in range(4)] + [f"/drip/{k}" for k in range(4, 40)]
+    rows = metadata(host, paths)
+    csv, folder = tmp_path / "meta.csv", tmp_path / "images"
+    rows.to_csv(csv, index=False)
+    command = ["--metadata-csv", str(csv), "--image-dir", str(folder), "--all", "true"]
+    command += ["--connections", "4", "--requests-per-second", "100"]
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from skindiff.cli import run; run()", "download", *command],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until = time.monotonic() + 60
+    while len(host.requests) < 8 and time.monotonic() < wait_until:
+        time.sleep(0.05)
+    assert len(host.requests) == 8  # the images, and 4 trickles coming
+    process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    try:
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()  # if it did not stop
+    assert time.monotonic() - signalled < 5
+    assert process.returncode == 128 + signal.SIGTERM
+    assert len(host.requests) == 8  # none started after the signal
+    assert "Traceback" not in err
+    assert "download stopped: 36 of 40 images not fetched" in err
+    (run,) = mlflow.search_runs([tracking], output_format="list")
+    assert run.info.status == "KILLED" and f"runs ended KILLED: {run.info.run_id}" in err
+    fetched = {f"{md5}.jpg" for md5 in rows["md5hash"][:4]}
+    assert {f.name for f in folder.iterdir()} == fetched | {DOWNLOAD_LOG}  # nothing partial
+
+    host.fast = True
+    before = Counter(p for _, p in host.requests)
+    summary = download_images(rows, folder, config(csv, folder), progress=False)
+    assert (summary.downloaded, summary.already_there, summary.failed) == (36, 4, {})
+    assert Counter(p for _, p in host.requests) - before == Counter(paths[4:])
 
 
 def test_the_cohort_by_default_and_every_row_with_all(tmp_path):

@@ -163,7 +163,20 @@ class DownloadConfig(Settings):
     connections: int = setting(8, "Downloads at the same time.")
     requests_per_second: float = setting(2.0, "Most requests per second to any one host.")
     timeout: float = setting(30.0, "Seconds to wait for a connection or for data.")
-    retries: int = setting(4, "Tries after the first on connection errors, timeouts, 5xx, 429.")
+    deadline: float = setting(
+        300.0,
+        "Seconds one try at a file may take in all: connection, headers and whole body "
+        "(default 300: 5 min). Past it the try fails as `deadline passed` (retried), so a "
+        "server sending a trickle cannot hold a file for ever.",
+    )
+    max_bytes: int = setting(
+        50_000_000,
+        "Largest file kept, in bytes (default 50000000: 50 MB). A larger body, announced or "
+        "counted as it arrives, is cut off and fails as `larger than max_bytes` (not retried).",
+    )
+    retries: int = setting(
+        4, "Tries after the first on connection errors, timeouts, deadlines, 5xx, 429."
+    )
     backoff: float = setting(1.0, "Seconds before the first retry; doubled for each next one.")
 
     def check(self) -> None:
@@ -183,4 +196,7 @@ class DownloadConfig(Settings):
         for name in ("requests_per_second", "timeout"):
             value = getattr(self, name)
             require(value > 0, f"{name} must be positive, got {value}")
+        for name in ("deadline", "max_bytes"):
+            value = getattr(self, name)
+            require(value >= 1, f"{name} must be at least 1, got {value}")
         require(self.backoff >= 0, f"backoff must be >= 0, got {self.backoff}")

@@ -3,8 +3,11 @@
 The images are not redistributed with the metadata, so every user fetches them; this does it
 politely and keeps only what is really an image:
 - a bounded pool of connections, and requests to one host spaced by a rate limit;
-- timeouts; retries with doubling backoff on connection errors, timeouts, 5xx and 429 (waiting
-  as long as Retry-After says), none on other 4xx such as 404;
+- timeouts, and a deadline for each try at a file as a whole (the try runs in a thread of its
+  own, left behind when the deadline passes), so that a server sending a byte now and then
+  cannot hold it; a body over `max_bytes`, announced or counted as it arrives, is cut off;
+- retries with doubling backoff on connection errors, timeouts, deadlines, 5xx and 429
+  (waiting as long as Retry-After says), none on other 4xx such as 404;
 - redirects followed by hand, only to http(s), at most MAX_REDIRECTS;
 - a body is kept only when it is as long as announced and decodes as an image (an HTML error
   page served with status 200 is refused), written atomically as `<md5hash>.jpg`;
@@ -12,7 +15,10 @@ politely and keeps only what is really an image:
   arrive), so a second call, or one after a kill, fetches only what is missing and re-checks
   nothing it already verified; a file found without a record is decoded once and recorded,
   and one that does not decode is reported and left alone (a partial download is never
-  there: files are written whole or not at all), so nothing of the user's is overwritten.
+  there: files are written whole or not at all), so nothing of the user's is overwritten;
+- the connections are daemon threads that the caller's thread only waits for: when it stops
+  (SIGTERM or Ctrl-C raise in it), no request starts any more, the ones under way are
+  abandoned and do not hold the process, and the files left to fetch are logged.
 The MD5 of each file's bytes is compared with its `md5hash`: a mismatch is reported, not
 fatal, as the published hashes may have been made from other bytes.
 """
@@ -20,9 +26,11 @@ fatal, as the published hashes may have been made from other bytes.
 import hashlib
 import io
 import json
+import logging
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -30,6 +38,7 @@ from urllib.parse import urljoin, urlsplit
 
 import pandas as pd
 import requests
+import urllib3
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -40,6 +49,8 @@ from skindiff.data.cohort import select_cohort
 from skindiff.data.config import CohortSpec, DownloadConfig
 from skindiff.data.metadata import read_metadata
 from skindiff.errors import DataValidationError
+
+logger = logging.getLogger(__name__)
 
 DOWNLOAD_LOG = ".skindiff-download.jsonl"
 REPORT_COLUMNS = (
@@ -58,6 +69,10 @@ USER_AGENT = (
     f"skindiff/{__version__} (research image downloader; +https://pypi.org/project/skindiff)"
 )
 _RETRIED_STATUS = {429, 500, 502, 503, 504}
+PIECE = 64 * 1024  # most bytes read at once: a read returns what has arrived, up to this
+DEADLINE = "deadline passed"
+TOO_LARGE = "larger than max_bytes"
+STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
@@ -122,11 +137,18 @@ def image_problem(data: bytes) -> str | None:
     return None
 
 
+class GaveUp(Exception):
+    """A body given up on while it arrives (its reason: DEADLINE, TOO_LARGE or STOPPED)."""
+
+
 class Fetcher:
-    """Gets URLs with one `requests` session, the rate limit, retries and redirect rules."""
+    """Gets URLs with one `requests` session, the rate limit, retries, redirect rules and
+    limits; once `stop` is set, no request starts and the ones under way end at their next
+    piece of body."""
 
     def __init__(self, config: DownloadConfig):
         self.config = config
+        self.stop = threading.Event()
         self.limiter = HostRateLimiter(config.requests_per_second)
         self.session = requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
@@ -139,7 +161,7 @@ class Fetcher:
             return Fetched(None, None, f"not an http(s) url: {url[:80]}")
         retries, delay = self.config.retries, self.config.backoff
         for attempt in range(retries + 1):
-            result, wait = self._try(url)
+            result, wait = self._try_in_time(url)
             if wait is None or retries == 0:
                 return result
             if attempt == retries:
@@ -147,15 +169,41 @@ class Fetcher:
             pause = wait or delay
             if pause > MAX_RETRY_AFTER:
                 return Fetched(None, result.http_status, f"{result.reason}: Retry-After too long")
-            time.sleep(pause)
+            self.stop.wait(pause)
             delay *= 2
         return Fetched(None, result.http_status, f"{result.reason} (after {retries} retries)")
 
-    def _try(self, url: str) -> tuple[Fetched, float | None]:
+    def _try_in_time(self, url: str) -> tuple[Fetched, float | None]:
+        """`_try` in a daemon thread of its own, waited for `deadline` seconds at most (the
+        rate limit's waits included): each read of a server that sends a byte now and then
+        ends within `timeout`, so only this bounds a file, whether the bytes are its headers
+        or its body. The thread left behind ends at its next piece of body (past `until`),
+        at a `timeout` or with its connection: until then, one more connection is open."""
+        until = time.monotonic() + self.config.deadline
+        tried: queue.SimpleQueue[tuple[Fetched, float | None] | Exception] = queue.SimpleQueue()
+
+        def attempt() -> None:
+            try:
+                tried.put(self._try(url, until))
+            except Exception as err:  # a bug: raised in the caller's thread, not lost here
+                tried.put(err)
+
+        threading.Thread(target=attempt, name="skindiff-download-try", daemon=True).start()
+        try:
+            outcome = tried.get(timeout=self.config.deadline)
+        except queue.Empty:
+            return Fetched(None, None, DEADLINE), 0
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def _try(self, url: str, until: float) -> tuple[Fetched, float | None]:
         """One try, redirects included: (result, None) when final, else (result, seconds to
         wait before the next try; 0: the backoff's)."""
         for _ in range(MAX_REDIRECTS + 1):
             self.limiter.wait(url)
+            if self.stop.is_set():
+                return Fetched(None, None, STOPPED), None
             try:
                 response = self.session.get(
                     url, timeout=self.config.timeout, allow_redirects=False, stream=True
@@ -176,23 +224,41 @@ class Fetcher:
                     if status != 200:
                         reason = "not found (404)" if status == 404 else f"HTTP {status}"
                         return Fetched(None, status, reason), None
-                    data = response.content
-                    expected = response.headers.get("Content-Length")
-                    if expected and expected.isdigit() and len(data) < int(expected):
-                        return Fetched(None, status, "connection dropped mid-body"), 0
-            except requests.Timeout:
+                    data = self._body(response, until)
+            except GaveUp as gave_up:
+                # A deadline may be met next time; a body too large is as large again.
+                reason = str(gave_up)
+                return Fetched(None, status, reason), 0 if reason == DEADLINE else None
+            except (requests.Timeout, urllib3.exceptions.ReadTimeoutError):
                 return Fetched(None, None, "timeout"), 0
-            except requests.exceptions.ChunkedEncodingError:
+            except urllib3.exceptions.ProtocolError:  # also a body shorter than announced
                 return Fetched(None, None, "connection dropped mid-body"), 0
             except requests.ConnectionError:  # refused, reset, or a host name that does not resolve
                 return Fetched(None, None, "connection failed"), 0
-            except requests.RequestException as err:
+            except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
                 return Fetched(None, None, f"request failed: {type(err).__name__}"), None
             problem = image_problem(data)
             if problem:
                 return Fetched(None, status, problem), None
             return Fetched(data, status), None
         return Fetched(None, None, f"more than {MAX_REDIRECTS} redirects"), None
+
+    def _body(self, response: requests.Response, until: float) -> bytes:
+        """The body, read piece by piece as it arrives (GaveUp: over `max_bytes`, past
+        `until` or stopped)."""
+        announced = response.headers.get("Content-Length", "")
+        if announced.isdigit() and int(announced) > self.config.max_bytes:
+            raise GaveUp(TOO_LARGE)
+        body = bytearray()
+        while piece := response.raw.read1(PIECE, decode_content=True):
+            body += piece
+            if len(body) > self.config.max_bytes:
+                raise GaveUp(TOO_LARGE)
+            if time.monotonic() > until:
+                raise GaveUp(DEADLINE)
+            if self.stop.is_set():
+                raise GaveUp(STOPPED)
+        return bytes(body)
 
 
 @dataclass(frozen=True)
@@ -279,27 +345,36 @@ def download_images(
         else:
             todo.setdefault(str(url).strip(), []).append(md5hash)
 
-    fetcher = Fetcher(config)
-    with (
-        ThreadPoolExecutor(max_workers=config.connections) as pool,
-        tqdm(
+    fetched_urls = _fetch_in_threads(list(todo), Fetcher(config))
+    done: set[str] = set()
+    try:
+        with tqdm(
             total=sum(map(len, todo.values())), desc="downloading", unit="img", disable=not progress
-        ) as bar,
-    ):
-        futures = {pool.submit(fetcher.fetch, url): url for url in todo}
-        for future in as_completed(futures):
-            url = futures[future]
-            fetched = future.result()
-            for md5hash in todo[url]:
-                row = {"url": url, "http_status": fetched.http_status}
-                if fetched.data is None:
-                    results[md5hash] = row | {"status": "failed", "reason": fetched.reason}
-                else:
-                    write_atomic(image_dir / f"{md5hash}.jpg", fetched.data)
-                    entry = _record(md5hash, fetched.data)
-                    log.add(entry)
-                    results[md5hash] = row | {"status": "downloaded"} | entry
-                bar.update()
+        ) as bar:
+            for url, fetched in fetched_urls:
+                for md5hash in todo[url]:
+                    row = {"url": url, "http_status": fetched.http_status}
+                    if fetched.data is None:
+                        results[md5hash] = row | {"status": "failed", "reason": fetched.reason}
+                    else:
+                        write_atomic(image_dir / f"{md5hash}.jpg", fetched.data)
+                        entry = _record(md5hash, fetched.data)
+                        log.add(entry)
+                        results[md5hash] = row | {"status": "downloaded"} | entry
+                    bar.update()
+                done.add(url)
+    finally:
+        fetched_urls.close()  # stops the threads, also when a signal ends this loop
+        left = [f"{md5hash}.jpg" for url in todo if url not in done for md5hash in todo[url]]
+        if left:
+            names = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+            logger.warning(
+                "download stopped: %d of %d images not fetched (a rerun fetches only what is "
+                "missing): %s",
+                len(left),
+                len(rows),
+                names,
+            )
 
     report = pd.DataFrame(
         [{"md5hash": md5hash} | results[md5hash] for md5hash in rows["md5hash"]],
@@ -313,6 +388,39 @@ def download_images(
         int(statuses.get("already there", 0)),
         {str(reason): int(n) for reason, n in failed.items()},
     )
+
+
+def _fetch_in_threads(urls: list[str], fetcher: Fetcher) -> Iterator[tuple[str, Fetched]]:
+    """(url, what it gave) as each arrives, fetched by `connections` daemon threads. Closing the
+    iterator sets `fetcher.stop`: threads still waiting on a server are left behind, and being
+    daemons, they do not keep the process alive (a ThreadPoolExecutor's threads would, joined
+    at exit)."""
+    todo: queue.SimpleQueue[str] = queue.SimpleQueue()
+    for url in urls:
+        todo.put(url)
+    arrived: queue.SimpleQueue[tuple[str, Fetched | Exception]] = queue.SimpleQueue()
+
+    def work() -> None:
+        while not fetcher.stop.is_set():
+            try:
+                url = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                arrived.put((url, fetcher.fetch(url)))
+            except Exception as err:  # a bug: raised in the caller's thread, not lost here
+                arrived.put((url, err))
+
+    for _ in range(min(fetcher.config.connections, len(urls))):
+        threading.Thread(target=work, name="skindiff-download", daemon=True).start()
+    try:
+        for _ in urls:
+            url, fetched = arrived.get()
+            if isinstance(fetched, Exception):
+                raise fetched
+            yield url, fetched
+    finally:
+        fetcher.stop.set()
 
 
 def summary_metrics(summary: DownloadSummary) -> dict[str, float]:
