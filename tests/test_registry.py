@@ -1,5 +1,6 @@
 """The generator as a registered pyfunc model, on a real tracking server: it loads by alias and
-generates, the champion alias moves only on improvement, `generate` runs from it."""
+generates, refuses bad input rows and oversized requests before generating, the champion alias
+moves only on improvement, `generate` runs from it."""
 
 import base64
 import hashlib
@@ -12,11 +13,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import CONDITIONS, fast_configs, runs_by_stage
+from conftest import CONDITIONS, fast_configs, recording_calls, runs_by_stage
 from skindiff.diffusion.generate import GenerateConfig, image_seed
 from skindiff.diffusion.prompts import placeholder_token
 from skindiff.errors import SkindiffError
 from skindiff.tracking import generate as tracking_generate
+from skindiff.tracking import registry
 from skindiff.tracking.generate import ensure_generator_chain, run_generate
 from skindiff.tracking.prepare import ensure_prepare
 from skindiff.tracking.registry import (
@@ -46,6 +48,13 @@ def generator(tracking_server: str) -> dict:
             uri = log_generator_model(ti, lora, config, FROZEN)
         train = load_split(prepare, "train")
     return {"uri": uri, "ti": ti, "config": config, "train": train}
+
+
+@pytest.fixture(scope="module")
+def model(generator: dict, tracking_server: str) -> mlflow.pyfunc.PyFuncModel:
+    """The generator model, loaded once for the tests of what predict refuses."""
+    mlflow.set_tracking_uri(tracking_server)
+    return mlflow.pyfunc.load_model(generator["uri"])
 
 
 def unique_name(request: pytest.FixtureRequest) -> str:
@@ -87,6 +96,59 @@ def test_champion_loads_by_alias_and_generates(
     assert list(again["image"]) == list(out["image"])
     assert out["image"].iloc[0] != out["image"].iloc[1]
     assert generator_frozen_params(f"models:/{name}@{CHAMPION_ALIAS}") == FROZEN
+
+
+def predict_error(model: mlflow.pyfunc.PyFuncModel, images: list[str], counts: list[int]) -> str:
+    """The one-line error of a predict call on rows of these images and counts."""
+    table = pd.DataFrame(
+        {
+            "image": images,
+            "condition": [CONDITIONS[k % 2] for k in range(len(images))],
+            "target_fst": [6] * len(images),
+            "n": counts,
+        }
+    )
+    with pytest.raises(SkindiffError) as refused:
+        model.predict(table)
+    return str(refused.value)
+
+
+def test_predict_names_the_row_and_the_value_of_a_bad_image(
+    model: mlflow.pyfunc.PyFuncModel,
+    generator: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    batches = recording_calls(monkeypatch, registry, "generate_batch", lambda *args, **kw: 1)
+    good = generator["train"]["path"].iloc[0]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a note, not an image")
+    assert predict_error(model, [good, str(notes)], [1, 1]) == (
+        f"row 1: image {str(notes)!r} is not an image"
+    )
+    text = base64.b64encode(b"no image bytes either" * 4).decode()
+    assert predict_error(model, [good, text], [1, 1]) == (
+        f"row 1: image {text[:40]!r}... ({len(text)} characters) is not an image"
+    )
+    assert predict_error(model, [good, "lesion.jpg"], [1, 1]) == (
+        "row 1: image 'lesion.jpg' is neither an existing file nor base64 image bytes"
+    )
+    assert batches == []  # refused before generating row 0's image
+
+
+def test_predict_refuses_more_images_than_its_limits(
+    model: mlflow.pyfunc.PyFuncModel, generator: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches = recording_calls(monkeypatch, registry, "generate_batch", lambda *args, **kw: 1)
+    good = generator["train"]["path"].iloc[0]
+    assert predict_error(model, [good, good], [1, 10**6]) == (
+        "row 1: n must be 0 to 64 images per row, got 1000000"
+    )
+    assert predict_error(model, [good] * 17, [64] * 17) == (
+        "n adds up to 1088 images; one predict call makes at most 1024: split the table over "
+        "several calls"
+    )
+    assert batches == []
 
 
 def test_champion_moves_only_on_improvement(

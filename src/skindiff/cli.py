@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from enum import Enum, StrEnum
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from skindiff.core.files import cache_dir
 from skindiff.core.settings import as_text
 from skindiff.core.threads import choose_thread_policy
 from skindiff.errors import SkindiffError
@@ -470,13 +472,23 @@ def _stopped_message(stop: Stopped) -> str:
 
 
 def _tracking_server_error(err: Exception) -> str | None:
-    """One line for the tracking server being unreachable or refusing the user; else None."""
+    """One line for the tracking server being unreachable (naming a file with the traceback of
+    where the command met it) or refusing the user; else None."""
     if "mlflow" not in sys.modules:
         return None
     from skindiff.tracking.access import refused_access
-    from skindiff.tracking.runs import unreachable_server
+    from skindiff.tracking.server import unreachable_server
 
-    return unreachable_server(err) or refused_access(err)
+    unreachable = unreachable_server(err)
+    if unreachable is None:
+        return refused_access(err)
+    details = cache_dir() / "errors" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    try:
+        details.parent.mkdir(parents=True, exist_ok=True)
+        details.write_text("".join(traceback.format_exception(err)))
+    except OSError:  # a read-only cache: the line is still the news
+        return unreachable
+    return f"{unreachable} (details: {details})"
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -513,12 +525,11 @@ def run(argv: list[str] | None = None) -> None:
                 app(args=argv, prog_name="skindiff")
         except Stopped as stop:
             _fail(_stopped_message(stop), 128 + stop.signum)
-    except SkindiffError as err:
-        _fail(str(err), 2)
     except Exception as err:
+        # A SkindiffError too: "run ... not found" may be the server gone.
         message = _tracking_server_error(err)
-        if message is None:
+        if message is None and not isinstance(err, SkindiffError):
             raise
-        _fail(message, 2)
+        _fail(message or str(err), 2)
     finally:
         package_log.removeHandler(handler)

@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.credentials import read_mlflow_creds
 
 from skindiff.errors import SkindiffError
-from skindiff.tracking.runs import without_password
+from skindiff.tracking.server import without_password
 
 CREDENTIALS = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
 

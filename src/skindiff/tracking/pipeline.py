@@ -32,6 +32,7 @@ from skindiff.tracking.names import (
 )
 from skindiff.tracking.prepare import ensure_prepare
 from skindiff.tracking.registry import generator_frozen_params
+from skindiff.tracking.server import unreachable_server
 from skindiff.tracking.stage import child_runs, open_stage_run
 from skindiff.tracking.train_classifier import check_classifiers, run_train_classifier
 
@@ -109,6 +110,8 @@ def run_main(plan: StudyPlan, configs: StudyConfigs) -> dict[tuple[Scenario, int
                 try:
                     runs = _run_pair(configs.for_pair(scenario, seed), plan)
                 except Exception as err:
+                    if unreachable_server(err):
+                        raise  # the CLI says so in one line; nobody can ask the server what failed
                     raise _stopped(parent.info.run_id, err) from err
                 results[(scenario, seed)] = replace(runs, parent=parent.info.run_id)
                 _log_results(scenario, seed, runs.classifiers)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 import skindiff
 from skindiff.core.seeding import image_seed
 from skindiff.core.settings import Precision, as_text
+from skindiff.data.images import load_rgb
 from skindiff.diffusion.config import GenerateConfig
 from skindiff.diffusion.generate import adapter_files, generate_batch, load_pipeline
 from skindiff.diffusion.prompts import SKIN_TYPE_PHRASES, placeholder_token, skin_prompt
@@ -84,6 +85,11 @@ SIGNATURE = ModelSignature(
     ),
 )
 OUTPUT_COLUMNS = [spec.name for spec in SIGNATURE.outputs.inputs]
+# The most images one predict call makes, per input row (`n`) and in all: a bigger request is
+# refused before anything is generated, not left running for hours (10**6 images take about a
+# day on a GPU). Split a bigger table over several calls.
+MAX_IMAGES_PER_ROW = 64
+MAX_IMAGES_PER_CALL = 1024
 
 
 @dataclass(frozen=True)
@@ -143,16 +149,26 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         return plan[OUTPUT_COLUMNS[:-1]].assign(image=[_png_base64(image) for image in images])
 
     def _plan(self, model_input: pd.DataFrame, tmp: Path) -> pd.DataFrame:
-        """One row per image to make, with its prompt, seed and source image file."""
+        """One row per image to make, with its prompt, seed and source image file; every input
+        row is checked first, so a bad one stops the call before anything is generated."""
         config = self.config
+        counts = [int(n) for n in model_input["n"]]
+        for position, count in enumerate(counts):
+            if not 0 <= count <= MAX_IMAGES_PER_ROW:
+                raise SkindiffError(
+                    f"row {position}: n must be 0 to {MAX_IMAGES_PER_ROW} images per row, "
+                    f"got {count}"
+                )
+        if sum(counts) > MAX_IMAGES_PER_CALL:
+            raise SkindiffError(
+                f"n adds up to {sum(counts)} images; one predict call makes at most "
+                f"{MAX_IMAGES_PER_CALL}: split the table over several calls"
+            )
         rows = []
         for position, item in enumerate(model_input.itertuples(index=False)):
-            target, count = int(item.target_fst), int(item.n)
-            if target not in SKIN_TYPE_PHRASES or count < 0:
-                raise SkindiffError(
-                    f"row {position}: target_fst must be 1..6 and n at least 0, "
-                    f"got {target} and {count}"
-                )
+            target, count = int(item.target_fst), counts[position]
+            if target not in SKIN_TYPE_PHRASES:
+                raise SkindiffError(f"row {position}: target_fst must be 1..6, got {target}")
             concept = placeholder_token(item.condition) if config.uses_ti else item.condition
             if config.uses_ti and concept not in self.tokens:
                 raise SkindiffError(
@@ -162,6 +178,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
             data = _image_bytes(item.image, position)
             source = tmp / f"row-{position}"
             source.write_bytes(data)
+            _check_image(source, item.image, position)
             md5hash = hashlib.md5(data).hexdigest()
             rows += [
                 {
@@ -188,8 +205,27 @@ def _image_bytes(value: str, position: int) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise SkindiffError(
-            f"row {position}: image is neither an existing file nor base64 image bytes"
+            f"row {position}: image {_shown(value)} is neither an existing file nor base64 "
+            "image bytes"
         ) from None
+
+
+def _check_image(source: Path, value: str, position: int) -> None:
+    """Refuses the input row whose image (`value`, copied to `source`) does not decode, naming
+    the value given: the copy's name would mean nothing to the caller."""
+    try:
+        load_rgb(source)
+    except Image.UnidentifiedImageError:
+        raise SkindiffError(f"row {position}: image {_shown(value)} is not an image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise SkindiffError(
+            f"row {position}: image {_shown(value)} cannot be decoded: {err}"
+        ) from None
+
+
+def _shown(value: str) -> str:
+    """An input value as an error quotes it: a path whole, base64 text by its start."""
+    return repr(value) if len(value) <= 80 else f"{value[:40]!r}... ({len(value)} characters)"
 
 
 def _png_base64(image: Image.Image) -> str:

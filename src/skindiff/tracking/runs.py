@@ -1,17 +1,13 @@
-"""Reading what finished stage runs left: checked upstream runs, artifacts, split manifests;
-and telling an unreachable tracking server from other errors."""
+"""Reading what finished stage runs left: checked upstream runs, artifacts, split manifests."""
 
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 import pandas as pd
-import requests
 from mlflow.entities import Metric
-from mlflow.exceptions import MlflowException
 
 from skindiff.errors import SkindiffError
 from skindiff.tracking.names import Stage, split_artifact
@@ -55,37 +51,3 @@ def log_curve(name: str, values: Sequence[float]) -> None:
     run_id = mlflow.active_run().info.run_id
     for start in range(0, len(metrics), 1000):  # the REST API takes 1000 metrics a batch
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
-
-
-def unreachable_server(err: BaseException) -> str | None:
-    """A one-line message if `err` is MLflow failing to reach its tracking server (refused,
-    timed out, unknown host, once its retries are spent), else None."""
-    chain = list(_chain(err))
-    lost = (requests.ConnectionError, requests.Timeout)
-    if not isinstance(err, MlflowException | requests.RequestException) or not any(
-        isinstance(cause, lost) for cause in chain
-    ):
-        return None
-    # The socket's own words ("[Errno 111] Connection refused"), not urllib3's retry story.
-    sockets = [
-        c for c in chain if isinstance(c, OSError) and not isinstance(c, requests.RequestException)
-    ]
-    reason = str(sockets[0] if sockets else err).splitlines()[0]
-    return f"tracking server {without_password(mlflow.get_tracking_uri())} unreachable: {reason}"
-
-
-def _chain(err: BaseException | None) -> Iterator[BaseException]:
-    """`err` and what it was raised from or while handling, down to the first cause."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
-
-
-def without_password(uri: str) -> str:
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))

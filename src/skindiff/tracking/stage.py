@@ -62,6 +62,7 @@ from skindiff.tracking.names import (
     Stage,
     upstream_tag,
 )
+from skindiff.tracking.server import single_tries, unreachable_server
 
 logger = logging.getLogger(__name__)
 # One line per stage as it starts, ends or is re-used: what a person follows on the console.
@@ -187,22 +188,33 @@ def open_stage_run(
     with this process's pid and host (see `end_stale_runs`).
 
     `mlflow run` has already logged the entry point's parameters (as it quoted them for the
-    shell); MLflow forbids changing a param, so only the others are added."""
-    with mlflow.start_run(
-        run_name=run_name,
-        nested=mlflow.active_run() is not None,
-        tags={
-            ENTRY_POINT_TAG: str(stage),
-            VERSION_TAG: __version__,
-            **process_tags(),
-            **(tags or {}),
-        },
-    ) as run:
+    shell); MLflow forbids changing a param, so only the others are added.
+
+    A block that met the server gone (its retries spent) ends the run with one try
+    (`single_tries`): each run above it would otherwise wait as long again."""
+    with (
+        ExitStack() as ending,
+        mlflow.start_run(
+            run_name=run_name,
+            nested=mlflow.active_run() is not None,
+            tags={
+                ENTRY_POINT_TAG: str(stage),
+                VERSION_TAG: __version__,
+                **process_tags(),
+                **(tags or {}),
+            },
+        ) as run,
+    ):
         logged = mlflow.get_run(run.info.run_id).data.params
         missing = {key: value for key, value in params.items() if key not in logged}
         if missing:
             mlflow.log_params(missing)
-        yield run
+        try:
+            yield run
+        except Exception as err:
+            if unreachable_server(err):
+                ending.enter_context(single_tries())
+            raise
 
 
 def _standard_tags(stage: Stage, key: str, inputs: StageInputs) -> dict[str, str]:
