@@ -24,7 +24,7 @@ from skindiff.classify.data import IMAGENET_MEAN, IMAGENET_STD, build_training_s
 from skindiff.classify.metrics import classification_metrics, confusion_matrix_figure
 from skindiff.classify.models import build_classifier, require_imagenet_files
 from skindiff.classify.train import ClassifierConfig, predict, train_classifier
-from skindiff.core.manifest import slug
+from skindiff.core.labels import slug
 from skindiff.data.fitzpatrick import CONDITIONS
 from skindiff.data.images import load_rgb
 from skindiff.data.prepare import PrepareConfig, prepare_scenario

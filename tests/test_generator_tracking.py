@@ -9,7 +9,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from conftest import CONDITIONS, FAST, fast_configs, mlflow_run, runs_by_stage
-from skindiff.core.manifest import slug
+from skindiff.core.labels import slug
 from skindiff.diffusion.adapters import token_file_name
 from skindiff.diffusion.base_model import resolve_base_model
 from skindiff.diffusion.generate import GenerateConfig

@@ -16,7 +16,7 @@ from mlflow.utils.validation import (
 
 from conftest import FAST, cohort_rows, runs_by_stage, write_dataset
 from skindiff.cli import run
-from skindiff.core.manifest import SLUG_MAX_BYTES, slug
+from skindiff.core.labels import SLUG_MAX_BYTES, slug
 from skindiff.data.fitzpatrick import CONDITIONS
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.diffusion.adapters import token_file_name

@@ -13,7 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from skindiff.core.manifest import require_columns, slug
+from skindiff.core.labels import slug
+from skindiff.core.manifest import require_columns
 from skindiff.data.cohort import DARK, LIGHT
 from skindiff.data.fitzpatrick import DARK_FST, LIGHT_FST
 from skindiff.errors import SkindiffError

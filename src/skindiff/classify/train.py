@@ -39,7 +39,8 @@ from skindiff.classify.data import (
 from skindiff.classify.metrics import classification_metrics
 from skindiff.classify.models import build_classifier
 from skindiff.core.device import fused_adam, pick_device
-from skindiff.core.manifest import PREDICTION_COLUMNS, slug
+from skindiff.core.labels import slug
+from skindiff.core.manifest import PREDICTION_COLUMNS
 from skindiff.errors import SkindiffError
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from skindiff.core.manifest import label_key_problem
+from skindiff.core.labels import label_key_problem
 from skindiff.data.config import CohortSpec
 from skindiff.errors import DataValidationError
 

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from skindiff import __version__
 from skindiff.core.files import write_atomic
-from skindiff.core.manifest import slug
+from skindiff.core.labels import slug
 from skindiff.data.cohort import select_cohort
 from skindiff.data.config import CohortSpec, DownloadConfig
 from skindiff.data.metadata import read_metadata

@@ -11,7 +11,7 @@ per training image, the model's own scheduler, light sources moved to FST 5 or 6
 from dataclasses import dataclass
 from enum import StrEnum
 
-from skindiff.core.manifest import label_key_problem
+from skindiff.core.labels import label_key_problem
 from skindiff.core.settings import Precision, Settings, check_seed, setting
 from skindiff.data.fitzpatrick import CONDITIONS, DARK_FST
 from skindiff.diffusion.prompts import INITIALIZER_WORD, SKIN_TYPE_PHRASES

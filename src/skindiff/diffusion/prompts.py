@@ -1,6 +1,6 @@
 """Placeholder tokens and the texts that pair images with conditions and skin types."""
 
-from skindiff.core.manifest import slug
+from skindiff.core.labels import slug
 
 # Captions of Textual Inversion training (the object templates of the reference code).
 TI_TEMPLATES = (

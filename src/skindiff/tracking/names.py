@@ -5,7 +5,7 @@ A run is found, compared and re-used by these names, so each is spelled here and
 
 from enum import StrEnum
 
-from skindiff.core.manifest import slug
+from skindiff.core.labels import slug
 from skindiff.diffusion.adapters import LORA_WEIGHTS_FILE
 
 

@@ -7,7 +7,8 @@ import mlflow
 import mlflow.data
 import pandas as pd
 
-from skindiff.core.manifest import content_digest, slug
+from skindiff.core.labels import slug
+from skindiff.core.manifest import content_digest
 from skindiff.data.config import PrepareConfig
 from skindiff.data.prepare import (
     PreparedScenario,

@@ -17,7 +17,7 @@ import mlflow
 import pandas as pd
 from mlflow.entities import Experiment, Run
 
-from skindiff.core.manifest import slug
+from skindiff.core.labels import slug
 from skindiff.errors import SkindiffError
 from skindiff.options import REPORT
 from skindiff.plans import ReportConfig

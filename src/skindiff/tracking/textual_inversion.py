@@ -6,7 +6,7 @@ import mlflow
 import numpy as np
 
 from skindiff.core.distributed import run_shared
-from skindiff.core.manifest import slug
+from skindiff.core.labels import slug
 from skindiff.data.config import PrepareConfig
 from skindiff.diffusion.base_model import base_model_fingerprint, resolve_base_model
 from skindiff.diffusion.config import TextualInversionConfig
