@@ -1,5 +1,8 @@
 """Benchmarks of skindiff's hot paths against the reference way; run them as
 `python -m benchmarks.<name>` from the repository root (see README.md here)."""
 
-# First, before torch loads: skindiff sets the OpenMP thread policy it runs with.
-import skindiff  # noqa: F401
+from skindiff.core.threads import choose_thread_policy
+
+# A benchmark is a command: like `skindiff`'s, it sets the OpenMP thread policy before torch
+# loads (the runtime reads it once).
+choose_thread_policy()
