@@ -90,6 +90,7 @@ def test_train_types_end_to_end(
         accuracy_score(dark["label"], dark["predicted"])
     )
     assert 1 <= metrics["best_epoch"] <= 3
+    assert run.data.tags["skindiff.kept_epoch"] == str(int(metrics["best_epoch"]))
     info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model")
     assert info.signature is not None and info.metadata["labels"] == list(CONDITIONS)
 
@@ -241,12 +242,12 @@ def test_selection_without_a_validation_split(tracking: str, selection: str) -> 
     losses = client.get_metric_history(run.info.run_id, "epoch_train_loss")
     assert sorted(m.step for m in losses) == [1, 2, 3]
     if selection == "last":
-        assert metrics["best_epoch"] == 3
+        assert metrics["best_epoch"] == 3 and run.data.tags["skindiff.kept_epoch"] == "3"
     else:
-        curve = client.get_metric_history(run.info.run_id, "epoch_test_f1_macro")
-        f1 = {m.step: m.value for m in curve}
-        assert metrics["best_epoch"] == min(s for s in f1 if f1[s] == max(f1.values()))
-        assert metrics["test_f1_macro"] == pytest.approx(max(f1.values()))
+        # The reference rule keeps no epoch of 3: the initial weights, scored every epoch.
+        assert metrics["best_epoch"] == 0 and run.data.tags["skindiff.kept_epoch"] == "initial"
+        curve = client.get_metric_history(run.info.run_id, "epoch_test_loss")
+        assert sorted(m.step for m in curve) == [1, 2, 3]
 
 
 def test_a_timm_classifier_is_logged_and_evaluated(tracking: str) -> None:

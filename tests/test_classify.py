@@ -645,8 +645,29 @@ def test_selection_last_needs_no_validation_split(splits):
     assert len(result.test_predictions) == len(splits.test)
 
 
-def test_selection_test_is_the_reference_protocol(splits, monkeypatch):
-    """The test split is scored every epoch and the epoch with its best macro-F1 is kept."""
+@pytest.mark.parametrize(
+    ("losses", "kept"),
+    [
+        # After epoch 11 (loss 2.0): the lowest loss below it, the earlier on ties.
+        ([5.0] * 10 + [2.0, 1.9, 1.5, 1.7, 1.5], 13),
+        # Epochs up to 11 are never kept, however low their loss.
+        ([0.1] * 10 + [2.0, 1.9, 2.5], 12),
+        ([5.0] * 10 + [2.0, 2.0, 2.0], 0),  # equal to epoch 11's loss is not below it
+        ([5.0] * 10 + [2.0, 2.5, 3.0], 0),  # nothing below epoch 11's loss
+        ([3.0 - 0.1 * k for k in range(11)], 0),  # 11 epochs: none after epoch 11
+        ([], 0),
+    ],
+)
+def test_reference_test_epoch(losses, kept):
+    assert train_module.reference_test_epoch(losses) == kept
+
+
+def test_selection_test_keeps_the_initial_weights_when_no_epoch_after_11_improves(
+    splits, monkeypatch
+):
+    """With fewer than 12 epochs the reference rule keeps no epoch: the untrained weights are
+    returned, with their validation and test predictions, and the history has every epoch, the
+    test split scored after each."""
     inferred = inferred_sizes(monkeypatch)
     config = replace(QUICK, selection="test")
     result = train_classifier(config, splits.train, splits.val, splits.test, LABELS, False)
@@ -654,12 +675,34 @@ def test_selection_test_is_the_reference_protocol(splits, monkeypatch):
     history = result.history
     columns = ["epoch", "train_loss", *scored_columns("val"), *scored_columns("test"), "lr"]
     assert list(history.columns) == columns
-    assert inferred == [len(splits.val), len(splits.test)] * QUICK.epochs + [len(splits.test)]
-    assert result.best_epoch == int(history.loc[history["test_f1_macro"].idxmax(), "epoch"])
-    kept = classification_metrics(result.test_predictions, LABELS, "test")
-    assert kept["test_f1_macro"] == pytest.approx(history["test_f1_macro"].max())
-    assert kept["test_accuracy"] == pytest.approx(
-        history.loc[result.best_epoch - 1, "test_accuracy"]
-    )
-    val = classification_metrics(result.val_predictions, LABELS, "val")
-    assert val["val_f1_macro"] == pytest.approx(history.loc[result.best_epoch - 1, "val_f1_macro"])
+    assert list(history["epoch"]) == [1, 2, 3, 4]
+    sizes = [len(splits.val), len(splits.test)]
+    assert inferred == sizes * QUICK.epochs + sizes  # the kept weights' val, then test
+    assert result.best_epoch == 0
+    torch.manual_seed(QUICK.seed)  # as train_classifier does before building its model
+    untrained = build_classifier("tiny", len(LABELS), "none", "full")
+    for name, value in untrained.state_dict().items():
+        assert torch.equal(result.model.state_dict()[name], value), name
+    for rows, kept in (
+        (splits.test, result.test_predictions),
+        (splits.val, result.val_predictions),
+    ):
+        expected = predict(untrained, rows, LABELS, image_size=64, batch_size=16)
+        pd.testing.assert_frame_equal(kept, expected, check_exact=False)
+
+
+def test_selection_test_keeps_the_lowest_test_loss_after_epoch_11(splits):
+    """A learning rate at which the test loss still falls after epoch 11 (2.31, 2.20, 2.13 in
+    epochs 11-13): the epoch the reference rule names is kept, and the test predictions are its
+    weights' (their loss is that epoch's). Small splits and images: about a second."""
+    train = splits.train.groupby("label").head(4)
+    test = splits.test.groupby("label").head(2)
+    config = replace(QUICK, selection="test", epochs=13, image_size=32, learning_rate=1e-2)
+    result = train_classifier(config, train, splits.val.iloc[:0], test, LABELS, False)
+
+    losses = list(result.history["test_loss"])
+    assert result.best_epoch == train_module.reference_test_epoch(losses) > 0
+    kept = result.test_predictions
+    probabilities = kept[[f"prob_{slug(label)}" for label in LABELS]].to_numpy()
+    of_the_label = probabilities[np.arange(len(kept)), [LABELS.index(x) for x in kept["label"]]]
+    assert -np.log(of_the_label).mean() == pytest.approx(losses[result.best_epoch - 1], rel=1e-4)

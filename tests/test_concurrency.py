@@ -99,13 +99,13 @@ from skindiff.diffusion import generate
 
 _, _, config, train = pickle.loads(Path(sys.argv[1]).read_bytes())
 config = generate.GenerateConfig(**{**vars(config), "mode": "img2img/vanilla"})
-saved, save = [], generate._save_png
+saved, save = [], generate._save_image
 
 def counting_save(image, path):
     save(image, path)
     saved.append(path)
 
-generate._save_png = counting_save
+generate._save_image = counting_save
 ready = Path(sys.argv[3])
 ready.touch()
 while len(list(ready.parent.glob("ready-*"))) < 2:  # start together

@@ -1,8 +1,13 @@
 """LoRA fine-tuning on the tiny random model and the demo data (a few steps each)."""
 
+import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +18,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import keeping_base_pipeline, sample_image, stock_tiny_pipeline
+from skindiff.core.settings import Precision
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.diffusion import lora
 from skindiff.diffusion.base_model import resolve_base_model
-from skindiff.diffusion.lora import LoraConfig, train_lora
+from skindiff.diffusion.lora import LoraConfig, frozen_dtype, train_lora
 from skindiff.diffusion.prompts import skin_prompt
 from skindiff.diffusion.textual_inversion import TextualInversionConfig, train_textual_inversion
 from skindiff.diffusion.train_data import ManifestImageDataset
@@ -66,13 +72,14 @@ def stock_pipeline(embeddings_dir) -> StableDiffusionPipeline:
 
 def test_lora_images_are_random_square_crops_of_the_resized_image(train, tmp_path):
     wide = tmp_path / "wide.png"
-    gradient = np.tile(np.linspace(0, 255, 96, dtype=np.uint8), (48, 1))
-    Image.fromarray(np.stack([gradient] * 3, axis=-1)).save(wide)
+    noise = np.random.default_rng(0).integers(0, 256, (48, 96, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(wide)
     rows = train.iloc[:1].assign(path=str(wide), fitzpatrick_scale=5)
     images = ManifestImageDataset(rows, 32, "lora", seed=0)
-    # 96x48 -> 64x32 (shorter side to 32, bicubic), then a 32x32 window at a random offset,
-    # maybe flipped: every crop is a window of the resized image, not of the original.
-    resized = Image.open(wide).convert("RGB").resize((64, 32), Image.Resampling.BICUBIC)
+    # 96x48 -> 64x32 (shorter side to 32, bilinear as the reference's LoRA script), then a
+    # 32x32 window at a random offset, maybe flipped: every crop is a window of the resized
+    # image, not of the original. (On noise, every filter resizes to other pixels.)
+    resized = Image.open(wide).convert("RGB").resize((64, 32), Image.Resampling.BILINEAR)
     resized = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float() / 127.5 - 1
     offsets = set()
     for d in range(20):
@@ -207,6 +214,78 @@ def test_without_embeddings_conditions_are_named_in_words(train, tmp_path, monke
     assert {fst for _, fst in captions} <= {1, 2, 5, 6}
 
 
+def test_frozen_weights_stay_float32_under_half_precision_unless_asked():
+    """As the reference's fp16 LoRA run: frozen UNet, VAE and text encoder in float32."""
+    default = LoraConfig().frozen_weights
+    for precision in (Precision.FP16, Precision.BF16, Precision.NO):
+        assert frozen_dtype(default, precision) == torch.float32
+    assert frozen_dtype("half", Precision.FP16) == torch.float16
+    assert frozen_dtype("half", Precision.BF16) == torch.bfloat16
+    assert frozen_dtype("half", Precision.NO) == torch.float32
+
+
+BF16_RUNS = """
+import json, sys, tempfile
+from conftest import keeping_base_pipeline
+from skindiff.core.settings import Precision
+from skindiff.data.prepare import PrepareConfig, prepare_scenario
+from skindiff.diffusion import lora, training
+from skindiff.diffusion.lora import LoraConfig, train_lora
+
+def bf16(_):
+    return Precision.BF16
+
+# skindiff asks for a GPU for half precision; accelerate's bf16 autocast runs on a CPU too.
+lora.resolve_mixed_precision = training.resolve_mixed_precision = bf16
+train = prepare_scenario(PrepareConfig(scenario="i", seed=0)).splits.train
+found = {}
+for frozen_weights in ("full", "half"):
+    config = LoraConfig(**json.loads(sys.argv[1]), frozen_weights=frozen_weights)
+    with keeping_base_pipeline(lora) as pipelines:
+        result = train_lora(config, train, None, tempfile.mkdtemp(), progress=False)
+    pipeline = pipelines[0]
+    unet = dict(pipeline.unet.named_parameters())
+    found[frozen_weights] = {
+        "losses": result.losses,
+        "vae": str(pipeline.vae.dtype),
+        "text_encoder": str(pipeline.text_encoder.dtype),
+        "unet": sorted({str(p.dtype) for name, p in unet.items() if "lora_" not in name}),
+        "adapter": sorted({str(p.dtype) for name, p in unet.items() if "lora_" in name}),
+    }
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.slow  # a subprocess (accelerate fixes the precision once per process): 2 runs
+def test_training_under_mixed_precision_keeps_the_frozen_weights_dtype(train):
+    """Runs under bf16 mixed precision (accelerate's autocast) train with the frozen weights
+    in float32 by default, in bf16 with `half`, and the adapter in float32 either way."""
+    settings = {
+        "rank": CONFIG.rank,
+        "alpha": CONFIG.alpha,
+        "learning_rate": CONFIG.learning_rate,
+        "max_train_steps": 2,
+        "train_batch_size": CONFIG.train_batch_size,
+        "resolution": CONFIG.resolution,
+        "mixed_precision": "bf16",
+    }
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", BF16_RUNS, json.dumps(settings)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    for frozen_weights, dtype in (("full", "torch.float32"), ("half", "torch.bfloat16")):
+        run = found[frozen_weights]
+        assert all(np.isfinite(run["losses"])) and len(run["losses"]) == 2
+        assert (run["vae"], run["text_encoder"], run["unet"]) == (dtype, dtype, [dtype])
+        assert run["adapter"] == ["torch.float32"]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -284,6 +363,32 @@ def test_frozen_encodings_are_computed_once_and_match_encoding_every_batch(train
             fresh.latents(pixels, keys, one_draw(torch.Generator().manual_seed(1), pixels)), latents
         )
         assert torch.equal(fresh.caption_states(pipeline, captions), states)
+
+
+def test_frozen_encoders_run_at_their_weights_dtype_under_autocast(train):
+    """In a mixed-precision step the float32 VAE and text encoder compute in float32, as the
+    reference's (autocast wraps the UNet only): the same encodings as outside autocast."""
+    from skindiff.diffusion.training import FrozenEncodings, load_base_pipeline
+
+    pipeline = load_base_pipeline("tiny")
+    dataset = ManifestImageDataset(train.head(4), 32, "lora", seed=0)
+    draws = [dataset[d] for d in range(4)]
+    pixels = [draw["pixel_values"] for draw in draws]
+    keys = [draw["key"] for draw in draws]
+    captions = [skin_prompt(draw["condition"], draw["fitzpatrick_scale"]) for draw in draws]
+
+    def encode() -> tuple[torch.Tensor, torch.Tensor]:
+        encodings = FrozenEncodings(pipeline.vae, pipeline.text_encoder)
+        generator = torch.Generator().manual_seed(0)
+        latents = encodings.latents(pixels, keys, one_draw(generator, pixels))
+        return latents, encodings.caption_states(pipeline, captions)
+
+    plain = encode()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = encode()
+    for outside, inside in zip(plain, autocast, strict=True):
+        assert inside.dtype == torch.float32
+        assert torch.equal(inside, outside)
 
 
 def test_fixed_images_are_encoded_up_front_in_batches_when_drawn_often(train):

@@ -242,3 +242,35 @@ def test_shards_run_their_own_pairs_and_report_them_together(
         assert run_main(plan("3/3"), study_configs()) == {}
     assert "shard 3/3 has none of the 2 pairs: nothing to run" in caplog.text
     assert len(runs_by_stage(tracking)["main"]) == len(again["main"])
+
+
+def test_frozen_params_of_no_known_tune_seed_are_said_to_be_unknown(
+    tracking: str, tmp_path: Path
+) -> None:
+    """A YAML file of frozen params names no tune run: every seed uses it (a fallback seed is
+    of no use), its pairs record the tune seed as unknown and count no test images, and the
+    report says how many scored the tuning objective is unknown."""
+    frozen = tmp_path / "frozen_params.yaml"
+    frozen.write_text("lora_rank: '4'\n")
+    plan = StudyPlan(["ii"], [0, 1], ["tiny"], ["real"], str(frozen), frozen_fallback_seed=7)
+    runs = run_main(plan, study_configs())
+    for seed in (0, 1):
+        pair = mlflow.get_run(runs[("ii", seed)].parent).data
+        assert pair.params == {
+            "scenario": "ii",
+            "seed": str(seed),
+            "frozen.lora_rank": "4",
+            "frozen_params_seed": "unknown",
+        }
+        assert "n_test_images_scored_by_tuning" not in pair.metrics
+    (top,) = [r for r in runs_by_stage(tracking)["main"] if PARENT_RUN_TAG not in r.data.tags]
+    assert top.data.params["frozen_params_seed"] == "unknown"
+    assert "tuning_overlap.csv" not in {
+        a.path for a in mlflow.MlflowClient().list_artifacts(top.info.run_id)
+    }
+    run_report(ReportConfig(tracking, str(tmp_path / "report")))
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert f"Tuned settings frozen from `{frozen}` (tune protocol: unknown)" in report
+    assert (
+        "how many of each scenario's test images scored the tuning objective is unknown" in report
+    )

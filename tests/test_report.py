@@ -16,6 +16,12 @@ from PIL import Image
 from skindiff.cli import run as cli
 from skindiff.errors import SkindiffError
 from skindiff.plans import ReportConfig
+from skindiff.report import (
+    TUNING_OVERLAP_COLUMNS,
+    SettingsGroup,
+    impossible_means,
+    tuning_note,
+)
 from skindiff.tracking.report import run_report
 
 ENTRY_POINT = "mlflow.project.entryPoint"
@@ -195,13 +201,38 @@ def test_report_tables_are_means_and_sample_stds_over_seeds(
 
     written = {p.name for p in out.iterdir()}
     assert {"table2_scenario_i.png", "table4_scenario_iii.png", "table5_ablation_gap.png"} < written
-    assert "ddof=1" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "ddof=1" in report
+    # The paper's own means, over the test sizes it states, for the tables reported here only.
+    notes = report.partition("### Where the paper's numbers cannot be matched by construction")[2]
+    assert (
+        "- Table 5: 4 of its 12 mean accuracies (18.80, 52.00, 21.22, 79.57) cannot be the mean "
+        "of 1 to 5 accuracies over 56 test images; 0 more cannot be a 5-seed mean.\n" in notes
+    )
+    assert "- Table 2: 4 of its 9 mean accuracies (71.36, 70.38, 74.19, 78.65)" in notes
+    assert "4 more (70.24, 77.98, 68.45, 69.05) cannot be a 5-seed mean." in notes
+    assert "- Table 4: 2 of its 9 mean accuracies (56.50, 58.94)" in notes
+    assert "over 291 test images; 2 more (55.58, 57.62) cannot be a 5-seed mean." in notes
+    assert "Table 3:" not in notes  # no scenario ii runs
     logged = {a.path for a in MlflowClient().list_artifacts(run_id)}
     assert logged == written
     assert mlflow.get_run(run_id).data.tags[ENTRY_POINT] == "report"
 
     run_report(ReportConfig(tracking, str(out)))  # by id, into the earlier report's folder
     assert {p.name for p in out.iterdir()} == written
+
+
+def test_impossible_means():
+    """A mean of m accuracies over n images is k / (m * n) * 100 for an integer k, printed with
+    2 decimals."""
+    assert impossible_means([50.00, 48.21, 35.36], 56, [1]) == [35.36]  # 28/56, 27/56
+    assert impossible_means([35.36], 56, [5]) == []  # 99/280 = 35.357
+    assert impossible_means([70.24], 56, [1, 2, 4, 5]) == [70.24]
+    assert impossible_means([70.24], 56, range(1, 6)) == []  # 118/168 = 70.238, 3 seeds
+    table5 = [18.80, 21.22, 52.00, 79.57]
+    assert impossible_means(table5, 56, range(1, 6)) == table5
+    # 493/4000 = 12.325: both roundings are possible, 12.31 is not (12.30 is the next step down).
+    assert impossible_means([12.31, 12.32, 12.33], 4000, [1]) == [12.31]
 
 
 def test_report_refuses_a_users_folder_and_explains_bad_input(
@@ -364,3 +395,50 @@ def test_skin_tone_section_and_filtered_against_unfiltered(tracking: str, tmp_pa
     report = (out / "report.md").read_text()
     assert "### Skin tone of the real and synthetic images (ITA)" in report
     assert "## Skin-tone filter: classifiers on unfiltered and filtered synthetic images" in report
+
+
+def tuned_group(overlap: pd.DataFrame | None, protocol: str | None) -> SettingsGroup:
+    empty = pd.DataFrame()
+    return SettingsGroup("d", {}, empty, empty, None, "tune-run", protocol, None, overlap)
+
+
+def test_tuning_note_states_per_pair_how_many_test_images_scored_the_objective():
+    """One tune seed for all: other seeds' test images scored the objective, and the note says
+    how many per pair; tuned per seed: none, and the note says so; a YAML: unknown."""
+    one_seed = pd.DataFrame(
+        [["ii", 0, "0", 291, 0.0], ["ii", 42, "0", 291, 46.0], ["iii", 42, "0", 291, 46.0]],
+        columns=TUNING_OVERLAP_COLUMNS,
+    )
+    note = tuning_note(tuned_group(one_seed, "exclude-test-of-ii,iii"))
+    assert note.startswith("Tuned settings frozen from `tune-run` (tune protocol: ")
+    assert "scenario i's results are not independent of it" in note
+    lines = note.splitlines()
+    assert lines[-3:] == [
+        "- scenario ii seed 0: 0 of its 291 test images scored the tuning objective (settings "
+        "tuned on seed 0)",
+        "- scenario ii seed 42: 46 of its 291 test images scored the tuning objective "
+        "(settings tuned on seed 0)",
+        "- scenario iii seed 42: 46 of its 291 test images scored the tuning objective "
+        "(settings tuned on seed 0)",
+    ]
+    assert "are not independent of them (`tune --seeds`" in note
+    assert "independent of their test images" not in note
+
+    per_seed = one_seed.assign(tune_seed=["0", "42", "42"], n_scored_by_tuning=0.0)
+    note = tuning_note(tuned_group(per_seed, "exclude-test-of-ii,iii"))
+    assert "Each seed's settings were tuned without its own test images of scenarios ii" in note
+    assert "scenario ii seed 42: 0 of its 291 test images" in note
+
+    unknown = one_seed.assign(tune_seed="unknown", n_scored_by_tuning=float("nan"))
+    for overlap in (unknown, None):
+        note = tuning_note(tuned_group(overlap, None))
+        assert "(tune protocol: unknown)" in note and "test images scored" in note
+        assert note.endswith(
+            "how many of each scenario's test images scored the tuning objective is unknown."
+        )
+    mixed = pd.concat([one_seed.iloc[:1], unknown.iloc[1:2]])
+    assert tuning_note(tuned_group(mixed, "paper")).splitlines()[-1] == (
+        "- scenario ii seed 42: unknown (the seed its settings were tuned on is unknown)"
+    )
+    untuned = SettingsGroup("d", {}, pd.DataFrame(), pd.DataFrame(), None)
+    assert tuning_note(untuned) is None

@@ -247,12 +247,12 @@ def test_a_server_gone_mid_run_is_one_line_and_the_rerun_resumes(
         (dead,) = runs_by_stage(experiment)["generate"]
         assert dead.info.status == "RUNNING"  # nobody could tell the server
         folder = work_dir(Stage.GENERATE, dead.data.tags[RUN_KEY_TAG])
-        made = {path: path.stat().st_mtime_ns for path in folder.rglob("*.png")}
+        made = {path: path.stat().st_mtime_ns for path in folder.rglob("*.jpg")}
         assert len(made) == 32  # all made before the upload failed
 
         assert run_command(argv) == 0
         # Resumed: every image was there, none was made again.
-        assert {path: path.stat().st_mtime_ns for path in folder.rglob("*.png")} == made
+        assert {path: path.stat().st_mtime_ns for path in folder.rglob("*.jpg")} == made
         assert_taken_over(experiment, dead.info.run_id)
 
 

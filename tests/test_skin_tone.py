@@ -129,7 +129,7 @@ def test_the_filter_replaces_off_target_images_by_new_seeds(filtered, light_sour
             assert replaced["attempt"] == 0 and replaced["seed"] == row.seed
         else:
             assert replaced["attempt"] >= 1 and replaced["seed"] != row.seed
-            assert replaced["path"].endswith(f"-r{replaced['attempt']}.png")
+            assert replaced["path"].endswith(f"-r{replaced['attempt']}.jpg")
             assert (folder / replaced["path"]).is_file()
     assert manifest["on_target"].sum() > plain["on_target"].sum()
     assert manifest["kept"].equals(manifest["on_target"])

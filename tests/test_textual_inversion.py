@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
@@ -20,16 +21,20 @@ from conftest import (
     sample_image,
     stock_tiny_pipeline,
 )
+from skindiff.data.images import load_rgb
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.diffusion import textual_inversion
 from skindiff.diffusion.adapters import NEW_EMBEDDINGS_NOTE, token_file_name
 from skindiff.diffusion.base_model import resolve_base_model
+from skindiff.diffusion.config import TiTemplates
+from skindiff.diffusion.prompts import REFERENCE_TI_TEMPLATES
 from skindiff.diffusion.textual_inversion import (
     TextualInversionConfig,
+    draw_captions,
     train_textual_inversion,
 )
 from skindiff.diffusion.train_data import ManifestImageDataset
-from skindiff.diffusion.training import add_token_embeddings, token_ids
+from skindiff.diffusion.training import MicroBatchDraws, add_token_embeddings, token_ids
 from skindiff.errors import SkindiffError
 
 # Small and quick, with a learning rate that moves the tokens measurably in 6 steps.
@@ -87,6 +92,48 @@ def test_ti_images_visit_every_row_each_epoch_flipped_at_random_and_reproducibly
     again = ManifestImageDataset(train, 32, "ti", seed=0)
     assert torch.equal(again[draws[1]]["pixel_values"], pixels[1])
     assert images[0]["condition"] == train["label"].iloc[row]
+    # The whole image resized bicubic, as the reference's Textual Inversion script.
+    resized = load_rgb(train["path"].iloc[row]).resize((32, 32), Image.Resampling.BICUBIC)
+    expected = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    assert any(torch.equal(pixels[0], image) for image in (expected, expected.flip(-1)))
+
+
+def template_of(caption: str, token: str) -> str:
+    return caption.replace(token, "{}")
+
+
+def test_captions_come_from_the_reference_templates(train, tmp_path, monkeypatch):
+    """The captions a run encodes are the reference code's 11 templates filled with the
+    image's token, all of them drawn; the ImageNet object templates (27, with "a dark photo
+    of the {}", ...) only on request."""
+    encoded = recording_calls(
+        monkeypatch,
+        textual_inversion,
+        "encode_captions",
+        lambda pipeline, encoder, captions, device: list(captions),
+    )
+    config = replace(CONFIG, base_model="tiny-random", max_train_steps=2, checkpoint_every=10)
+    result = train_textual_inversion(config, train, tmp_path / "run", progress=False)
+    captions = [caption for call in encoded for caption in call]
+    assert len(captions) == 2 * 2 * 2 * len(result.tokens)  # steps x batch x accumulation
+    templates = [
+        template_of(caption, token)
+        for caption in captions
+        for token in result.tokens.values()
+        if token in caption
+    ]
+    assert len(templates) == len(captions)
+    assert set(templates) == set(REFERENCE_TI_TEMPLATES)
+    assert "a dark photo of the {}" not in templates
+
+    generators = tuple(torch.Generator().manual_seed(k) for k in range(4))
+    tokens = ["<psoriasis>"] * 4 * 50
+    imagenet = draw_captions(
+        TiTemplates.IMAGENET_OBJECT.texts, tokens, MicroBatchDraws(generators, 50)
+    )
+    drawn = {template_of(caption, "<psoriasis>") for caption in imagenet}
+    assert drawn - set(REFERENCE_TI_TEMPLATES)  # e.g. "a photo of a clean {}"
+    assert len(drawn) > len(REFERENCE_TI_TEMPLATES)
 
 
 def test_only_the_new_token_rows_of_the_embedding_matrix_change(trained):

@@ -25,7 +25,7 @@ from skindiff.options import GENERATE, LORA, TEXTUAL_INVERSION, StudyConfigs, as
 from skindiff.plans import StudyPlan
 from skindiff.search_space import load_search_space
 from skindiff.tracking.names import TUNE_PROTOCOL_TAG, Stage, split_artifact, upstream_tag
-from skindiff.tracking.pipeline import load_frozen_params, run_main
+from skindiff.tracking.pipeline import load_frozen_params, load_frozen_source, run_main
 from skindiff.tracking.tune import (
     CLASSIFIER_RUN_ATTR,
     INFEASIBLE_ATTR,
@@ -34,6 +34,7 @@ from skindiff.tracking.tune import (
     TRIAL_TAG,
     TuneConfig,
     run_tune,
+    seed_study_name,
 )
 
 # Every tuned option of the built-in space, with ranges of a few steps.
@@ -251,6 +252,10 @@ def test_a_killed_workers_trial_is_failed_and_retried(
     # `main --frozen-params models:/<name>@champion` reads what the tune run froze.
     assert load_frozen_params(f"models:/{model}@champion") == result.frozen_params
     assert load_frozen_params(result.run_id) == result.frozen_params
+    # ... and the data seed it was tuned on: the version's tag, the run that logged the model.
+    tuned = load_frozen_source(f"models:/{model}@champion").shared
+    assert champion.tags["tune_seed"] == "0" == str(tuned.seed)
+    assert tuned.tune_run.info.run_id == result.run_id
 
 
 def test_a_trial_below_the_median_is_pruned(tracking: str, tmp_path: Path) -> None:
@@ -333,3 +338,17 @@ def test_a_bad_search_space_names_the_file_and_key(
     with pytest.raises(SkindiffError, match=f"search_space {path}: .*") as error:
         load_search_space(path)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_seeds_are_one_study_each_and_unset_by_default(tmp_path: Path) -> None:
+    """`tune` alone tunes on --seed as before; --seeds lists distinct seeds, and a worker
+    (run_tune) is one study: a config with seeds goes to run_tune_seeds."""
+    defaults = {o.name: o.default for o in COMMAND_OPTIONS["tune"]}
+    assert defaults["seeds"] == () and defaults["seed"] == 0
+    with pytest.raises(SkindiffError, match="seeds: listed twice in 0,42,0"):
+        TuneConfig(seeds=(0, 42, 0))
+    config = TuneConfig(seeds=(0, 42), storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    with pytest.raises(SkindiffError, match="use run_tune_seeds"):
+        run_tune(in_process_configs(), config)
+    assert seed_study_name(config, 42) == "skindiff-tune-seed-42"
+    assert not (tmp_path / "optuna.db").exists()

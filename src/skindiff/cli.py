@@ -244,7 +244,7 @@ def generate(data, ti_config, lora_config, config, runs) -> None:
 )
 def train_classifier(data, ti_config, lora_config, generate_config, config, runs) -> None:
     """Train a classifier on real, synthetic or real+synthetic images; the epoch kept is chosen
-    by --selection (validation macro-F1 by default; last; test, as the reference code) (MLflow
+    by --selection (validation macro-F1 by default; last; test, the reference code's rule) (MLflow
     run)."""
     from skindiff.tracking.train_classifier import run_train_classifier
 
@@ -326,22 +326,33 @@ def tune(configs, config) -> None:
     classifier trained on synthetic images only, on scenario i's test split with the default
     --exclude-test-of ii,iii, else on validation); run it on several processes or machines
     with one storage to share the study. Ends by freezing the best trial's params
-    (frozen_params.yaml) and registering its generator (MLflow run per worker and trial)."""
-    from skindiff.tracking.tune import run_tune
+    (frozen_params.yaml) and registering its generator (MLflow run per worker and trial).
+    With --seeds, one study per seed, each on that seed's data (frozen_params_by_seed.yaml)."""
+    from skindiff.tracking.tune import run_tune, run_tune_seeds
 
-    result = run_tune(configs, config)
+    if not config.seeds:
+        _echo_tune_result(run_tune(configs, config), config.registered_model, "")
+        return
+    call = run_tune_seeds(configs, config)
+    typer.echo(f"tune run {call.run_id}: seeds {as_text(config.seeds)}, one study each")
+    for result in call.by_seed.values():
+        _echo_tune_result(result, config.registered_model, f"seed {result.seed}: ")
+    typer.echo(f"frozen params by seed: {call.frozen_params_uri}")
+
+
+def _echo_tune_result(result, registered_model: str | None, label: str) -> None:
     typer.echo(
-        f"tune run {result.run_id}: best trial {result.best_trial}, "
+        f"{label}tune run {result.run_id}: best trial {result.best_trial}, "
         f"{result.objective} {result.best_value:.4f}"
     )
     for name, value in result.frozen_params.items():
         typer.echo(f"  {name} = {value}")
-    typer.echo(f"frozen params: {result.frozen_params_uri}")
+    indent = "  " if label else ""  # under its seed's line
+    typer.echo(f"{indent}frozen params: {result.frozen_params_uri}")
     if result.registered_version:
         alias = ", alias champion" if result.champion else ""
-        typer.echo(
-            f"generator: {config.registered_model} version {result.registered_version}{alias}"
-        )
+        version = f"{registered_model} version {result.registered_version}{alias}"
+        typer.echo(f"{indent}generator: {version}")
 
 
 @stage_command("download", config=DOWNLOAD)

@@ -103,10 +103,11 @@ class OptionGroup:
 # Fields a diffusion config takes from one option shared by every stage of a command.
 _MODEL_FIELDS = ("seed", "base_model", "resolution", "mixed_precision")
 DATA = OptionGroup(PrepareConfig)
+# One option for what both adapters train on.
 TEXTUAL_INVERSION = OptionGroup(
-    TextualInversionConfig, "ti_", shared=(*_MODEL_FIELDS, "conditions")
+    TextualInversionConfig, "ti_", shared=(*_MODEL_FIELDS, "conditions", "generator_images")
 )
-LORA = OptionGroup(LoraConfig, "lora_", shared=_MODEL_FIELDS)
+LORA = OptionGroup(LoraConfig, "lora_", shared=(*_MODEL_FIELDS, "generator_images"))
 GENERATE = OptionGroup(GenerateConfig, shared=_MODEL_FIELDS)
 CLASSIFIER = OptionGroup(ClassifierConfig, shared=("seed",))
 RUNS = OptionGroup(UpstreamRuns)

@@ -90,7 +90,12 @@ class StudyPlan(Settings):
         None,
         "Tuned settings to use unchanged: a tune run id, a frozen_params.yaml file, or a "
         "generator model URI (models:/skin-diff-generator@champion). Empty: the options as "
-        "given.",
+        "given. A tune run made with --seeds gives each seed the settings tuned on it.",
+    )
+    frozen_fallback_seed: int | None = setting(
+        None,
+        "With frozen_params from a tune run made with --seeds: the tuned seed whose settings "
+        "the seeds without their own use. Empty: such a seed is refused.",
     )
     shard: str = setting(
         "1/1",
@@ -108,6 +113,8 @@ class StudyPlan(Settings):
         ):
             require(bool(getattr(self, name)), f"{name} must be a comma list of {choices}, got ''")
         _check_seeds(self.seeds)
+        if self.frozen_fallback_seed is not None:
+            check_seed("frozen_fallback_seed", self.frozen_fallback_seed)
         _parse_shard(self.shard)
 
     def pairs(self) -> list[tuple[Scenario, int]]:
@@ -199,7 +206,14 @@ class TuneConfig(Settings):
     """Settings of a `tune` worker; every worker of a study uses the same storage and name."""
 
     n_trials: int = setting(
-        10, "Tune: trials this worker runs (every worker of a study adds its own)."
+        10, "Tune: trials this worker runs (every worker of a study adds its own), per seed."
+    )
+    seeds: tuple[int, ...] = setting(
+        (),
+        "Tune: comma list of data seeds to tune each on its own: one study per seed "
+        "(<study_name>-seed-<seed>), on scenario i of that seed without that seed's test images "
+        "of the exclude_test_of scenarios, each freezing and registering its own settings; "
+        "`main --frozen-params <this run>` gives each seed its own. Empty: one study on --seed.",
     )
     storage: str = setting(
         "sqlite:///optuna.db",
@@ -233,6 +247,12 @@ class TuneConfig(Settings):
         for name in ("n_trials", "heartbeat_interval", "grace_period"):
             value = getattr(self, name)
             require(value >= 1, f"{name} must be at least 1, got {value}")
+        for seed in self.seeds:
+            check_seed("seeds", seed)
+        require(
+            len(set(self.seeds)) == len(self.seeds),
+            f"seeds: listed twice in {','.join(map(str, self.seeds))}",
+        )
         require(
             self.grace_period > self.heartbeat_interval,
             f"grace_period ({self.grace_period} s) must exceed heartbeat_interval "

@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -354,6 +354,9 @@ class SettingsGroup:
     tuned_from: str | None = None  # where frozen params came from (`main --frozen-params`)
     tune_protocol: str | None = None  # the tune run's, where known: "paper" or "exclude-..."
     skin_tones: pd.DataFrame | None = None  # rows of SKIN_TONE_COLUMNS, per (scenario, seed)
+    # Per (scenario, seed) of pairs with frozen settings, rows of TUNING_OVERLAP_COLUMNS: how
+    # many of its test images scored the tuning objective (NaN where not known).
+    tuning_overlap: pd.DataFrame | None = None
 
 
 def settings_digest(settings: Mapping[str, str]) -> str:
@@ -385,12 +388,58 @@ def group_title(group: SettingsGroup, differing: Mapping[str, str]) -> str:
     return title
 
 
-def construction_notes(scores: pd.DataFrame) -> list[str]:
-    """Where the paper's Tables 2-4 cannot be matched by construction, with the numbers of
-    these runs' test splits (the paper's tables are compared with its 5 seeds)."""
+# The test sizes the paper states (captions of its Tables 2-5): scenario i tests on the
+# 56-image dark flexible subset, ii and iii on the 291 non-flexible dark images, the ablation on
+# the 56-image light and dark flexible subsets.
+PAPER_TEST_SIZE = {"i": 56, "ii": 291, "iii": 291}
+PAPER_ABLATION_TEST_SIZE = 56
+# A mean printed with 2 decimals is within 0.005 of the true mean; 1e-9 absorbs float error.
+PRINTED_MEAN_TOLERANCE = 0.005 + 1e-9
+
+
+def impossible_means(
+    means: Iterable[float], n_test: int, seed_counts: Iterable[int]
+) -> list[float]:
+    """The `means` (percent, printed with 2 decimals) that are not the mean of m accuracies
+    over `n_test` images for any m of `seed_counts`. Such a mean is (sum of the m numbers of
+    right answers) / (m * n_test) * 100, so it is possible for m where the nearest multiple of
+    100 / (m * n_test) rounds to it."""
+    counts = list(seed_counts)
+
+    def possible(mean: float, m: int) -> bool:
+        images = m * n_test
+        return abs(round(mean * images / 100) * 100 / images - mean) <= PRINTED_MEAN_TOLERANCE
+
+    return [mean for mean in means if not any(possible(mean, m) for m in counts)]
+
+
+def paper_means_note(table: str, means: Sequence[float], n_test: int) -> str:
+    """`table`'s mean accuracies (the paper's) that no 1 to PAPER_SEEDS seeds over `n_test`
+    test images give, then those that PAPER_SEEDS seeds do not give, in one sentence."""
+    never = impossible_means(means, n_test, range(1, PAPER_SEEDS + 1))
+    not_all_seeds = [m for m in impossible_means(means, n_test, [PAPER_SEEDS]) if m not in never]
+    return (
+        f"{table}: {len(never)} of its {len(means)} mean accuracies{_listed(never)} cannot be "
+        f"the mean of 1 to {PAPER_SEEDS} accuracies over {n_test} test images; "
+        f"{len(not_all_seeds)} more{_listed(not_all_seeds)} cannot be a {PAPER_SEEDS}-seed mean."
+    )
+
+
+def _listed(values: Sequence[float]) -> str:
+    return f" ({', '.join(f'{v:.2f}' for v in values)})" if values else ""
+
+
+def construction_notes(scores: pd.DataFrame, ablation: bool) -> list[str]:
+    """Where the paper's tables cannot be matched by construction: for Tables 2-4, with the
+    numbers of these runs' test splits (the paper's tables are compared with its 5 seeds); then
+    the paper's mean accuracies that its own stated test sizes cannot give, for the tables of
+    the scenarios in `scores`, and for Table 5 with `ablation`."""
     notes = []
     paper = paper_classifiers()
+    present = set(scores["scenario"]) if len(scores) else set()
     for scenario, number in SCENARIO_TABLE.items():
+        if scenario not in present:
+            continue
         rows = scores[scores["scenario"] == scenario]
         n_test = rows["n_test"].dropna()
         if n_test.empty:
@@ -414,36 +463,69 @@ def construction_notes(scores: pd.DataFrame) -> list[str]:
             f"is {smallest:.2f}; {below} of the {len(stds)} accuracy stds of the paper's Table "
             f"{number} ({stds.min():.2f}-{stds.max():.2f}) are below it."
         )
+    for scenario, number in SCENARIO_TABLE.items():
+        if scenario in present:
+            means = paper[paper["scenario"] == scenario]["paper_accuracy_mean"].tolist()
+            notes.append(paper_means_note(f"Table {number}", means, PAPER_TEST_SIZE[scenario]))
+    if ablation:
+        means = [mean for test_set in TEST_SETS for mean in PAPER_ABLATION[test_set].values()]
+        notes.append(paper_means_note("Table 5", means, PAPER_ABLATION_TEST_SIZE))
     return notes
 
 
 PAPER_TUNE_PROTOCOL = "paper"
+TUNING_OVERLAP_COLUMNS = ["scenario", "seed", "tune_seed", "n_test", "n_scored_by_tuning"]
 
 
 def tuning_note(group: SettingsGroup) -> str | None:
-    """What tuned settings mean for the independence of each scenario's test split."""
+    """What tuned settings mean for the independence of each scenario's test split: per pair,
+    how many of its test images scored the tuning objective (`group.tuning_overlap`)."""
     if group.tuned_from is None:
         return None
     protocol = group.tune_protocol or "unknown"
-    excluded = (
-        "the parameters never saw scenario ii's and iii's test images, so their results are "
-        "independent of them, but they were chosen on scenario i's test split (the tune "
-        "objective), so scenario i's results are not independent of it"
-    )
-    paper = (
-        "scenario i's training and validation splits, on which the parameters were chosen, "
-        "hold scenario ii's and iii's test images, so no scenario's results are independent "
-        "of its test split"
-    )
+    head = f"Tuned settings frozen from `{group.tuned_from}` (tune protocol: {protocol})"
     if protocol == PAPER_TUNE_PROTOCOL:
-        meaning = paper
+        head += (
+            ": the tuning objective was scored on scenario i's validation split of the seed "
+            "they were tuned on, which holds that seed's test images of scenarios ii and iii"
+        )
     elif protocol.startswith("exclude-test-of"):
-        meaning = excluded
+        head += (
+            ": the tuning objective was scored on scenario i's test split of the seed they "
+            "were tuned on, so scenario i's results are not independent of it; scenario i's "
+            "training and validation splits left out the test images of ii and iii of that "
+            "seed only"
+        )
+    counted = group.tuning_overlap
+    if counted is None or counted["n_scored_by_tuning"].isna().all():
+        return (
+            f"{head}. The seed they were tuned on is unknown (not recorded with these runs), "
+            "so how many of each scenario's test images scored the tuning objective is unknown."
+        )
+    lines = []
+    for row in counted.sort_values(["scenario", "seed"]).itertuples():
+        where = f"scenario {row.scenario} seed {row.seed}"
+        if pd.isna(row.n_scored_by_tuning):
+            lines.append(f"- {where}: unknown (the seed its settings were tuned on is unknown)")
+        else:
+            lines.append(
+                f"- {where}: {row.n_scored_by_tuning:.0f} of its {row.n_test:.0f} test images "
+                f"scored the tuning objective (settings tuned on seed {row.tune_seed})"
+            )
+    shared = counted[counted["scenario"].isin(["ii", "iii"])]["n_scored_by_tuning"]
+    if len(shared) and (shared == 0).all():
+        summary = (
+            "Each seed's settings were tuned without its own test images of scenarios ii and "
+            "iii, so their results are independent of their test images."
+        )
+    elif len(shared):
+        summary = (
+            "Results whose test images scored the tuning objective are not independent of "
+            "them (`tune --seeds` tunes each seed without its own)."
+        )
     else:
-        meaning = f"with tune's default protocol {excluded}; with the paper's, {paper}"
-    return (
-        f"Tuned settings frozen from `{group.tuned_from}` (tune protocol: {protocol}): {meaning}."
-    )
+        summary = "Test images that scored the tuning objective, per pair:"
+    return f"{head}. {summary}\n\n" + "\n".join(lines)
 
 
 def write_report(groups: Sequence[SettingsGroup], output_dir: Path, source: str) -> list[Path]:
@@ -524,7 +606,7 @@ def _group_sections(
         save(f"{stem}.md", f"### {title}\n\n{markdown}")
         plot = save(f"{stem}.png", classification_figure(table, title))
         sections.append(f"### {title}\n\n{markdown}\n\n![{title}]({plot})")
-    notes = construction_notes(scores) if len(scores) else []
+    notes = construction_notes(scores, ablation=len(group.ablation_scores) > 0)
     tuned = tuning_note(group)
     if tuned:
         sections.append(f"### Tuned settings\n\n{tuned}")

@@ -1,17 +1,20 @@
 """Training a skin-condition classifier, and which epoch's weights it keeps (`selection`).
 
 The loop is the reference code's (Adam, StepLR at a third of the epochs, class-balanced
-sampling, 30 epochs of batch 256). The reference kept the epoch that scored best on the test
-set, which overstates the test scores; `selection` says which epoch is kept:
+sampling, 30 epochs of batch 256). The reference chose the epoch on the test set, which
+overstates the test scores; `selection` says which epoch is kept:
 - val (default): the best validation macro-F1, the earlier epoch on ties;
 - last: the last epoch; no validation split is needed (val_fraction 0 trains on the paper's
   full training sets), and without one nothing is scored on validation;
-- test: the best test macro-F1, the reference's protocol, for comparison with the paper only.
+- test: the reference code's rule, for comparison with the paper only (`reference_test_epoch`):
+  the lowest test loss among epochs 12 and later whose loss is below epoch 11's, else the
+  initial weights (best_epoch 0).
 With val and last the test split is predicted exactly once, with the kept weights; with test
 it is also predicted after every epoch. The validation split, when there is one, is scored
 after every epoch whatever the selection.
 """
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,8 +56,9 @@ class ClassifierResult:
     # epoch, train_loss, then <split>_loss, <split>_accuracy, <split>_f1_macro of each split
     # scored every epoch (val when there is one, test with selection test), then lr (used).
     history: pd.DataFrame
-    best_epoch: int  # the kept epoch
-    # PREDICTION_COLUMNS, then prob_<label slug> per class; None without a validation split.
+    best_epoch: int  # the kept epoch; 0: the initial weights (selection test only)
+    # Of the kept weights: PREDICTION_COLUMNS, then prob_<label slug> per class; None without a
+    # validation split.
     val_predictions: pd.DataFrame | None
     test_predictions: pd.DataFrame
 
@@ -103,8 +107,11 @@ def train_classifier(
         optimizer, step_size=max(1, config.epochs // 3), gamma=0.1
     )
 
+    # The initial weights are an outcome of selection test only; they are dropped once an
+    # epoch is kept, which can then never go back to them.
+    best_state = _cpu_copy(model) if config.selection == Selection.TEST else None
     history = []
-    best_score, val_predictions = -1.0, None
+    best_epoch, val_predictions = 0, None
     for epoch in range(1, config.epochs + 1):
         lr = scheduler.get_last_lr()[0]
         bar = tqdm(
@@ -131,15 +138,13 @@ def train_classifier(
         bar.close()
         if on_epoch is not None and "val" in scored:
             on_epoch(epoch, row["val_f1_macro"])
-        # Strictly better: the earlier epoch on ties; with `last` every epoch beats the one
-        # before.
-        score = epoch if config.selection == Selection.LAST else row[f"{config.selection}_f1_macro"]
-        if score > best_score:
-            best_score, best_epoch = score, epoch
+        if _kept_epoch(config.selection, history) == epoch:
+            best_epoch, best_state = epoch, _cpu_copy(model)
             val_predictions = predictions.get("val")
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
     model.load_state_dict(best_state)
+    if best_epoch == 0 and "val" in scored:
+        val_predictions = _prediction_frame(val, labels, _logits(model, loaders["val"], device))
     test_predictions = _prediction_frame(test, labels, _logits(model, loaders["test"], device))
     return ClassifierResult(
         model=model.cpu().eval(),
@@ -149,6 +154,38 @@ def train_classifier(
         val_predictions=val_predictions,
         test_predictions=test_predictions,
     )
+
+
+# The reference's epoch 10 (0-based), whose test loss later epochs must beat to be kept.
+REFERENCE_BASELINE_EPOCH = 11
+
+
+def reference_test_epoch(test_losses: Sequence[float]) -> int:
+    """The epoch the reference code keeps, 1-based, given the test loss after each epoch: the
+    lowest loss (the earlier on ties) among epochs after REFERENCE_BASELINE_EPOCH strictly
+    below that epoch's loss; 0, the initial weights, when there is none (also when training
+    stops before such an epoch)."""
+    kept, best = 0, math.inf
+    for epoch, loss in enumerate(test_losses, start=1):
+        if epoch == REFERENCE_BASELINE_EPOCH:
+            best = loss
+        elif epoch > REFERENCE_BASELINE_EPOCH and loss < best:
+            kept, best = epoch, loss
+    return kept
+
+
+def _kept_epoch(selection: Selection, history: Sequence[dict[str, float]]) -> int:
+    """The epoch `selection` keeps after the epochs of `history` (0: the initial weights)."""
+    if selection == Selection.LAST:
+        return len(history)
+    if selection == Selection.TEST:
+        return reference_test_epoch([row["test_loss"] for row in history])
+    f1s = [row["val_f1_macro"] for row in history]
+    return 1 + f1s.index(max(f1s))  # the earlier on ties
+
+
+def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def predict(

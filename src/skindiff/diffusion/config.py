@@ -14,7 +14,12 @@ from enum import StrEnum
 from skindiff.core.labels import label_key_problem
 from skindiff.core.settings import Precision, Settings, check_seed, setting
 from skindiff.data.fitzpatrick import CONDITIONS, DARK_FST
-from skindiff.diffusion.prompts import INITIALIZER_WORD, SKIN_TYPE_PHRASES
+from skindiff.diffusion.prompts import (
+    IMAGENET_OBJECT_TEMPLATES,
+    INITIALIZER_WORD,
+    REFERENCE_TI_TEMPLATES,
+    SKIN_TYPE_PHRASES,
+)
 from skindiff.errors import require
 
 
@@ -66,6 +71,48 @@ class SchedulerName(StrEnum):
     DPM_PLUS_PLUS = "dpm++"
     EULER = "euler"
     EULER_ANCESTRAL = "euler-a"
+
+
+class GeneratorImages(StrEnum):
+    """The images Textual Inversion and LoRA train on. The validation split only selects the
+    classifier's epoch, and the paper's generator trains on the whole training set."""
+
+    TRAIN_VAL = "train+val"  # the scenario's whole training set (the paper's)
+    TRAIN = "train"  # without the validation split: the generator never sees it
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The prepare run's splits these images are."""
+        return ("train", "val") if self == GeneratorImages.TRAIN_VAL else ("train",)
+
+
+GENERATOR_IMAGES_HELP = (
+    "Images Textual Inversion and LoRA train on: train+val (the scenario's whole training set, "
+    "as the paper; the classifier's validation images are then seen by the generator) or "
+    "train (without the validation split)."
+)
+
+
+class TiTemplates(StrEnum):
+    """The caption templates Textual Inversion draws from."""
+
+    REFERENCE = "reference"  # the reference code's 11
+    IMAGENET_OBJECT = "imagenet-object"  # the diffusers example's 27 object templates
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        return {
+            TiTemplates.REFERENCE: REFERENCE_TI_TEMPLATES,
+            TiTemplates.IMAGENET_OBJECT: IMAGENET_OBJECT_TEMPLATES,
+        }[self]
+
+
+class FrozenWeights(StrEnum):
+    """The dtype of LoRA's frozen UNet, VAE and text encoder under fp16 or bf16 mixed
+    precision: float32 (autocast does the half-precision math) or the half-precision type."""
+
+    FULL = "full"
+    HALF = "half"
 
 
 class MicroBatchPasses(StrEnum):
@@ -123,9 +170,16 @@ class TextualInversionConfig(Settings):
 
     base_model: str = setting("tiny", BASE_MODEL_HELP)
     conditions: tuple[str, ...] = setting(CONDITIONS, "Conditions to learn a token for.")
+    generator_images: GeneratorImages = setting(GeneratorImages.TRAIN_VAL, GENERATOR_IMAGES_HELP)
     num_vectors: int = setting(1, "Textual Inversion: embedding vectors per token.")
     initializer_word: str = setting(
         INITIALIZER_WORD, "Textual Inversion: the word whose embedding starts every token."
+    )
+    templates: TiTemplates = setting(
+        TiTemplates.REFERENCE,
+        "Textual Inversion captions: reference (the reference code's 11 templates, 'a photo "
+        "of a {}', ...) or imagenet-object (the diffusers example's 27 object templates, with "
+        "'a dark photo of the {}', 'a photo of a clean {}', ...).",
     )
     max_train_steps: int = setting(
         500,
@@ -167,6 +221,7 @@ class LoraConfig(Settings):
     """Settings of a LoRA run."""
 
     base_model: str = setting("tiny", BASE_MODEL_HELP)
+    generator_images: GeneratorImages = setting(GeneratorImages.TRAIN_VAL, GENERATOR_IMAGES_HELP)
     rank: int = setting(8, "LoRA: rank of the adapter matrices.")
     alpha: int = setting(8, "LoRA: scaling alpha (the update is scaled by alpha / rank).")
     target_modules: tuple[str, ...] = setting(
@@ -182,6 +237,13 @@ class LoraConfig(Settings):
     max_grad_norm: float = setting(1.0, "LoRA: gradient clipping norm (0 = none).")
     snr_gamma: float = setting(0.0, "LoRA: Min-SNR loss weighting gamma (0 = off; 5 is common).")
     gradient_checkpointing: bool = setting(False, "true: trade compute for memory in the UNet.")
+    frozen_weights: FrozenWeights = setting(
+        FrozenWeights.FULL,
+        "LoRA under fp16/bf16 mixed precision: full (the frozen UNet, VAE and text encoder stay "
+        "float32, as in the reference's fp16 run, and autocast does the half-precision math; "
+        "the frozen weights take twice the memory: SD 2.1's UNet 3.5 GB instead of 1.7) or "
+        "half (cast to fp16/bf16). No effect without mixed precision.",
+    )
     resolution: int = setting(0, RESOLUTION_HELP)
     mixed_precision: Precision = setting(Precision.AUTO, PRECISION_HELP)
     checkpoint_every: int = setting(500, "LoRA: steps between resumable checkpoints.")
@@ -228,8 +290,8 @@ class GenerateConfig(Settings):
     )
     target_fst: tuple[int, ...] = setting(
         DARK_FST,
-        "Comma list of skin types a light source image is moved to (one drawn per image); "
-        "dark sources keep their own.",
+        "Comma list of skin types a light source image is moved to (one drawn per source, "
+        "shared by its variants); dark sources keep their own.",
     )
     mixed_precision: Precision = setting(Precision.AUTO, PRECISION_HELP)
     seed: int = setting(0, SEED_HELP)

@@ -2,7 +2,9 @@
 
 Reproducibility is by construction, not by luck:
 - every synthetic image has its own seed, derived from (config seed, source image, index), and
-  its own `torch.Generator`, so it does not depend on which other images share its batch;
+  its own `torch.Generator`, so it does not depend on which other images share its batch; a
+  light source's target skin type is drawn once from (config seed, source image), so its
+  variants share it, as the reference's variants of one prompt do;
 - batches are fixed chunks of the plan order, so a resumed run computes each image in exactly
   the batch an uninterrupted run would have (batched CPU math is only bitwise stable that way),
   and so do the processes of a launch (`accelerate launch`, `torchrun`), which share the batches
@@ -48,7 +50,7 @@ from skindiff.core.device import pick_device, resolve_mixed_precision, weight_dt
 from skindiff.core.distributed import process_state
 from skindiff.core.files import claim_folder, sha256_file, work_folder_lock, write_atomic
 from skindiff.core.manifest import IMAGE_COLUMNS, require_columns, usable_as_file_name
-from skindiff.core.seeding import image_seed
+from skindiff.core.seeding import derived_seed, image_seed
 from skindiff.data.fitzpatrick import DARK_FST
 from skindiff.data.images import load_rgb
 from skindiff.diffusion.adapters import (
@@ -103,7 +105,9 @@ MANIFEST_FILE = "manifest.csv"
 # Loads the pipeline (and gives its resolution) when first asked, then returns the same.
 PipelineLoader = Callable[[], tuple[StableDiffusionPipeline | StableDiffusionImg2ImgPipeline, int]]
 IMAGE_DIR = "images"
-_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every complete PNG ends with
+# Synthetic images are saved as the reference saves them: JPEG at PIL's default quality.
+JPEG_QUALITY = 75
+_JPEG_END = b"\xff\xd9"  # the end-of-image marker every complete JPEG ends with
 
 
 def _check_train(train: pd.DataFrame) -> None:
@@ -131,12 +135,12 @@ def plan_generation(config: GenerateConfig, train: pd.DataFrame) -> pd.DataFrame
     rows = []
     for source in train.itertuples(index=False):
         concept = placeholder_token(source.label) if config.uses_ti else source.label
+        if source.group == "light":
+            target = _light_source_target(config, source.md5hash)
+        else:
+            target = int(source.fitzpatrick_scale)
         for k in range(config.num_per_image):
             seed = image_seed(config.seed, source.md5hash, k)
-            if source.group == "light":
-                target = int(np.random.default_rng(seed).choice(config.target_fst))
-            else:
-                target = int(source.fitzpatrick_scale)
             rows.append(
                 {
                     "md5hash": source.md5hash,
@@ -144,7 +148,7 @@ def plan_generation(config: GenerateConfig, train: pd.DataFrame) -> pd.DataFrame
                     "label": source.label,
                     "fitzpatrick_scale": target,
                     "group": "dark" if target in DARK_FST else "light",
-                    "path": f"{IMAGE_DIR}/{source.md5hash}-{k}.png",
+                    "path": f"{IMAGE_DIR}/{source.md5hash}-{k}.jpg",
                     "source_fitzpatrick_scale": int(source.fitzpatrick_scale),
                     "source_group": source.group,
                     "source_path": str(source.path),
@@ -162,17 +166,24 @@ def plan_generation(config: GenerateConfig, train: pd.DataFrame) -> pd.DataFrame
     )[list(PLAN_COLUMNS)]
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
+def _light_source_target(config: GenerateConfig, md5hash: str) -> int:
+    """The skin type all variants of a light source move to: one of `target_fst`, drawn from a
+    stream of the source's own (its first variant's seed names the source)."""
+    seed = derived_seed("target-fst", image_seed(config.seed, md5hash, 0))
+    return int(np.random.default_rng(seed).choice(config.target_fst))
+
+
+def _save_image(image: Image.Image, path: Path) -> None:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     write_atomic(path, buffer.getvalue())
 
 
 def _is_complete(path: Path, size: int) -> bool:
-    """Whether `path` is a whole PNG of size x size pixels that decodes fully."""
+    """Whether `path` is a whole JPEG of size x size RGB pixels that decodes fully."""
     try:
         data = path.read_bytes()
-        if not data.endswith(_PNG_END):
+        if not data.endswith(_JPEG_END):
             return False
         with Image.open(io.BytesIO(data)) as image:
             image.load()
@@ -247,7 +258,8 @@ def _source_image(path: str, resolution: int) -> Image.Image:
         rgb = load_rgb(Path(path))
     except (OSError, SyntaxError, ValueError) as err:
         raise SkindiffError(f"source image {path} cannot be read: {err}") from err
-    return rgb.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    # Bilinear, as the reference resizes its img2img sources.
+    return rgb.resize((resolution, resolution), Image.Resampling.BILINEAR)
 
 
 def generate_synthetic(
@@ -349,7 +361,7 @@ def _generate_missing(
             images = generate_batch(pipe, config, chunk, resolution, inputs)
             for i, image in zip(chunk.index, images, strict=True):
                 if i in missing:
-                    _save_png(image, out_dir / plan.at[i, "path"])
+                    _save_image(image, out_dir / plan.at[i, "path"])
             bar.update(len(missing))
 
 
@@ -441,6 +453,7 @@ def generate_batch(
             images = pipe(image=latents, strength=config.strength, **common).images
         else:
             images = pipe(height=resolution, width=resolution, **common).images
+    # Bicubic: the reference resizes its outputs with PIL's default filter, which is bicubic.
     return [image.resize((config.output_size,) * 2, Image.Resampling.BICUBIC) for image in images]
 
 

@@ -1,9 +1,11 @@
 """LoRA fine-tuning of the UNet's attention on skin-type captions.
 
 The text encoder is frozen and carries the Textual Inversion tokens; VAE and base UNet are
-frozen too. Each image is captioned "An image of {token} on the skin of {phrase} individual"
-(the condition in words when there are no tokens: the paper's "lora" ablation). The adapter
-is saved in diffusers' format, loadable by a stock pipeline's `load_lora_weights`.
+frozen too. Under fp16 or bf16 mixed precision the frozen weights stay float32 by default, as
+the reference's LoRA script keeps them under fp16, and autocast does the half-precision math
+(`frozen_weights`). Each image is captioned "An image of {token} on the skin of {phrase}
+individual" (the condition in words when there are no tokens: the paper's "lora" ablation).
+The adapter is saved in diffusers' format, loadable by a stock pipeline's `load_lora_weights`.
 """
 
 import hashlib
@@ -21,8 +23,9 @@ from peft.utils import get_peft_model_state_dict
 from skindiff.core.device import fused_adam, resolve_mixed_precision, weight_dtype
 from skindiff.core.files import canonical_safetensors, replaced_directory
 from skindiff.core.seeding import seeded_global_rng
+from skindiff.core.settings import Precision
 from skindiff.diffusion.adapters import LORA_WEIGHTS_FILE, read_embeddings
-from skindiff.diffusion.config import LoraConfig
+from skindiff.diffusion.config import FrozenWeights, LoraConfig
 from skindiff.diffusion.prompts import SKIN_TYPE_PHRASES, placeholder_token, skin_prompt
 from skindiff.diffusion.train_data import ManifestImageDataset, check_training_rows
 from skindiff.diffusion.training import (
@@ -96,6 +99,11 @@ def _stable_metadata(adapter: PeftLoraConfig) -> dict:
     }
 
 
+def frozen_dtype(frozen_weights: FrozenWeights, precision: Precision) -> torch.dtype:
+    """The dtype of the frozen UNet, VAE and text encoder under a resolved mixed precision."""
+    return torch.float32 if frozen_weights == FrozenWeights.FULL else weight_dtype(precision)
+
+
 def train_lora(
     config: LoraConfig,
     train: pd.DataFrame,
@@ -140,7 +148,7 @@ def _train(
     if embeddings is not None:
         add_token_embeddings(pipeline, embeddings)
 
-    dtype = weight_dtype(resolve_mixed_precision(config.mixed_precision))
+    dtype = frozen_dtype(config.frozen_weights, resolve_mixed_precision(config.mixed_precision))
     freeze(pipeline.vae, device, dtype)
     freeze(pipeline.text_encoder, device, dtype)
     unet = pipeline.unet

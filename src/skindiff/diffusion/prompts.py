@@ -2,8 +2,23 @@
 
 from skindiff.core.labels import slug
 
-# Captions of Textual Inversion training (the object templates of the reference code).
-TI_TEMPLATES = (
+# Captions of Textual Inversion training: the reference code's own list ("skin_disease_prompt").
+REFERENCE_TI_TEMPLATES = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a close-up photo of a {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a rendition of a {}",
+)
+# The object templates of the diffusers Textual Inversion example (ImageNet's prompt templates),
+# which the reference code leaves commented out.
+IMAGENET_OBJECT_TEMPLATES = (
     "a photo of a {}",
     "a rendering of a {}",
     "a cropped photo of the {}",

@@ -52,7 +52,7 @@ def replacements(off_target: pd.DataFrame, attempt: int) -> pd.DataFrame:
     files, the same index."""
     seeds = [derived_seed("skin-tone-retry", int(seed), attempt) for seed in off_target["seed"]]
     paths = [
-        str(Path(path).parent / f"{md5hash}-{index}-r{attempt}.png")
+        str(Path(path).parent / f"{md5hash}-{index}-r{attempt}{Path(path).suffix}")
         for path, md5hash, index in zip(
             off_target["path"], off_target["md5hash"], off_target["index"], strict=True
         )

@@ -9,7 +9,8 @@ false, one stream of batches mixes all conditions (cheaper: each token then sees
 condition's share of every batch).
 
 Only the new rows of the token-embedding matrix train; text encoder, VAE and UNet stay frozen.
-Each image is captioned with a random object template filled with its condition's token.
+Each image is captioned with a random template (by default the reference code's 11, see
+`TiTemplates`) filled with its condition's token.
 Every token is saved in diffusers' format, `{token: tensor[num_vectors, dim]}`, so a stock
 pipeline's `load_textual_inversion` loads it.
 """
@@ -28,7 +29,7 @@ from skindiff.core.files import replaced_directory, write_atomic
 from skindiff.core.seeding import derived_seed
 from skindiff.diffusion.adapters import token_file_name
 from skindiff.diffusion.config import TextualInversionConfig
-from skindiff.diffusion.prompts import TI_TEMPLATES, placeholder_token
+from skindiff.diffusion.prompts import placeholder_token
 from skindiff.diffusion.train_data import ManifestImageDataset, check_training_rows
 from skindiff.diffusion.training import (
     FrozenEncodings,
@@ -120,6 +121,21 @@ def _streams(
     return streams
 
 
+def draw_captions(
+    templates: tuple[str, ...], tokens: list[str], draws: MicroBatchDraws
+) -> list[str]:
+    """A caption per image of a pass: one of `templates`, drawn by its micro-batch's
+    generator, filled with the image's token."""
+    picks = draws.each(
+        lambda generator, items: torch.randint(
+            len(templates), (len(tokens[items]),), generator=generator, device=generator.device
+        )
+    )
+    return [
+        templates[pick].format(token) for pick, token in zip(picks.tolist(), tokens, strict=True)
+    ]
+
+
 def _train(
     config: TextualInversionConfig,
     rows: pd.DataFrame,
@@ -184,16 +200,9 @@ def _train(
 
     def step_loss(batch: dict, draws: MicroBatchDraws) -> torch.Tensor:
         latents = encodings.latents(batch["pixel_values"], batch["key"], draws)
-        conditions = batch["condition"]
-        picks = draws.each(
-            lambda generator, items: torch.randint(
-                len(TI_TEMPLATES), (len(conditions[items]),), generator=generator, device=device
-            )
+        captions = draw_captions(
+            config.templates.texts, [tokens[condition] for condition in batch["condition"]], draws
         )
-        captions = [
-            TI_TEMPLATES[pick].format(tokens[condition])
-            for pick, condition in zip(picks.tolist(), conditions, strict=True)
-        ]
         hidden = encode_captions(pipeline, prepared_encoder, captions, device)
         return noise_prediction_loss(pipeline.unet, noise_scheduler, latents, hidden, draws)
 

@@ -13,18 +13,20 @@ from transformers import CLIPTokenizer
 
 from skindiff.data.fitzpatrick import CONDITIONS
 from skindiff.diffusion.prompts import (
+    IMAGENET_OBJECT_TEMPLATES,
     INITIALIZER_WORD,
+    REFERENCE_TI_TEMPLATES,
     SKIN_MARKS,
     SKIN_PROMPT,
     SKIN_TYPE_PHRASES,
-    TI_TEMPLATES,
 )
 
 MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Texts our prompts are made of; the offline vocabulary holds each of their words whole.
 PROMPT_TEXTS = (
-    *TI_TEMPLATES,
+    *REFERENCE_TI_TEMPLATES,
+    *IMAGENET_OBJECT_TEMPLATES,
     SKIN_PROMPT,
     *SKIN_TYPE_PHRASES.values(),
     *SKIN_MARKS.values(),

@@ -22,6 +22,8 @@ from skindiff.errors import SkindiffError
 
 Transform = Literal["ti", "lora"]
 TRANSFORMS: tuple[Transform, ...] = ("ti", "lora")
+# The reference's Textual Inversion script resizes bicubic, its LoRA script bilinear.
+RESAMPLING = {"ti": Image.Resampling.BICUBIC, "lora": Image.Resampling.BILINEAR}
 
 
 def check_training_rows(train: pd.DataFrame) -> pd.DataFrame:
@@ -49,7 +51,7 @@ class ManifestImageDataset(Dataset):
 
     `transform` follows the reference scripts:
     - "ti": bicubic resize of the whole image to resolution x resolution, horizontal flip p=0.5;
-    - "lora": bicubic resize of the shorter side to resolution, random square crop, and a
+    - "lora": bilinear resize of the shorter side to resolution, random square crop, and a
       horizontal flip p=0.5 (lesion photos have no left or right, so a flip keeps label and
       skin type while doubling the variety a few dozen images offer).
     `len()` is one epoch; any non-negative index is valid. Draws whose key is among
@@ -147,7 +149,8 @@ class ManifestImageDataset(Dataset):
     def _pixels(self, image: Image.Image, top: int, left: int, flip: bool) -> torch.Tensor:
         """The augmented image: resized, cropped at (top, left), flipped or not."""
         side = self.resolution
-        pixels = _to_tensor(image.resize(self._resized_size(image.size), Image.Resampling.BICUBIC))
+        resized = image.resize(self._resized_size(image.size), RESAMPLING[self.transform])
+        pixels = _to_tensor(resized)
         pixels = pixels[:, top : top + side, left : left + side]
         return pixels.flip(-1) if flip else pixels
 

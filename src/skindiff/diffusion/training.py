@@ -207,7 +207,8 @@ class MicroBatchDraws:
 # --- what the frozen encoders make ---------------------------------------------------------
 
 # Memory for remembered encodings, per process: at 512 px an image's latent distribution is
-# 64 KiB in half precision, so this keeps about 16,000 (the paper's runs see about 3,000).
+# 64 KiB in half precision, 128 KiB in float32, so this keeps 8,000 to 16,000 (the paper's runs
+# see about 3,000).
 ENCODING_CACHE_BYTES = 2**30
 ENCODING_BATCH = 16  # images per VAE call when encoding a dataset's fixed images up front
 
@@ -221,7 +222,9 @@ class FrozenEncodings:
     of a fixed make-up; any other image and caption is encoded alone, when first drawn. So an
     encoding never depends on what was drawn before: a resumed run computes exactly what an
     uninterrupted one does. Against encoding every batch anew (the diffusers example scripts'
-    way) only the batching of the encoders' arithmetic changes."""
+    way) only the batching of the encoders' arithmetic changes. The encoders run at their
+    weights' dtype, autocast or not, as the reference scripts run them (there autocast wraps
+    the trained model only): an encoding is the same whether made up front or in a step."""
 
     def __init__(self, vae: torch.nn.Module, text_encoder: torch.nn.Module | None = None):
         # Its convolutions run channels-last, as in generation: on a CPU 1.3-1.5x faster (tiny,
@@ -266,7 +269,7 @@ class FrozenEncodings:
         micro-batch's generator (one draw per micro-batch, as `latent_dist.sample` makes it).
         Pixels may be None where the key's encoding is remembered."""
         vae = self.vae
-        with torch.no_grad():
+        with torch.no_grad(), _without_autocast(vae):
             moments = torch.cat(
                 [
                     self._remembered(self._latents, key, lambda p=pixels: self._moments(p))
@@ -290,7 +293,7 @@ class FrozenEncodings:
         """Hidden states of the frozen text encoder for captions."""
         encoder = self.text_encoder
         require(encoder is not None, "caption_states needs a frozen text encoder")
-        with torch.no_grad():
+        with torch.no_grad(), _without_autocast(encoder):
             return torch.cat(
                 [
                     self._remembered(
@@ -313,6 +316,10 @@ class FrozenEncodings:
             store[key] = value
             self._bytes += size
         return value
+
+
+def _without_autocast(module: torch.nn.Module) -> torch.autocast:
+    return torch.autocast(module.device.type, enabled=False)
 
 
 def _vae_input(pixels: torch.Tensor, vae: torch.nn.Module) -> torch.Tensor:

@@ -14,7 +14,11 @@ from skindiff.options import DATA, LORA, TEXTUAL_INVERSION
 from skindiff.tracking.names import EMBEDDINGS_DIR, LORA_WEIGHTS_ARTIFACT, Stage
 from skindiff.tracking.runs import fetch_upstream, log_curve
 from skindiff.tracking.stage import StageCall, StageInputs, run_stage, work_dir
-from skindiff.tracking.textual_inversion import generator_inputs, run_textual_inversion
+from skindiff.tracking.textual_inversion import (
+    generator_inputs,
+    generator_training_images,
+    run_textual_inversion,
+)
 
 
 def run_lora(
@@ -26,7 +30,7 @@ def run_lora(
     *,
     reuse: bool = False,
 ) -> str:
-    """Trains LoRA on the scenario's training split with the tokens of `ti_run_id`, or of a
+    """Trains LoRA on the scenario's `generator_images` with the tokens of `ti_run_id`, or of a
     textual_inversion run found or run with `ti_config`; with neither, the condition names in
     words (the ablation's plain LoRA). Returns the run id (with `reuse`, of a finished run
     with the same key where there is one)."""
@@ -41,7 +45,7 @@ def run_lora(
     )
 
     def resolve() -> StageInputs:
-        inputs = generator_inputs(data, prepare_run_id, config.base_model)
+        inputs = generator_inputs(data, prepare_run_id, config.base_model, config.generator_images)
         ti = ti_run_id
         if ti_config and not ti:
             ti = run_textual_inversion(data, ti_config, inputs.prepare_run_id, reuse=True)
@@ -57,7 +61,11 @@ def run_lora(
                     ti, Stage.TEXTUAL_INVERSION, EMBEDDINGS_DIR, config.base_model, Path(tmp)
                 )
             result = run_shared(
-                train_lora, config, inputs.splits["train"], embeddings, work_dir(Stage.LORA, key)
+                train_lora,
+                config,
+                generator_training_images(inputs),
+                embeddings,
+                work_dir(Stage.LORA, key),
             )
         mlflow.log_artifact(str(result.weights_path), str(Path(LORA_WEIGHTS_ARTIFACT).parent))
         log_curve("loss", result.losses)

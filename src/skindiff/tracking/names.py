@@ -60,11 +60,18 @@ GENERATOR_SETTING_TAG_PREFIX = "skindiff.generator."
 
 # train_classifier: the classifier's `selection`, so a report can mark scores selected on test
 SELECTION_TAG = "skindiff.selection"
+KEPT_EPOCH_TAG = "skindiff.kept_epoch"  # the kept epoch's number, or "initial" (selection test)
 
 # main
 SCENARIO_TAG = "skindiff.scenario"
 FROZEN_PARAMS_TAG = "skindiff.frozen_params"
 FROZEN_PARAM_PREFIX = "frozen."  # params of the frozen values a main run used
+# Param of a pair run (and, per seed, of its main run): the data seed its frozen settings were
+# tuned on, "unknown" where the source does not say (a YAML file).
+FROZEN_PARAMS_SEED_PARAM = "frozen_params_seed"
+# Metric of a pair run with frozen settings: its test images that scored the tuning objective.
+SCORED_BY_TUNING_METRIC = "n_test_images_scored_by_tuning"
+TUNING_OVERLAP_FILE = "tuning_overlap.csv"  # the main run's table of that count per pair
 
 # tune
 STUDY_TAG = "skindiff.study_name"
@@ -74,6 +81,7 @@ TUNED_TAG = "skindiff.tuned"
 BEST_VALUE_TAG = "skindiff.best_value"
 BEST_TRIAL_TAG = "skindiff.best_trial"
 FROZEN_TAG_PREFIX = "skindiff.frozen."
+TUNE_SEEDS_TAG = "skindiff.tune_seeds"  # a tune call with seeds: the data seeds, "0,42"
 
 # report
 REPORT_EXPERIMENT_TAG = "skindiff.report_experiment_id"
@@ -104,11 +112,14 @@ def confusion_figure(prefix: str) -> str:
 RESULTS_FILE = "results.csv"
 ABLATION_FILE = "ablation.csv"
 FROZEN_PARAMS_FILE = "frozen_params.yaml"
+FROZEN_PARAMS_BY_SEED_FILE = "frozen_params_by_seed.yaml"  # seed -> {option: value}
 
 # Models.
 CLASSIFIER_MODEL = "model"
 GENERATOR_MODEL = "generator"
 CHAMPION_ALIAS = "champion"
+# Tag of a registered generator version: the data seed (scenario i of that seed) it was tuned on.
+TUNE_SEED_VERSION_TAG = "tune_seed"
 
 # tune: the protocol a tune run scored trials by ("paper", "exclude-test-of-ii,iii").
 TUNE_PROTOCOL_TAG = "skindiff.tune_protocol"

@@ -3,8 +3,9 @@ embeddings, the LoRA weights, a reference to the base model (its name, not its w
 generation settings and the frozen hyperparameters, and makes images from a table of
 (image, condition, target skin type, count).
 
-Versions of the registered model carry the tags scenario, objective and value; the alias
-`champion` moves to a new version only when its value beats the champion's.
+Versions of the registered model carry the tags scenario, objective, value and tune_seed
+(the data seed tuned on); the alias `champion` moves to a new version only when its value beats
+the champion's.
 """
 
 import base64
@@ -44,6 +45,7 @@ from skindiff.tracking.names import (
     FROZEN_PARAMS_FILE,
     GENERATOR_MODEL,
     LORA_WEIGHTS_ARTIFACT,
+    TUNE_SEED_VERSION_TAG,
     Stage,
 )
 from skindiff.tracking.runs import fetch_upstream
@@ -335,16 +337,23 @@ def generator_frozen_params(model_uri: str) -> dict[str, str]:
 
 
 def register_generator(
-    model_uri: str, registered_model: str, scenario: str, objective: str, value: float
+    model_uri: str,
+    registered_model: str,
+    scenario: str,
+    objective: str,
+    value: float,
+    tune_seed: int | None = None,
 ) -> tuple[str, bool]:
-    """Registers a new version (tags scenario, objective, value) and moves the alias
-    `champion` to it when there is none yet or `value` beats the champion's; returns
-    (version, whether the alias moved). A champion scored by another objective is not
-    comparable: it keeps the alias, with a warning. Not atomic: concurrent callers may both
-    move it."""
+    """Registers a new version (tags scenario, objective, value and, where given, tune_seed:
+    the data seed it was tuned on) and moves the alias `champion` to it when there is none yet
+    or `value` beats the champion's; returns (version, whether the alias moved). A champion
+    scored by another objective is not comparable: it keeps the alias, with a warning. Not
+    atomic: concurrent callers may both move it."""
     if math.isnan(value):
         raise SkindiffError(f"objective value of {model_uri} is NaN: not registered")
     tags = {"scenario": scenario, "objective": objective, "value": str(float(value))}
+    if tune_seed is not None:
+        tags[TUNE_SEED_VERSION_TAG] = str(tune_seed)
     version = str(mlflow.register_model(model_uri, registered_model, tags=tags).version)
     client = mlflow.MlflowClient()
     champion = client.get_registered_model(registered_model).aliases.get(CHAMPION_ALIAS)

@@ -24,6 +24,7 @@ from skindiff.plans import ReportConfig
 from skindiff.report import (
     METRICS,
     SKIN_TONE_COLUMNS,
+    TUNING_OVERLAP_COLUMNS,
     SettingsGroup,
     previous_report_files,
     settings_digest,
@@ -33,10 +34,12 @@ from skindiff.tracking.ablation import COLUMNS as ABLATION_COLUMNS
 from skindiff.tracking.names import (
     ABLATION_FILE,
     FROZEN_PARAM_PREFIX,
+    FROZEN_PARAMS_SEED_PARAM,
     FROZEN_PARAMS_TAG,
     REPORT_EXPERIMENT_TAG,
     RESULTS_FILE,
     SCENARIO_TAG,
+    SCORED_BY_TUNING_METRIC,
     SYNTHETIC_DIR,
     SYNTHETIC_GRID,
     TUNE_PROTOCOL_TAG,
@@ -76,6 +79,7 @@ PLAN_PARAMS = (
     "archs",
     "train_types",
     "frozen_params",
+    "frozen_fallback_seed",  # what it chose is in the frozen.<name> and frozen_params_seed params
     "shard",
 )
 # Scenario whose grid stands for the paper's Fig. 2 in a group, in order of preference.
@@ -152,11 +156,33 @@ def _tuning(pair: Run) -> tuple[str | None, str | None]:
     source = call.data.tags.get(FROZEN_PARAMS_TAG) if call else None
     if not source:
         return None, None
-    try:
-        protocol = _run(source).data.tags.get(TUNE_PROTOCOL_TAG)
-    except mlflow.exceptions.MlflowException:  # a YAML file or a model URI, not a run id
-        protocol = None
+    protocol = call.data.tags.get(TUNE_PROTOCOL_TAG)
+    if protocol is None:  # a main run older than that tag: the source's, where it is a run
+        try:
+            protocol = _run(source).data.tags.get(TUNE_PROTOCOL_TAG)
+        except mlflow.exceptions.MlflowException:  # a YAML file or a model URI, not a run id
+            protocol = None
     return source, protocol
+
+
+def _tuning_overlap(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per pair run of `scores` (TUNING_OVERLAP_COLUMNS): the seed its frozen settings were
+    tuned on and how many of its test images scored the tuning objective, as the pair run
+    recorded them (NaN where it did not: a YAML source, or older runs)."""
+    rows = []
+    for pair_id, classifiers in scores.groupby("main_run_id", sort=False):
+        pair = _run(pair_id)
+        first = classifiers.iloc[0]
+        rows.append(
+            [
+                first["scenario"],
+                int(first["seed"]),
+                pair.data.params.get(FROZEN_PARAMS_SEED_PARAM, "unknown"),
+                first["n_test"],
+                pair.data.metrics.get(SCORED_BY_TUNING_METRIC, float("nan")),
+            ]
+        )
+    return pd.DataFrame(rows, columns=TUNING_OVERLAP_COLUMNS)
 
 
 def _test_sizes(classifier: Run) -> tuple[float, float]:
@@ -299,9 +325,12 @@ def _groups(experiment_id: str, folder: Path) -> list[SettingsGroup]:
         settings, rows = ablations.get(digest, (settings, no_rows))
         newest_pair = scores["main_run_id"].iloc[0] if len(scores) else None
         tuning = _tuning(_run(newest_pair)) if newest_pair else (None, None)
+        overlap = _tuning_overlap(scores) if tuning[0] else None
         figure = _figure_2(scores, folder)
         tones = _skin_tones(scores) if len(scores) else pd.DataFrame(columns=SKIN_TONE_COLUMNS)
-        groups.append(SettingsGroup(digest, settings, scores, rows, figure, *tuning, tones))
+        groups.append(
+            SettingsGroup(digest, settings, scores, rows, figure, *tuning, tones, overlap)
+        )
     return groups
 
 

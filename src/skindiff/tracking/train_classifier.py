@@ -3,7 +3,9 @@
 Synthetic images come from `generate_run_id`, else from a generate run found or run with the
 generator options (as `generate` itself does), so `syn` and `real+syn` start from nothing too.
 Without a validation split (val_fraction 0, selection last or test) no `val_` metric,
-prediction or figure is logged, and the per-epoch curves have no `epoch_val_` metrics.
+prediction or figure is logged, and the per-epoch curves have no `epoch_val_` metrics. The kept
+epoch is the metric `best_epoch` (0: the initial weights, which only selection test keeps) and
+the tag KEPT_EPOCH_TAG (its number, or "initial").
 """
 
 import tempfile
@@ -30,7 +32,7 @@ from skindiff.options import CLASSIFIER, DATA, GENERATE, LORA, TEXTUAL_INVERSION
 from skindiff.tracking.classifier_model import CODE_FILE, WEIGHTS
 from skindiff.tracking.evaluate import log_evaluation
 from skindiff.tracking.generate import ensure_generator_chain, load_synthetic
-from skindiff.tracking.names import CLASSIFIER_MODEL, SELECTION_TAG, Stage
+from skindiff.tracking.names import CLASSIFIER_MODEL, KEPT_EPOCH_TAG, SELECTION_TAG, Stage
 from skindiff.tracking.prepare import split_inputs
 from skindiff.tracking.stage import StageCall, StageInputs, run_stage
 
@@ -148,6 +150,7 @@ def run_train_classifier(
             for name, value in epoch.drop("epoch").items():
                 mlflow.log_metric(f"epoch_{name}", float(value), step=step)
         mlflow.log_metric("best_epoch", result.best_epoch)
+        mlflow.set_tag(KEPT_EPOCH_TAG, str(result.best_epoch or "initial"))
         mlflow.set_tag(SELECTION_TAG, str(config.selection))
         if result.val_predictions is not None:
             log_evaluation(result.val_predictions, labels, "val")
