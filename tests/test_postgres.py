@@ -7,7 +7,9 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from glob import glob
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from optuna.trial import TrialState
 from conftest import cohort_rows, write_dataset
 from servers import free_port, logging_to, mlflow_server
 from skindiff.cli import run
+from skindiff.tracking.experiment import EXPERIMENT_KIND_TAG, TRAINING_KIND, mark_as_training
 from skindiff.tracking.names import STORAGE_TAG, TRIAL_TAG
 from skindiff.tracking.tune import TRIAL_RUN_ATTR
 from test_tune import TINY_SPACE, start_worker, write_space
@@ -180,3 +183,25 @@ def test_two_tune_workers_share_a_study_in_postgresql(
     assert {t.user_attrs[TRIAL_RUN_ATTR] for t in study.trials} == set(trial_runs)
     parents = {r.data.tags["mlflow.parentRunId"] for r in trial_runs.values()}
     assert parents == {r.info.run_id for r in worker_runs}
+
+
+def test_processes_starting_together_all_mark_a_new_experiment(
+    postgres_tracking: str, request
+) -> None:
+    """Commands started together on a new experiment all find its kind tag missing and all set
+    it; PostgreSQL's unique key refuses every insert but the first, which must not stop them."""
+    client = mlflow.MlflowClient(postgres_tracking)
+    with logging_to(postgres_tracking, request.node.name):
+        for attempt in range(5):
+            experiment_id = client.create_experiment(f"{request.node.name}-{attempt}")
+            start = threading.Barrier(8)
+
+            def mark(experiment_id: str = experiment_id, start: threading.Barrier = start) -> None:
+                start.wait()
+                mark_as_training(experiment_id)
+
+            with ThreadPoolExecutor(8) as pool:
+                done = [pool.submit(mark) for _ in range(8)]
+            assert [future.exception() for future in done] == [None] * 8
+            tags = client.get_experiment(experiment_id).tags
+            assert tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND

@@ -45,9 +45,7 @@ def use_experiment(name: str) -> str:
             "choose another"
         )
     if EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind someone chose stays
-        mlflow.MlflowClient().set_experiment_tag(
-            experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND
-        )
+        mark_as_training(experiment.experiment_id)
     if mlflow.active_run() is None:
         exported = os.environ.get("MLFLOW_EXPERIMENT_ID")
         mlflow.set_experiment(experiment_id=experiment.experiment_id)
@@ -59,6 +57,18 @@ def use_experiment(name: str) -> str:
         else:
             os.environ["MLFLOW_EXPERIMENT_ID"] = exported
     return experiment.experiment_id
+
+
+def mark_as_training(experiment_id: str) -> None:
+    """Tags the experiment as model training. Processes started together may all find the tag
+    missing: the server inserts it for the first, and a database with a unique key (PostgreSQL)
+    refuses the others' inserts; the tag is then there, which is all they wanted."""
+    client = mlflow.MlflowClient()
+    try:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    except MlflowException:
+        if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+            raise
 
 
 def _chosen_experiment() -> Experiment | None:
