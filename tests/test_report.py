@@ -20,6 +20,7 @@ from skindiff.report import (
     TUNING_OVERLAP_COLUMNS,
     SettingsGroup,
     impossible_means,
+    settings_digest,
     tuning_note,
 )
 from skindiff.tracking.report import run_report
@@ -442,3 +443,192 @@ def test_tuning_note_states_per_pair_how_many_test_images_scored_the_objective()
     )
     untuned = SettingsGroup("d", {}, pd.DataFrame(), pd.DataFrame(), None)
     assert tuning_note(untuned) is None
+
+
+PAIRED_COLUMNS = [
+    "group",
+    "scenario",
+    "arch",
+    "comparison",
+    "metric",
+    "n_seeds",
+    "n_test_images",
+    "mean_diff",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "p_holm",
+    "seeds_same_sign",
+    "verdict",
+    "paper_diff",
+]
+PAIRED_METRICS = {"accuracy": "test_accuracy", "f1_macro": "test_f1_macro"}
+
+
+def predictions_of(truth: list[str], rng: random.Random, right: float) -> list[str]:
+    """Predicted labels, each right with probability `right`, else another label."""
+    return [
+        label if rng.random() < right else rng.choice([c for c in CONDITIONS if c != label])
+        for label in truth
+    ]
+
+
+def classifier_with_predictions(runs: Runs, params: dict, images, predicted) -> str:
+    """A classifier run whose test metrics are scored from its logged test predictions by the
+    classifiers' own scoring, over the sorted conditions as `train_classifier` does
+    (`predicted` None: a run that logged no predictions)."""
+    from skindiff.classify.metrics import classification_metrics
+
+    frame = images.assign(predicted=predicted if predicted is not None else images["label"])
+    metrics = classification_metrics(frame, sorted(CONDITIONS), "test")
+    artifact = ("predictions/test.csv", frame) if predicted is not None else None
+    tags = {ENTRY_POINT: "train_classifier"}
+    return runs.make(tags, params | {"conditions": ",".join(CONDITIONS)}, metrics, artifact)
+
+
+def test_paired_differences_come_from_per_image_predictions(tracking: str, tmp_path: Path):
+    """Two seeds of scenario i: `syn` predicts as `real` does on every image (difference 0,
+    p = 1), `real+syn` is right where `real` is mostly wrong (interval above 0); the paired
+    means are the means over seeds of the runs' logged metric differences. A third seed's
+    `real+syn` run logged no predictions and is named; the ablation's modes are compared on
+    the dark test set. Then a pair tested on different images is refused, naming both runs."""
+    runs, rng = Runs(tracking, tmp_path / "made"), random.Random(3)
+    logged: dict[tuple, dict] = {}
+
+    def test_images(seed: int, n: int = 30) -> pd.DataFrame:
+        labels = [CONDITIONS[k % len(CONDITIONS)] for k in range(n)]
+        return pd.DataFrame(
+            {"md5hash": [f"s{seed}-{k:03d}" for k in range(n)], "label": labels}
+        ).assign(fitzpatrick_scale=5, group="dark")
+
+    def pair(seed: int, images: pd.DataFrame, without_predictions=()) -> dict[str, str]:
+        real = predictions_of(images["label"].tolist(), rng, 0.4)
+        predicted = {
+            "real": real,
+            "syn": real,
+            "real+syn": predictions_of(images["label"].tolist(), rng, 0.95),
+        }
+        made = {}
+        for train_type, values in predicted.items():
+            params = {"arch": "vgg16", "train_type": train_type, "seed": seed}
+            shown = None if train_type in without_predictions else values
+            made[train_type] = classifier_with_predictions(runs, params, images, shown)
+            logged[(seed, train_type)] = mlflow.get_run(made[train_type]).data.metrics
+        results = pd.DataFrame(
+            [["i", seed, "vgg16", t, run_id] for t, run_id in made.items()],
+            columns=["scenario", "seed", "arch", "train_type", "run_id"],
+        )
+        runs.make(
+            {ENTRY_POINT: "main", "skindiff.scenario": "i"},
+            {"scenario": "i", "seed": seed},
+            {},
+            ("results.csv", results),
+        )
+        return made
+
+    pair(0, test_images(0))
+    pair(1, test_images(1))
+    unlogged = pair(2, test_images(2), without_predictions=("real+syn",))["real+syn"]
+
+    ablation_rows, modes = [], ("img2img/lora", "img2img/ti+lora")
+    for seed in (0, 1):
+        images = test_images(seed)
+        for mode, right in zip(modes, (0.5, 0.6), strict=True):
+            params = {"arch": "vgg16", "train_type": "syn", "seed": seed}
+            predicted = predictions_of(images["label"].tolist(), rng, right)
+            run_id = classifier_with_predictions(runs, params, images, predicted)
+            logged[(seed, mode)] = mlflow.get_run(run_id).data.metrics
+            for test_set in ("light", "dark"):
+                scores = [logged[(seed, mode)][name] for name in PAIRED_METRICS.values()]
+                ablation_rows.append([seed, mode, test_set, *scores, run_id])
+    columns = ["seed", "mode", "test_set", "accuracy", "f1_macro", "classifier_run_id"]
+    table = pd.DataFrame(ablation_rows, columns=columns)
+    runs.make({ENTRY_POINT: "ablation"}, {"arch": "vgg16"}, {}, ("ablation.csv", table))
+
+    out = tmp_path / "report"
+    report_run = run_report(ReportConfig(tracking, str(out)))
+    # Two groups: the main pairs' settings (none here) and the ablation's; files and metric
+    # names carry the group's digest.
+    main, ablation = settings_digest({}), settings_digest({"arch": "vgg16"})
+    paired = pd.concat(
+        pd.read_csv(out / f"paired_differences_{digest}.csv", dtype={"group": str})
+        for digest in (main, ablation)
+    )
+    assert list(paired.columns) == PAIRED_COLUMNS
+    assert list(paired["group"]) == [main] * 4 + [ablation] * 2
+    found = zip(paired["scenario"], paired["comparison"], paired["metric"], strict=True)
+    assert list(found) == [
+        ("i", "real+syn vs real", "accuracy"),
+        ("i", "real+syn vs real", "f1_macro"),
+        ("i", "syn vs real", "accuracy"),
+        ("i", "syn vs real", "f1_macro"),
+        ("ablation", "img2img/lora vs img2img/ti+lora", "accuracy"),
+        ("ablation", "img2img/lora vs img2img/ti+lora", "f1_macro"),
+    ]
+    for row in paired.itertuples():
+        candidate, baseline = row.comparison.split(" vs ")
+        seeds = (0, 1) if candidate != "syn" else (0, 1, 2)  # seed 2's real+syn: none logged
+        name = PAIRED_METRICS[row.metric]
+        differences = [
+            100 * (logged[(s, candidate)][name] - logged[(s, baseline)][name]) for s in seeds
+        ]
+        assert row.n_seeds == len(seeds) and row.n_test_images == 30
+        assert row.mean_diff == pytest.approx(statistics.fmean(differences), abs=1e-6)
+        assert row.ci_low <= row.mean_diff <= row.ci_high
+        assert 0 <= row.p_value <= row.p_holm <= 1
+    rows = paired.set_index(["comparison", "metric"])
+    assert rows.loc[("syn vs real", "accuracy"), "mean_diff"] == 0
+    assert rows.loc[("syn vs real", "accuracy"), "p_value"] == 1
+    assert set(rows.loc["syn vs real", "verdict"]) == {"not distinguishable"}
+    assert set(rows.loc["real+syn vs real", "verdict"]) == {"better"}
+    assert rows.loc["real+syn vs real", "ci_low"].min() > 0
+    assert rows.loc[("real+syn vs real", "accuracy"), "seeds_same_sign"] == 2
+    # The paper's difference of its published means: Table 2 (VGG-16), Table 5 (dark).
+    assert rows.loc[("real+syn vs real", "accuracy"), "paper_diff"] == pytest.approx(7.74)
+    assert rows.loc[("real+syn vs real", "f1_macro"), "paper_diff"] == pytest.approx(6.97)
+    lora = "img2img/lora vs img2img/ti+lora"
+    assert rows.loc[(lora, "accuracy"), "paper_diff"] == pytest.approx(73.21 - 79.57)
+    assert pd.isna(rows.loc[(lora, "f1_macro"), "paper_diff"])
+
+    report = (out / "report.md").read_text()
+    section = report.partition("### Is the difference real?")[2]
+    assert "percentile bootstrap with 2000 replicates" in section
+    assert f"![paired differences](paired_differences_{main}.png)" in section
+    assert f"left out of these comparisons: {unlogged} (i/seed-2/vgg16/real+syn)." in section
+    assert report.count("### Is the difference real?") == 2
+    metrics = mlflow.get_run(report_run).data.metrics
+    first = paired.iloc[0]
+    name = f"paired.{main}.i.vgg16.real_syn_vs_real.accuracy"
+    assert metrics[f"{name}.mean_diff"] == first["mean_diff"]
+    assert metrics[f"{name}.ci_low"] == first["ci_low"]
+    name = f"paired.{ablation}.ablation.vgg16.img2img_lora_vs_img2img_ti_lora.f1_macro"
+    assert metrics[f"{name}.ci_high"] == paired.iloc[-1]["ci_high"]
+    logged_files = {a.path for a in MlflowClient().list_artifacts(report_run)}
+    for digest in (main, ablation):
+        plot = f"paired_differences_{digest}.png"
+        assert Image.open(out / plot).size[1] > 100
+        assert {f"paired_differences_{digest}.csv", plot} < logged_files
+
+    made = pair(3, test_images(3).iloc[:20])
+    moved = test_images(3).iloc[10:]
+    images = {"arch": "vgg16", "train_type": "real+syn", "seed": 3}
+    other = classifier_with_predictions(runs, images, moved, moved["label"].tolist())
+    results = pd.DataFrame(
+        [["i", 3, "vgg16", "real", made["real"]], ["i", 3, "vgg16", "real+syn", other]],
+        columns=["scenario", "seed", "arch", "train_type", "run_id"],
+    )
+    runs.make(
+        {ENTRY_POINT: "main", "skindiff.scenario": "i"},
+        {"scenario": "i", "seed": 3},
+        {},
+        ("results.csv", results),
+    )
+    with pytest.raises(SkindiffError, match=f"{made['real']} .*and {other} .*different images"):
+        run_report(ReportConfig(tracking, str(out)))
+
+
+def test_report_options_are_checked():
+    with pytest.raises(SkindiffError, match="bootstrap_replicates must be at least 100, got 10"):
+        ReportConfig(bootstrap_replicates=10)
+    with pytest.raises(SkindiffError, match=r"confidence must lie between 0 and 1, got 1\.0"):
+        ReportConfig(confidence=1.0)

@@ -147,6 +147,10 @@ class AblationPlan(Settings):
         _check_seeds(self.seeds)
 
 
+# Fewer replicates put a 95% interval's ends on the 2nd or 3rd most extreme replicate.
+MIN_BOOTSTRAP_REPLICATES = 100
+
+
 @dataclass(frozen=True)
 class ReportConfig(Settings):
     experiment: str | None = setting(
@@ -159,6 +163,24 @@ class ReportConfig(Settings):
         "Folder for the tables, plots and report.md: new, empty, or an earlier report (only "
         "its files are replaced).",
     )
+    bootstrap_replicates: int = setting(
+        2000,
+        "Bootstrap replicates of each paired difference's interval, and resamples of its "
+        "randomization test (at least 100).",
+    )
+    confidence: float = setting(
+        0.95, "Confidence level of the paired differences' intervals, between 0 and 1."
+    )
+
+    def check(self) -> None:
+        require(
+            self.bootstrap_replicates >= MIN_BOOTSTRAP_REPLICATES,
+            f"bootstrap_replicates must be at least {MIN_BOOTSTRAP_REPLICATES}, "
+            f"got {self.bootstrap_replicates}",
+        )
+        require(
+            0 < self.confidence < 1, f"confidence must lie between 0 and 1, got {self.confidence}"
+        )
 
 
 @dataclass(frozen=True)

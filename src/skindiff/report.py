@@ -12,7 +12,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from skindiff import paired
 from skindiff.errors import SkindiffError
 
 METRICS = ("accuracy", "precision", "recall", "f1")
@@ -299,7 +300,7 @@ def classification_figure(table: pd.DataFrame, title: str) -> Figure:
         axes.set_title(METRIC_TITLES[metric])
         axes.set_ylim(0, 100)
         axes.set_ylabel("%")
-    axes.scatter([], [], marker="_", s=200, color="black", label="paper")
+    axes.scatter([], [], marker="_", s=200, color="black", label="paper (difference of its means)")
     figure.legend(*axes.get_legend_handles_labels(), loc="outside right center")
     return figure
 
@@ -357,6 +358,9 @@ class SettingsGroup:
     # Per (scenario, seed) of pairs with frozen settings, rows of TUNING_OVERLAP_COLUMNS: how
     # many of its test images scored the tuning objective (NaN where not known).
     tuning_overlap: pd.DataFrame | None = None
+    # Per classifier run that `paired_runs` compares: its test predictions, None where it has
+    # none (or no label set), so the report names it.
+    predictions: Mapping[str, "RunPredictions | None"] = field(default_factory=dict)
 
 
 def settings_digest(settings: Mapping[str, str]) -> str:
@@ -528,11 +532,18 @@ def tuning_note(group: SettingsGroup) -> str | None:
     return f"{head}. {summary}\n\n" + "\n".join(lines)
 
 
-def write_report(groups: Sequence[SettingsGroup], output_dir: Path, source: str) -> list[Path]:
-    """Writes, per group, the tables (Markdown + CSV), the plots and the Fig. 2 grid, then
-    report.md, to `output_dir` (replacing only an earlier report's files); returns the paths
-    written, report.md last. `source` says in a line where the scores come from. With more
-    than one group, file names end in the group's digest."""
+def write_report(
+    groups: Sequence[SettingsGroup],
+    output_dir: Path,
+    source: str,
+    replicates: int = 2000,
+    confidence: float = 0.95,
+) -> list[Path]:
+    """Writes, per group, the tables (Markdown + CSV), the plots, the Fig. 2 grid and the
+    paired differences (`replicates` bootstrap replicates and randomization resamples,
+    intervals at `confidence`), then report.md, to `output_dir` (replacing only an earlier
+    report's files); returns the paths written, report.md last. `source` says in a line where
+    the scores come from. With more than one group, file names end in the group's digest."""
     old = previous_report_files(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for name in old:
@@ -561,6 +572,7 @@ def write_report(groups: Sequence[SettingsGroup], output_dir: Path, source: str)
         title = group_title(group, differing[group.digest])
         sections.append(f"## {title}")
         sections.extend(_group_sections(group, suffix[group.digest], save))
+        sections.extend(_paired_sections(group, suffix[group.digest], save, replicates, confidence))
     settings = [
         {"settings": g.digest, "name": name, "value": value}
         for g in groups
@@ -638,3 +650,317 @@ def _group_sections(
         plot = save(f"table5_ablation_gap{suffix}.png", ablation_figure(table))
         sections.append(f"### {title}\n\n{markdown}\n\n![light-vs-dark gap]({plot})")
     return sections
+
+
+@dataclass(frozen=True)
+class RunPredictions:
+    """A classifier run's per-image test predictions (columns md5hash, label, predicted) and
+    the label set its metrics were scored on (macro F1 averages over all of it)."""
+
+    labels: tuple[str, ...]
+    frame: pd.DataFrame
+
+
+PAIRED_COLUMNS = [
+    "group",
+    "scenario",
+    "arch",
+    "comparison",
+    "metric",
+    "n_seeds",
+    "n_test_images",
+    "mean_diff",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "p_holm",
+    "seeds_same_sign",
+    "verdict",
+    "paper_diff",
+]
+PAIRED_FILE = "paired_differences"
+MAIN_COMPARISONS = (("real+syn", "real"), ("syn", "real"))  # (candidate, baseline)
+# Table 5's classifiers are compared with the paper's best mode, on the dark test set only: its
+# predictions are the classifier run's own test predictions (scenario i's test split).
+ABLATION_BASELINE = "img2img/ti+lora"
+ABLATION_SCENARIO = "ablation"
+PAIRED_METRIC_TITLES = {"accuracy": "accuracy", "f1_macro": "macro F1"}
+PAIRED_RUN_COLUMNS = [
+    "scenario",
+    "arch",
+    "comparison",
+    "seed",
+    "baseline_run_id",
+    "candidate_run_id",
+    "baseline",  # what the run is, for the report: `i/seed-0/vgg16/real`
+    "candidate",
+]
+
+
+def paired_runs(group: SettingsGroup) -> pd.DataFrame:
+    """The pairs of classifier runs tested on the same images that the report compares, rows
+    of PAIRED_RUN_COLUMNS: per (scenario, seed, arch) each of MAIN_COMPARISONS, and per
+    ablation seed each generation mode against ABLATION_BASELINE. In the paper's order."""
+    rows = []
+
+    def add(runs: pd.DataFrame, candidate: str, baseline: str, where) -> None:
+        """A row per index of `runs` (run ids, one column per train type or mode) with both;
+        `where(index)` gives (scenario, arch, seed, what the runs are but their column)."""
+        if {candidate, baseline} <= set(runs.columns):
+            for index, run in runs.dropna(subset=[candidate, baseline]).iterrows():
+                scenario, arch, seed, key = where(index)
+                comparison = f"{candidate} vs {baseline}"
+                rows.append([scenario, arch, comparison, seed, run[baseline], run[candidate]])
+                rows[-1] += [f"{key}/{baseline}", f"{key}/{candidate}"]
+
+    scores = group.classifier_scores
+    if len(scores):
+        index = ["scenario", "arch", "seed"]
+        runs = scores.pivot_table(
+            index=index, columns="train_type", values="run_id", aggfunc="first"
+        )
+        for candidate, baseline in MAIN_COMPARISONS:
+            add(runs, candidate, baseline, lambda i: (*i, f"{i[0]}/seed-{i[2]}/{i[1]}"))
+    ablation = group.ablation_scores
+    if len(ablation):
+        dark = ablation[ablation["test_set"] == "dark"]
+        runs = dark.pivot_table(
+            index="seed", columns="mode", values="classifier_run_id", aggfunc="first"
+        )
+        arch = group.settings.get("arch", "")
+        modes = pd.Series(sorted(set(runs.columns) - {ABLATION_BASELINE}), dtype=object)
+
+        def where(seed: int) -> tuple:
+            return ABLATION_SCENARIO, arch, seed, f"{ABLATION_SCENARIO}/seed-{seed}"
+
+        for mode in modes.sort_values(key=lambda c: _order(c, ABLATION_MODES)):
+            add(runs, mode, ABLATION_BASELINE, where)
+    table = pd.DataFrame(rows, columns=PAIRED_RUN_COLUMNS)
+    order = {"scenario": [*SCENARIO_TABLE, ABLATION_SCENARIO], "arch": ARCHS}
+    table = table.sort_values(
+        ["scenario", "arch"], key=lambda c: _order(c, order[c.name]), kind="stable"
+    )
+    return table.reset_index(drop=True)
+
+
+def _seed_pair(pair, predictions: Mapping[str, RunPredictions]) -> paired.SeedPredictions:
+    """One seed's two runs' predictions, image by image (matched by md5hash); refuses runs
+    tested on different images or scored on different label sets."""
+    baseline = predictions[pair.baseline_run_id]
+    candidate = predictions[pair.candidate_run_id]
+    runs = (
+        f"classifier runs {pair.baseline_run_id} ({pair.baseline}) and "
+        f"{pair.candidate_run_id} ({pair.candidate})"
+    )
+    first = baseline.frame.set_index("md5hash")
+    second = candidate.frame.set_index("md5hash")
+    same = (
+        first.index.is_unique and second.index.is_unique and set(first.index) == set(second.index)
+    )
+    if not same:
+        common = len(set(first.index) & set(second.index))
+        raise SkindiffError(
+            f"{runs} were tested on different images ({len(first)} and {len(second)} "
+            f"predictions, {common} images in common): they cannot be compared image by image"
+        )
+    second = second.loc[first.index]
+    if baseline.labels != candidate.labels or (first["label"] != second["label"]).any():
+        raise SkindiffError(f"{runs} disagree on the test images' labels or label set")
+    return paired.SeedPredictions.from_labels(
+        first["label"].tolist(),
+        first["predicted"].tolist(),
+        second["predicted"].tolist(),
+        baseline.labels,
+    )
+
+
+def _paper_difference(scenario: str, arch: str, comparison: str, metric: str) -> float:
+    """The paper's candidate mean minus its baseline mean (Tables 2-5), NaN where it has none:
+    its tables have macro F1 for Tables 2-4 only."""
+    candidate, baseline = comparison.split(" vs ")
+    if scenario == ABLATION_SCENARIO:
+        dark = PAPER_ABLATION["dark"]
+        if metric != "accuracy" or candidate not in dark or arch != "vgg16":
+            return float("nan")
+        return dark[candidate] - dark[baseline]
+    column = {"accuracy": "paper_accuracy_mean", "f1_macro": "paper_f1_mean"}[metric]
+    paper = paper_classifiers().set_index(["scenario", "arch", "train_type"])[column]
+    if (scenario, arch, candidate) not in paper.index:
+        return float("nan")
+    return paper[(scenario, arch, candidate)] - paper[(scenario, arch, baseline)]
+
+
+def paired_differences(
+    group: SettingsGroup, replicates: int, confidence: float
+) -> tuple[pd.DataFrame, list[str]]:
+    """Rows of PAIRED_COLUMNS for the group's `paired_runs`, from the seeds where both runs
+    have predictions, Holm-corrected per table (a scenario, or the ablation); and the runs
+    without predictions, as `run id (what it is)`."""
+    pairs = paired_runs(group)
+    missing = {}
+    for run_id, name in [
+        *zip(pairs["baseline_run_id"], pairs["baseline"], strict=True),
+        *zip(pairs["candidate_run_id"], pairs["candidate"], strict=True),
+    ]:
+        if group.predictions.get(run_id) is None:
+            missing[run_id] = name
+    usable = pairs[
+        ~pairs["baseline_run_id"].isin(missing) & ~pairs["candidate_run_id"].isin(missing)
+    ]
+    rows = []
+    for (scenario, arch, comparison), seeds in usable.groupby(
+        ["scenario", "arch", "comparison"], sort=False
+    ):
+        seed_pairs = [_seed_pair(pair, group.predictions) for pair in seeds.itertuples()]
+        for metric in paired.METRICS:
+            result = paired.paired_difference(seed_pairs, metric, replicates, confidence)
+            values = {
+                name: getattr(result, name) for name in PAIRED_COLUMNS if hasattr(result, name)
+            }
+            paper_diff = _paper_difference(scenario, arch, comparison, metric)
+            rows.append(
+                values
+                | {
+                    "group": group.digest,
+                    "scenario": scenario,
+                    "arch": arch,
+                    "comparison": comparison,
+                    "paper_diff": paper_diff,
+                }
+            )
+    table = pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+    for _, rows_of_table in table.groupby("scenario", sort=False):
+        table.loc[rows_of_table.index, "p_holm"] = paired.holm(rows_of_table["p_value"].tolist())
+    listed = [f"{run_id} ({name})" for run_id, name in sorted(missing.items(), key=lambda i: i[1])]
+    return table, listed
+
+
+def _signed(value: float) -> str:
+    return "-" if pd.isna(value) else f"{value:+.2f}"
+
+
+def _p(value: float) -> str:
+    return f"{value:.3f}" if value >= 0.001 else f"{value:.1e}"
+
+
+def paired_markdown(table: pd.DataFrame) -> str:
+    columns = {
+        "scenario": table["scenario"],
+        "architecture": table["arch"].map(lambda a: ARCH_TITLES.get(a, a)),
+        "comparison": table["comparison"],
+        "metric": table["metric"].map(PAIRED_METRIC_TITLES),
+        "n seeds": table["n_seeds"],
+        "test images": table["n_test_images"],
+        "difference [interval]": [
+            f"{_signed(r.mean_diff)} [{_signed(r.ci_low)}, {_signed(r.ci_high)}]"
+            for r in table.itertuples()
+        ],
+        "p (Holm)": table["p_holm"].map(_p),
+        "p": table["p_value"].map(_p),
+        "same sign": [f"{r.seeds_same_sign} of {r.n_seeds}" for r in table.itertuples()],
+        "verdict": table["verdict"],
+        "paper": table["paper_diff"].map(_signed),
+    }
+    return pd.DataFrame(columns).to_markdown(index=False, disable_numparse=True)
+
+
+def detectable_differences(table: pd.DataFrame) -> str:
+    """Per scenario and metric, the median half-width of the rows' intervals, in one line."""
+    half = (table["ci_high"] - table["ci_low"]) / 2
+    medians = half.groupby([table["scenario"], table["metric"]], sort=False).median()
+    return "; ".join(
+        f"{scenario} {PAIRED_METRIC_TITLES[metric]} ±{value:.2f}"
+        for (scenario, metric), value in medians.items()
+    )
+
+
+def paired_figure(table: pd.DataFrame) -> Figure:
+    """Forest plot, one panel per metric, one line per comparison: the mean difference over
+    seeds with its interval, the paper's difference of means as a second mark, 0 marked."""
+    keys = list(
+        dict.fromkeys(zip(table["scenario"], table["arch"], table["comparison"], strict=True))
+    )
+    names = [f"{s} · {ARCH_TITLES.get(a, a)} · {c}" for s, a, c in keys]
+    y = np.arange(len(keys))[::-1]
+    position = dict(zip(keys, y, strict=True))
+    figure = _figure(11, 1.2 + 0.32 * len(keys))
+    panels = figure.subplots(1, len(paired.METRICS), sharey=True, squeeze=False)[0]
+    for axes, metric in zip(panels, paired.METRICS, strict=True):
+        rows = table[table["metric"] == metric]
+        at = [
+            position[k]
+            for k in zip(rows["scenario"], rows["arch"], rows["comparison"], strict=True)
+        ]
+        axes.hlines(at, rows["ci_low"], rows["ci_high"], color="tab:blue")
+        axes.scatter(
+            rows["mean_diff"],
+            at,
+            color="tab:blue",
+            zorder=3,
+            label="mean over seeds, with its interval",
+        )
+        axes.scatter(
+            rows["paper_diff"],
+            at,
+            marker="x",
+            color="black",
+            zorder=3,
+            label="paper (difference of its means)",
+        )
+        axes.axvline(0, color="gray", linewidth=0.8)
+        axes.set_title(f"{PAIRED_METRIC_TITLES[metric]}: candidate - baseline")
+        axes.set_xlabel("points")
+    panels[0].set_yticks(y, names)
+    panels[0].set_ylim(-0.7, len(keys) - 0.3)
+    figure.legend(*panels[0].get_legend_handles_labels(), loc="outside lower center", ncols=2)
+    return figure
+
+
+def _paired_sections(
+    group: SettingsGroup,
+    suffix: str,
+    save: Callable[[str, object], str],
+    replicates: int,
+    confidence: float,
+) -> list[str]:
+    """The group's "Is the difference real?" section, saving its CSV and forest plot; none
+    where the group has no runs to compare."""
+    if paired_runs(group).empty:
+        return []
+    table, missing = paired_differences(group, replicates, confidence)
+    save(f"{PAIRED_FILE}{suffix}.csv", table)
+    parts = [
+        "### Is the difference real?",
+        "Paired differences, candidate minus baseline, in points: per seed the difference of "
+        "two classifiers tested on the same images (matched by md5hash), then the mean over "
+        "seeds. Both come from the runs' per-image test predictions. Interval: "
+        f"{confidence:.0%} percentile bootstrap with {replicates} replicates, resampling the "
+        "test images within each seed, both classifiers scored on the same resample; "
+        "percentile rather than BCa because the metrics are discrete (an accuracy moves in "
+        "steps of 100/n points) and BCa is undefined when two classifiers agree everywhere. "
+        "p: a paired randomization test (each image's two predictions swapped with "
+        f"probability 1/2, within its seed; {replicates} resamples, or every swap where there "
+        "are fewer), Holm-corrected over the rows of one table (`p (Holm)`; a table is one "
+        "scenario, or the ablation), the uncorrected p beside it. The verdict comes from the "
+        "row's interval alone: `better` or `worse` where it lies above or below 0, else "
+        "`not distinguishable`. Same sign: the seeds whose difference has the mean's sign. "
+        "Paper: the difference of the paper's published means (Tables 2-4; Table 5's dark "
+        "accuracy for VGG-16), `-` where it published none. Rows of `ablation` compare Table "
+        "5's classifiers on the dark test set (scenario i's test split), each generation "
+        f"mode against {ABLATION_BASELINE}.",
+    ]
+    if len(table):
+        parts.append(
+            "The smallest difference these test splits could detect, the median half-width of "
+            f"the rows' intervals (points): {detectable_differences(table)}. A difference "
+            "well inside it cannot be told from the draw of the test images and seeds."
+        )
+        parts.append(paired_markdown(table))
+        plot = save(f"{PAIRED_FILE}{suffix}.png", paired_figure(table))
+        parts.append(f"![paired differences]({plot})")
+    if missing:
+        parts.append(
+            "Runs without per-image test predictions (or the label set they were scored on), "
+            f"left out of these comparisons: {', '.join(missing)}."
+        )
+    return ["\n\n".join(parts)]

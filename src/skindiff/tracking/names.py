@@ -85,6 +85,7 @@ TUNE_SEEDS_TAG = "skindiff.tune_seeds"  # a tune call with seeds: the data seeds
 
 # report
 REPORT_EXPERIMENT_TAG = "skindiff.report_experiment_id"
+PAIRED_METRIC_PREFIX = "paired"  # the report run's metrics of its paired differences
 
 # Artifacts.
 SPLITS_DIR = "splits"
@@ -103,6 +104,7 @@ SYNTHETIC_GRID = "grid.png"
 SKIN_TONE_FIGURE = "skin_tone.png"  # ITA histograms of real and synthetic images
 DOWNLOAD_REPORT = "download_report.csv"  # one row per image: status, reason, hashes
 PREDICTIONS_DIR = "predictions"
+TEST_PREDICTIONS = f"{PREDICTIONS_DIR}/test.csv"  # a classifier run's, on its test split
 
 
 def confusion_figure(prefix: str) -> str:

@@ -10,6 +10,7 @@ classifier runs) and, per seed, from the newest FINISHED `ablation` run that has
 import logging
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -23,9 +24,13 @@ from skindiff.options import REPORT
 from skindiff.plans import ReportConfig
 from skindiff.report import (
     METRICS,
+    PAIRED_COLUMNS,
+    PAIRED_FILE,
     SKIN_TONE_COLUMNS,
     TUNING_OVERLAP_COLUMNS,
+    RunPredictions,
     SettingsGroup,
+    paired_runs,
     previous_report_files,
     settings_digest,
     write_report,
@@ -36,12 +41,14 @@ from skindiff.tracking.names import (
     FROZEN_PARAM_PREFIX,
     FROZEN_PARAMS_SEED_PARAM,
     FROZEN_PARAMS_TAG,
+    PAIRED_METRIC_PREFIX,
     REPORT_EXPERIMENT_TAG,
     RESULTS_FILE,
     SCENARIO_TAG,
     SCORED_BY_TUNING_METRIC,
     SYNTHETIC_DIR,
     SYNTHETIC_GRID,
+    TEST_PREDICTIONS,
     TUNE_PROTOCOL_TAG,
     Stage,
 )
@@ -328,10 +335,42 @@ def _groups(experiment_id: str, folder: Path) -> list[SettingsGroup]:
         overlap = _tuning_overlap(scores) if tuning[0] else None
         figure = _figure_2(scores, folder)
         tones = _skin_tones(scores) if len(scores) else pd.DataFrame(columns=SKIN_TONE_COLUMNS)
-        groups.append(
-            SettingsGroup(digest, settings, scores, rows, figure, *tuning, tones, overlap)
-        )
+        group = SettingsGroup(digest, settings, scores, rows, figure, *tuning, tones, overlap)
+        pairs = paired_runs(group)
+        compared = dict.fromkeys([*pairs["baseline_run_id"], *pairs["candidate_run_id"]])
+        groups.append(replace(group, predictions={run: _predictions(run) for run in compared}))
     return groups
+
+
+@cache
+def _predictions(run_id: str) -> RunPredictions | None:
+    """A classifier run's test predictions and the label set it was scored on (its cohort's
+    conditions, sorted as the classifier's classes are), or None where it has either not."""
+    try:
+        conditions = _run(run_id).data.params.get("conditions")
+    except mlflow.exceptions.MlflowException:
+        log.warning("classifier run %s not found: its predictions are missing", run_id)
+        return None
+    frame = _table(run_id, TEST_PREDICTIONS)
+    if frame is None or not conditions:
+        return None
+    labels = tuple(sorted(conditions.split(",")))
+    return RunPredictions(labels, frame[["md5hash", "label", "predicted"]])
+
+
+def paired_metrics(table_file: Path, with_group: bool) -> dict[str, float]:
+    """Each row of a paired_differences CSV as metrics mean_diff, ci_low and ci_high, named so
+    the UI groups them: `paired.[<group>.]<scenario>.<arch>.<comparison>.<metric>.<value>`, in
+    slugs (MLflow names cannot hold `+`)."""
+    text = PAIRED_COLUMNS[:5]  # group ... metric: as written, a digest of digits too
+    table = pd.read_csv(table_file, dtype=dict.fromkeys(text, str), keep_default_na=False)
+    metrics = {}
+    for row in table.itertuples():
+        parts = [row.group] if with_group else []
+        parts += [slug(row.scenario), slug(row.arch) or "unknown", slug(row.comparison), row.metric]
+        for value in ("mean_diff", "ci_low", "ci_high"):
+            metrics[".".join([PAIRED_METRIC_PREFIX, *parts, value])] = float(getattr(row, value))
+    return metrics
 
 
 def run_report(config: ReportConfig) -> str:
@@ -341,6 +380,7 @@ def run_report(config: ReportConfig) -> str:
     folder = Path(config.output_dir)
     previous_report_files(folder)  # refuse a user's folder before any work
     _run.cache_clear()
+    _predictions.cache_clear()
     with tempfile.TemporaryDirectory() as tmp:
         groups = _groups(found.experiment_id, Path(tmp))
         if not groups:
@@ -357,7 +397,10 @@ def run_report(config: ReportConfig) -> str:
             f"runs), {n_ablation} ablation runs, in {len(groups)} group(s) of settings."
         )
         tags = {REPORT_EXPERIMENT_TAG: found.experiment_id}
+        replicates, confidence = config.bootstrap_replicates, config.confidence
         with open_stage_run(Stage.REPORT, str(Stage.REPORT), REPORT.values(config), tags) as run:
-            for path in write_report(groups, folder, source):
+            for path in write_report(groups, folder, source, replicates, confidence):
                 mlflow.log_artifact(str(path))
+                if path.name.startswith(PAIRED_FILE) and path.suffix == ".csv":
+                    mlflow.log_metrics(paired_metrics(path, with_group=len(groups) > 1))
     return run.info.run_id
