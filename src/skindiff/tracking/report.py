@@ -19,6 +19,8 @@ import pandas as pd
 from mlflow.entities import Experiment, Run
 
 from skindiff.core.labels import slug
+from skindiff.core.settings import coerce
+from skindiff.data.config import CohortSpec
 from skindiff.errors import SkindiffError
 from skindiff.options import REPORT
 from skindiff.plans import ReportConfig
@@ -345,7 +347,7 @@ def _groups(experiment_id: str, folder: Path) -> list[SettingsGroup]:
 @cache
 def _predictions(run_id: str) -> RunPredictions | None:
     """A classifier run's test predictions and the label set it was scored on (its cohort's
-    conditions, sorted as the classifier's classes are), or None where it has either not."""
+    labels, as the classifier's classes), or None where it has either not."""
     try:
         conditions = _run(run_id).data.params.get("conditions")
     except mlflow.exceptions.MlflowException:
@@ -354,7 +356,7 @@ def _predictions(run_id: str) -> RunPredictions | None:
     frame = _table(run_id, TEST_PREDICTIONS)
     if frame is None or not conditions:
         return None
-    labels = tuple(sorted(conditions.split(",")))
+    labels = CohortSpec(coerce(tuple[str, ...], "conditions", conditions)).labels
     return RunPredictions(labels, frame[["md5hash", "label", "predicted"]])
 
 
