@@ -13,9 +13,10 @@ from skindiff.classify.train import ClassifierConfig, predict
 from skindiff.diffusion.config import GenerationMode
 from skindiff.errors import SkindiffError
 from skindiff.options import StudyConfigs
-from skindiff.plans import AblationPlan
+from skindiff.plans import AblationPlan, ReportConfig
 from skindiff.tracking.ablation import mode_metric_name, run_ablation
 from skindiff.tracking.classifier_model import load_classifier
+from skindiff.tracking.report import run_report
 from skindiff.tracking.runs import load_split
 
 STAGES = ("prepare", "textual_inversion", "lora", "generate", "train_classifier", "evaluate")
@@ -75,6 +76,20 @@ def test_ablation_runs_all_modes_on_both_subsets_and_reuses_runs(
             assert list(logged["predicted"]) == list(guess)
         name = mode_metric_name(row.test_set, "accuracy", row.mode)
         assert "+" not in name and ablation_metrics[name] == pytest.approx(row.accuracy)
+
+    # The report's light-minus-dark gaps are those of ablation.csv, each mode against ti+lora.
+    run_report(ReportConfig(tracking, str(tmp_path / "report"), bootstrap_replicates=200))
+    gaps = pd.read_csv(tmp_path / "report" / "fairness_gap.csv").set_index("comparison")
+    f1 = table.pivot_table(index="mode", columns="test_set", values="f1_macro")
+    gap = 100 * (f1["light"] - f1["dark"])
+    baseline = "img2img/ti+lora"
+    modes = [mode for mode in GenerationMode if mode != baseline]
+    assert sorted(gaps.index) == sorted(f"{mode} vs {baseline}" for mode in modes)
+    for mode in modes:
+        row = gaps.loc[f"{mode} vs {baseline}"]
+        assert row["candidate_gap"] == pytest.approx(gap[mode], abs=1e-6)
+        assert row["baseline_gap"] == pytest.approx(gap[baseline], abs=1e-6)
+        assert row["n_seeds"] == 1 and row["n_light_images"] == 8 * len(CONDITIONS)
 
     counts = {stage: len(stages[stage]) for stage in STAGES}
     second = run_ablation(AblationPlan(seeds=(0,)), configs)

@@ -3,6 +3,7 @@ metrics the classifier runs log, and the bootstrap interval and the randomizatio
 slow loop-by-loop references that draw the same random numbers."""
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,14 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from skindiff.classify.metrics import classification_metrics
 from skindiff.errors import SkindiffError
-from skindiff.paired import METRICS, SeedPredictions, holm, paired_difference
+from skindiff.paired import (
+    METRICS,
+    SeedGroups,
+    SeedPredictions,
+    fairness_gap,
+    holm,
+    paired_difference,
+)
 
 LABELS = ("acne", "eczema", "psoriasis", "lupus", "rosacea")
 
@@ -262,6 +270,74 @@ def test_holm_adjusts_in_the_input_order():
     assert holm([]) == []
 
 
+def test_fairness_gap_equals_a_slow_reference_on_the_same_draws():
+    replicates, random_seed = 200, 5
+    rng = np.random.default_rng(9)
+    seeds = [
+        SeedGroups(light, dark)
+        for light, dark in zip(random_seeds(rng, (10, 12)), random_seeds(rng, (11, 8)), strict=True)
+    ]
+    result = fairness_gap(seeds, replicates, confidence=0.9, random_seed=random_seed)
+
+    def gaps(drawn: list[np.ndarray]) -> tuple[float, float, float]:
+        """(baseline gap, candidate gap, |baseline gap| - |candidate gap|): means over seeds."""
+        per_seed = {"baseline": [], "candidate": []}
+        parts = [part for seed in seeds for part in (seed.light, seed.dark)]
+        for which in per_seed:
+            f1 = [
+                sklearn_score(part.truth[i], getattr(part, which)[i], "f1_macro")
+                for part, i in zip(parts, drawn, strict=True)
+            ]
+            per_seed[which] = [light - dark for light, dark in zip(f1[0::2], f1[1::2], strict=True)]
+        baseline, candidate = (np.mean(values) for values in per_seed.values())
+        return baseline, candidate, abs(baseline) - abs(candidate)
+
+    sizes = [len(part.truth) for seed in seeds for part in (seed.light, seed.dark)]
+    estimate = gaps([np.arange(n) for n in sizes])
+    assert (result.baseline_gap, result.candidate_gap, result.narrowing) == pytest.approx(
+        estimate, abs=1e-8
+    )
+    # one sample per (seed, group), light before dark: scipy draws each in that order
+    rng = np.random.default_rng(random_seed)
+    draws = [rng.integers(0, n, (replicates, n)) for n in sizes]
+    distribution = np.array([gaps([d[r] for d in draws]) for r in range(replicates)])
+    low, high = np.quantile(distribution, [0.05, 0.95], axis=0)
+    got_low = (result.baseline_ci_low, result.candidate_ci_low, result.narrowing_ci_low)
+    got_high = (result.baseline_ci_high, result.candidate_ci_high, result.narrowing_ci_high)
+    assert got_low == pytest.approx(low, abs=1e-8)
+    assert got_high == pytest.approx(high, abs=1e-8)
+    assert (result.n_light_images, result.n_dark_images) == (10, 8)
+
+
+def test_a_candidate_as_good_on_dark_as_on_light_narrows_the_gap():
+    """The baseline is right on every light image and wrong on 9 of 10 dark ones; the
+    candidate is right everywhere: its gap is 0, the baseline's large."""
+    rng = np.random.default_rng(2)
+    seeds = []
+    for _ in range(3):
+        light, dark = rng.integers(0, len(LABELS), 30), rng.integers(0, len(LABELS), 30)
+        wrong = np.where(rng.random(30) < 0.9, (dark + 1) % len(LABELS), dark)
+        seeds.append(
+            SeedGroups(
+                SeedPredictions(light, light, light, len(LABELS)),
+                SeedPredictions(dark, wrong, dark, len(LABELS)),
+            )
+        )
+    result = fairness_gap(seeds, replicates=500)
+    # a resample may lack a class, which then scores 0 on one side: the interval is not [0, 0]
+    assert result.candidate_gap == 0 and result.candidate_ci_low < 0 < result.candidate_ci_high
+    assert result.baseline_ci_low > 50
+    assert result.narrowing == result.baseline_gap and result.narrowing_ci_low > 0
+    assert (result.verdict, result.seeds_narrowed) == ("narrowed", 3)
+
+    # the same classifier as baseline and candidate changes nothing
+    same = [SeedGroups(s.light, replace(s.dark, candidate=s.dark.baseline)) for s in seeds]
+    unchanged = fairness_gap(same, replicates=500)
+    assert unchanged.narrowing == unchanged.narrowing_ci_low == unchanged.narrowing_ci_high == 0
+    assert (unchanged.verdict, unchanged.seeds_narrowed) == ("not distinguishable", 0)
+    assert unchanged.candidate_gap == unchanged.baseline_gap == result.baseline_gap
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -270,6 +346,7 @@ def test_holm_adjusts_in_the_input_order():
         (lambda: SeedPredictions(np.array([0]), np.array([0]), np.array([0]), 2), "at least 2"),
         (lambda: SeedPredictions.from_labels(["acne"], ["mole"], ["acne"], LABELS), "mole"),
         (lambda: paired_difference(random_seeds(np.random.default_rng(0), (5,)), "auc"), "auc"),
+        (lambda: fairness_gap([]), "at least one seed"),
     ],
 )
 def test_bad_inputs_are_named(make, message):

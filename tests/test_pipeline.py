@@ -20,7 +20,14 @@ from skindiff.tracking.report import run_report
 
 # A classifier that trains in a second: the pipeline's bookkeeping is under test.
 FAST_CLASSIFIER = {"arch": "tiny", "epochs": 1, "batch_size": 16, "image_size": 32}
-TRAINING_STAGES = ("prepare", "textual_inversion", "lora", "generate", "train_classifier")
+TRAINING_STAGES = (
+    "prepare",
+    "textual_inversion",
+    "lora",
+    "generate",
+    "train_classifier",
+    "evaluate",
+)
 
 
 def study_configs(**classifier: object) -> StudyConfigs:
@@ -53,6 +60,8 @@ def test_mlflow_run_main_builds_the_run_tree_then_reuses_it(tracking: str, tmp_p
         ("generate", "i/seed-0/generate/img2img/ti+lora"),
         ("train_classifier", "i/seed-0/tiny/real"),
         ("train_classifier", "i/seed-0/tiny/syn"),
+        ("evaluate", "i/seed-0/tiny/real/light"),
+        ("evaluate", "i/seed-0/tiny/syn/light"),
     }
     assert all(r.info.status == "FINISHED" for runs in stages.values() for r in runs)
 
@@ -96,6 +105,7 @@ def test_mlflow_run_main_builds_the_run_tree_then_reuses_it(tracking: str, tmp_p
         "[i/seed-0] generate img2img/ti+lora",
         "[i/seed-0] train_classifier tiny/real",
         "[i/seed-0] train_classifier tiny/syn",
+        "[i/seed-0] evaluate tiny/syn/light",
     ]
     for label in stage_lines:
         assert console.count(f"{label}: ") == 2, (label, console[-3000:])  # started, done
@@ -106,7 +116,7 @@ def test_mlflow_run_main_builds_the_run_tree_then_reuses_it(tracking: str, tmp_p
         assert noise not in console.lower(), noise
 
     console = mlflow_run("main", tracking, tmp_path, **params)
-    for label in stage_lines[::5]:  # the pair's first and last stage
+    for label in stage_lines[::6]:  # the pair's first and last stage
         assert re.search(rf"^{re.escape(label)}: re-used run [0-9a-f]{{32}}$", console, re.M)
     assert ": done in " not in console
     again = runs_by_stage(tracking)
@@ -213,7 +223,11 @@ def test_shards_run_their_own_pairs_and_report_them_together(
         (pair,) = children(calls[shard].info.run_id)
         assert pair.info.run_name == f"i/seed-{seed}"
         ran = sorted(r.info.run_name for r in children(pair.info.run_id))
-        assert ran == [f"i/seed-{seed}/prepare", f"i/seed-{seed}/tiny/real"]
+        assert ran == [
+            f"i/seed-{seed}/prepare",
+            f"i/seed-{seed}/tiny/real",
+            f"i/seed-{seed}/tiny/real/light",
+        ]
 
     # One group of settings, whichever worker ran a pair: the mean is over both seeds.
     run_report(ReportConfig(tracking, str(tmp_path / "report")))
@@ -274,3 +288,68 @@ def test_frozen_params_of_no_known_tune_seed_are_said_to_be_unknown(
     assert (
         "how many of each scenario's test images scored the tuning objective is unknown" in report
     )
+
+
+def test_two_seeds_of_main_report_paired_differences_and_light_gaps(
+    tracking: str, tmp_path: Path
+) -> None:
+    """Two seeds of `main` on the demo: the report's paired differences are the means over
+    seeds of the classifier runs' logged metric differences, within their intervals; the
+    light-minus-dark gaps are those of the classifiers' logged light and test macro F1."""
+    plan = StudyPlan(["i"], [0, 1], ["tiny"], ["real", "syn", "real+syn"])
+    done = run_main(plan, study_configs())
+    metrics = {}
+    for (_, seed), runs in done.items():
+        assert set(runs.light_evaluations) == set(runs.classifiers)
+        for (_, train_type), run_id in runs.classifiers.items():
+            light = mlflow.get_run(runs.light_evaluations[("tiny", train_type)])
+            assert light.data.tags[PARENT_RUN_TAG] == runs.parent
+            metrics[(seed, train_type)] = mlflow.get_run(run_id).data.metrics | light.data.metrics
+        results = pd.read_csv(
+            mlflow.artifacts.download_artifacts(f"runs:/{runs.parent}/results.csv")
+        )
+        assert list(results["light_run_id"]) == list(runs.light_evaluations.values())
+
+    out = tmp_path / "report"
+    run_report(ReportConfig(tracking, str(out)))
+    paired = pd.read_csv(out / "paired_differences.csv")
+    assert len(paired) == 4  # (real+syn, syn) vs real x (accuracy, macro F1)
+    for row in paired.itertuples():
+        candidate, baseline = row.comparison.split(" vs ")
+        name = f"test_{row.metric}"
+        differences = [
+            100 * (metrics[(s, candidate)][name] - metrics[(s, baseline)][name]) for s in (0, 1)
+        ]
+        assert row.n_seeds == 2
+        assert row.mean_diff == pytest.approx(sum(differences) / 2, abs=1e-6)
+        assert row.ci_low <= row.mean_diff <= row.ci_high
+        assert 0 <= row.p_value <= row.p_holm <= 1
+
+    gaps = pd.read_csv(out / "fairness_gap.csv")
+    assert sorted(gaps["comparison"]) == ["real+syn vs real", "syn vs real"]
+    for row in gaps.itertuples():
+        expected = {}
+        for role, train_type in zip(
+            ("candidate", "baseline"), row.comparison.split(" vs "), strict=True
+        ):
+            per_seed = [
+                100
+                * (
+                    metrics[(s, train_type)]["light_f1_macro"]
+                    - metrics[(s, train_type)]["test_f1_macro"]
+                )
+                for s in (0, 1)
+            ]
+            expected[role] = sum(per_seed) / 2
+        assert row.baseline_gap == pytest.approx(expected["baseline"], abs=1e-6)
+        assert row.candidate_gap == pytest.approx(expected["candidate"], abs=1e-6)
+        narrowing = abs(expected["baseline"]) - abs(expected["candidate"])
+        assert row.narrowing == pytest.approx(narrowing, abs=1e-6)
+        assert row.baseline_ci_low <= row.baseline_ci_high
+        assert row.narrowing_ci_low <= row.narrowing_ci_high
+        assert (row.n_light_images, row.n_dark_images) == (16, 16)
+    assert "### Light-minus-dark gap" in (out / "report.md").read_text()
+
+    # Without light_test, a pair scores its classifiers on the dark test split only.
+    dark_only = StudyPlan(["i"], [0], ["tiny"], ["real"], light_test=False)
+    assert run_main(dark_only, study_configs())[("i", 0)].light_evaluations == {}

@@ -20,6 +20,7 @@ from skindiff.errors import require
 
 METRICS = ("accuracy", "f1_macro")
 BETTER, WORSE, NOT_DISTINGUISHABLE = "better", "worse", "not distinguishable"
+NARROWED, WIDENED = "narrowed", "widened"
 # statistics are rounded to this many decimals of a point: float noise (~1e-13) lies below,
 # the smallest real difference (about 100 / (4 n^2 classes seeds) for n images) far above
 DECIMALS = 9
@@ -205,6 +206,107 @@ def paired_difference(
         ci_high=ci_high,
         p_value=float(p_value),
         seeds_same_sign=int(np.sum(seed_signs == np.sign(mean_diff))) if mean_diff else 0,
+        verdict=verdict,
+    )
+
+
+@dataclass(frozen=True)
+class SeedGroups:
+    """One seed's light-skinned and dark-skinned test images, each scored by both classifiers."""
+
+    light: SeedPredictions
+    dark: SeedPredictions
+
+
+@dataclass(frozen=True)
+class FairnessGap:
+    """The light-minus-dark macro-F1 gap of a baseline and a candidate classifier, in points
+    (mean over seeds), and how much the candidate narrowed it: |baseline gap| - |candidate
+    gap|, positive where the candidate's gap is closer to 0. Each with its interval. The field
+    names are the report's `fairness_gap.csv` columns."""
+
+    n_seeds: int
+    n_light_images: int  # per seed; the smallest seed's
+    n_dark_images: int
+    baseline_gap: float
+    baseline_ci_low: float
+    baseline_ci_high: float
+    candidate_gap: float
+    candidate_ci_low: float
+    candidate_ci_high: float
+    narrowing: float
+    narrowing_ci_low: float
+    narrowing_ci_high: float
+    seeds_narrowed: int  # seeds where the candidate's own gap is closer to 0 than the baseline's
+    verdict: str  # `narrowed` / `widened` when narrowing's interval lies above / below 0
+
+
+def fairness_gap(
+    seeds: Sequence[SeedGroups],
+    replicates: int = 2000,
+    confidence: float = 0.95,
+    random_seed: int = 0,
+) -> FairnessGap:
+    """Light-minus-dark macro F1 of two classifiers, and whether the candidate narrowed it.
+
+    The light and the dark images are different images, so the interval is a bootstrap
+    stratified by seed and by group: every replicate resamples each seed's light images and
+    its dark images on their own, and scores both classifiers on the same draw, so the three
+    statistics (two gaps and the narrowing) come from one set of replicates. Percentile
+    interval, for the reasons `paired_difference` gives. Reproducible from `random_seed`."""
+    require(len(seeds) > 0, "fairness_gap needs at least one seed")
+    require(int(replicates) == replicates >= 1, "replicates must be a positive integer")
+    require(0 < confidence < 1, "confidence must lie between 0 and 1")
+    strata = [part for seed in seeds for part in (seed.light, seed.dark)]
+    baselines = [_indicators(s.truth, s.baseline, s.n_classes) for s in strata]
+    candidates = [_indicators(s.truth, s.candidate, s.n_classes) for s in strata]
+
+    def per_seed_gaps(counts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(baseline, candidate) gaps per seed (first axis), from each stratum's draw counts."""
+        gaps = []
+        for indicators in (baselines, candidates):
+            f1 = [_score(c @ i, "f1_macro") for c, i in zip(counts, indicators, strict=True)]
+            gaps.append(np.array(f1[0::2]) - np.array(f1[1::2]))
+        return gaps[0], gaps[1]
+
+    def statistics(counts: Sequence[np.ndarray]) -> np.ndarray:
+        baseline, candidate = per_seed_gaps(counts)
+        baseline, candidate = _mean_over_seeds(baseline), _mean_over_seeds(candidate)
+        return np.stack([baseline, candidate, np.abs(baseline) - np.abs(candidate)])
+
+    everything = [np.ones(len(s.truth)) for s in strata]
+    estimate = statistics(everything)
+
+    def resampled(*indices: np.ndarray, axis: int) -> np.ndarray:
+        drawn = zip(indices, strata, strict=True)
+        return statistics([_draw_counts(draws, len(stratum.truth)) for draws, stratum in drawn])
+
+    interval = stats.bootstrap(
+        [np.arange(len(s.truth)) for s in strata],
+        resampled,
+        n_resamples=replicates,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(random_seed),
+    ).confidence_interval
+    low, high = [[_points(v) for v in bound] for bound in (interval.low, interval.high)]
+    baseline_seeds, candidate_seeds = per_seed_gaps(everything)
+    narrowed = np.round(np.abs(baseline_seeds) - np.abs(candidate_seeds), DECIMALS) > 0
+    verdict = NARROWED if low[2] > 0 else WIDENED if high[2] < 0 else NOT_DISTINGUISHABLE
+    return FairnessGap(
+        n_seeds=len(seeds),
+        n_light_images=min(len(seed.light.truth) for seed in seeds),
+        n_dark_images=min(len(seed.dark.truth) for seed in seeds),
+        baseline_gap=_points(estimate[0]),
+        baseline_ci_low=low[0],
+        baseline_ci_high=high[0],
+        candidate_gap=_points(estimate[1]),
+        candidate_ci_low=low[1],
+        candidate_ci_high=high[1],
+        narrowing=_points(estimate[2]),
+        narrowing_ci_low=low[2],
+        narrowing_ci_high=high[2],
+        seeds_narrowed=int(narrowed.sum()),
         verdict=verdict,
     )
 

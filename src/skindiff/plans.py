@@ -104,6 +104,12 @@ class StudyPlan(Settings):
         "..., ii/seed-0, ...), so n workers started with 1/n ... n/n against one tracking "
         "server run every pair once. 1/1: every pair.",
     )
+    light_test: bool = setting(
+        True,
+        "Also score every classifier on its seed's light flexible subset (8 light-skinned "
+        "images per condition, in no scenario's training set), an evaluate run named light, "
+        "for the report's light-minus-dark gap. false: the dark test split only, as the paper.",
+    )
 
     def check(self) -> None:
         for name, choices in (

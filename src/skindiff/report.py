@@ -12,7 +12,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -361,6 +361,9 @@ class SettingsGroup:
     # Per classifier run that `paired_runs` compares: its test predictions, None where it has
     # none (or no label set), so the report names it.
     predictions: Mapping[str, "RunPredictions | None"] = field(default_factory=dict)
+    # The same runs' predictions on light-skinned test images (an evaluate run's), None where
+    # they were never scored on any.
+    light_predictions: Mapping[str, "RunPredictions | None"] = field(default_factory=dict)
 
 
 def settings_digest(settings: Mapping[str, str]) -> str:
@@ -743,9 +746,11 @@ def paired_runs(group: SettingsGroup) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def _seed_pair(pair, predictions: Mapping[str, RunPredictions]) -> paired.SeedPredictions:
+def _seed_pair(
+    pair, predictions: Mapping[str, RunPredictions], what: str = "tested"
+) -> paired.SeedPredictions:
     """One seed's two runs' predictions, image by image (matched by md5hash); refuses runs
-    tested on different images or scored on different label sets."""
+    `what` (tested, scored on light images) on different images or on different label sets."""
     baseline = predictions[pair.baseline_run_id]
     candidate = predictions[pair.candidate_run_id]
     runs = (
@@ -760,7 +765,7 @@ def _seed_pair(pair, predictions: Mapping[str, RunPredictions]) -> paired.SeedPr
     if not same:
         common = len(set(first.index) & set(second.index))
         raise SkindiffError(
-            f"{runs} were tested on different images ({len(first)} and {len(second)} "
+            f"{runs} were {what} on different images ({len(first)} and {len(second)} "
             f"predictions, {common} images in common): they cannot be compared image by image"
         )
     second = second.loc[first.index]
@@ -835,6 +840,103 @@ def paired_differences(
     return table, listed
 
 
+FAIRNESS_FILE = "fairness_gap"
+FAIRNESS_COLUMNS = [
+    "group",
+    "scenario",
+    "arch",
+    "comparison",
+    *(f.name for f in fields(paired.FairnessGap)),
+]
+
+
+def fairness_gaps(group: SettingsGroup, replicates: int, confidence: float) -> pd.DataFrame:
+    """Rows of FAIRNESS_COLUMNS: per comparison of `paired_runs`, from the seeds where both
+    runs have test predictions (dark-skinned in every scenario) and light predictions, the
+    light-minus-dark macro-F1 gap of each and how much the candidate narrowed it."""
+    pairs = paired_runs(group)
+    ids = ["baseline_run_id", "candidate_run_id"]
+    both = [group.predictions, group.light_predictions]
+    usable = pairs[
+        pairs[ids].map(lambda run: all(p.get(run) is not None for p in both)).all(axis=1)
+    ]
+    rows = []
+    for (scenario, arch, comparison), seeds in usable.groupby(
+        ["scenario", "arch", "comparison"], sort=False
+    ):
+        seed_groups = [
+            paired.SeedGroups(
+                _seed_pair(pair, group.light_predictions, "scored on light images"),
+                _seed_pair(pair, group.predictions),
+            )
+            for pair in seeds.itertuples()
+        ]
+        result = paired.fairness_gap(seed_groups, replicates, confidence)
+        key = {"group": group.digest, "scenario": scenario, "arch": arch}
+        rows.append(key | {"comparison": comparison} | asdict(result))
+    return pd.DataFrame(rows, columns=FAIRNESS_COLUMNS)
+
+
+def _interval(value: float, low: float, high: float) -> str:
+    return f"{_signed(value)} [{_signed(low)}, {_signed(high)}]"
+
+
+def fairness_markdown(table: pd.DataFrame) -> str:
+    columns = {
+        "scenario": table["scenario"],
+        "architecture": table["arch"].map(lambda a: ARCH_TITLES.get(a, a)),
+        "comparison": table["comparison"],
+        "n seeds": table["n_seeds"],
+        "light / dark images": [
+            f"{r.n_light_images} / {r.n_dark_images}" for r in table.itertuples()
+        ],
+        "baseline gap": [
+            _interval(r.baseline_gap, r.baseline_ci_low, r.baseline_ci_high)
+            for r in table.itertuples()
+        ],
+        "candidate gap": [
+            _interval(r.candidate_gap, r.candidate_ci_low, r.candidate_ci_high)
+            for r in table.itertuples()
+        ],
+        "narrowing": [
+            _interval(r.narrowing, r.narrowing_ci_low, r.narrowing_ci_high)
+            for r in table.itertuples()
+        ],
+        "seeds narrowed": [f"{r.seeds_narrowed} of {r.n_seeds}" for r in table.itertuples()],
+        "verdict": table["verdict"],
+    }
+    return pd.DataFrame(columns).to_markdown(index=False, disable_numparse=True)
+
+
+def _fairness_section(
+    group: SettingsGroup,
+    suffix: str,
+    save: Callable[[str, object], str],
+    replicates: int,
+    confidence: float,
+) -> str | None:
+    """The light-minus-dark gap subsection, saving its CSV; None without light predictions."""
+    table = fairness_gaps(group, replicates, confidence)
+    if table.empty:
+        return None
+    save(f"{FAIRNESS_FILE}{suffix}.csv", table)
+    return "\n\n".join(
+        [
+            "### Light-minus-dark gap: did synthetic data narrow it?",
+            "Macro F1 on light-skinned test images (each classifier's evaluate run on them: "
+            "`main`'s and `ablation`'s on the seed's light flexible subset, which no scenario "
+            "trains on) minus macro F1 on its dark-skinned test split, in points, the mean over "
+            "seeds, for the baseline and the candidate of each comparison above. Narrowing: "
+            "|baseline gap| - |candidate gap|, positive where the candidate's gap is closer to "
+            f"0. Intervals: {confidence:.0%} percentile bootstrap with {replicates} replicates "
+            "that resample each seed's light and dark images on their own, both classifiers "
+            "scored on the same draw. Verdict: `narrowed` or `widened` where the narrowing's "
+            "interval lies above or below 0.",
+            fairness_markdown(table),
+        ]
+    )
+
+
 def _signed(value: float) -> str:
     return "-" if pd.isna(value) else f"{value:+.2f}"
 
@@ -852,8 +954,7 @@ def paired_markdown(table: pd.DataFrame) -> str:
         "n seeds": table["n_seeds"],
         "test images": table["n_test_images"],
         "difference [interval]": [
-            f"{_signed(r.mean_diff)} [{_signed(r.ci_low)}, {_signed(r.ci_high)}]"
-            for r in table.itertuples()
+            _interval(r.mean_diff, r.ci_low, r.ci_high) for r in table.itertuples()
         ],
         "p (Holm)": table["p_holm"].map(_p),
         "p": table["p_value"].map(_p),
@@ -958,6 +1059,9 @@ def _paired_sections(
         parts.append(paired_markdown(table))
         plot = save(f"{PAIRED_FILE}{suffix}.png", paired_figure(table))
         parts.append(f"![paired differences]({plot})")
+    fairness = _fairness_section(group, suffix, save, replicates, confidence)
+    if fairness:
+        parts.append(fairness)
     if missing:
         parts.append(
             "Runs without per-image test predictions (or the label set they were scored on), "

@@ -21,10 +21,10 @@ from skindiff.diffusion.config import (
     GenerationMode,
 )
 from skindiff.options import ABLATION, ABLATION_STUDY, StudyConfigs
-from skindiff.plans import AblationPlan, EvaluateConfig
-from skindiff.tracking.evaluate import run_evaluate
+from skindiff.plans import AblationPlan
+from skindiff.tracking.evaluate import evaluate_on_light
 from skindiff.tracking.generate import ensure_generator_chain
-from skindiff.tracking.names import ABLATION_FILE, CLASSIFIER_MODEL, Stage, split_artifact
+from skindiff.tracking.names import ABLATION_FILE, Stage
 from skindiff.tracking.prepare import ensure_prepare
 from skindiff.tracking.stage import open_stage_run
 from skindiff.tracking.train_classifier import check_classifiers, run_train_classifier
@@ -51,14 +51,7 @@ def seed_rows(seed: int, configs: StudyConfigs, bar: tqdm) -> list[list]:
         run_id = run_train_classifier(
             data, classifier, ti, lora, generate, prepare, generate_run, reuse=True
         )
-        light_run = run_evaluate(
-            EvaluateConfig(
-                model_uri=f"runs:/{run_id}/{CLASSIFIER_MODEL}",
-                manifest=f"runs:/{prepare}/{split_artifact('flexible_light')}",
-                name="light",
-            ),
-            reuse=True,
-        )
+        light_run = evaluate_on_light(run_id, prepare)
         light = mlflow.get_run(light_run).data.metrics
         dark = mlflow.get_run(run_id).data.metrics  # on scenario i's test split
         for test_set, metrics, prefix in (("light", light, "light"), ("dark", dark, "test")):

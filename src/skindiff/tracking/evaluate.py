@@ -23,7 +23,13 @@ from skindiff.errors import SkindiffError
 from skindiff.options import EVALUATE
 from skindiff.plans import EvaluateConfig
 from skindiff.tracking.classifier_model import load_classifier
-from skindiff.tracking.names import PREDICTIONS_DIR, Stage, confusion_figure
+from skindiff.tracking.names import (
+    CLASSIFIER_MODEL,
+    PREDICTIONS_DIR,
+    Stage,
+    confusion_figure,
+    split_artifact,
+)
 from skindiff.tracking.stage import StageCall, StageInputs, run_stage
 
 ARTIFACT_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:")
@@ -78,10 +84,14 @@ def _rows_digest(rows: pd.DataFrame) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def run_evaluate(config: EvaluateConfig, *, reuse: bool = False) -> str:
+def run_evaluate(
+    config: EvaluateConfig, *, reuse: bool = False, run_name: str | None = None
+) -> str:
     """Evaluates a logged classifier on the given images; returns the run id (with `reuse`,
-    of a finished evaluation of the same model on the same images where there is one)."""
-    call = StageCall(Stage.EVALUATE, f"evaluate/{config.name}", EVALUATE.values(config))
+    of a finished evaluation of the same model on the same images where there is one). The
+    run is named `run_name`, by default `evaluate/<config.name>`."""
+    run_name = run_name or f"evaluate/{config.name}"
+    call = StageCall(Stage.EVALUATE, run_name, EVALUATE.values(config))
     loaded = {}
 
     def resolve() -> StageInputs:
@@ -106,3 +116,19 @@ def run_evaluate(config: EvaluateConfig, *, reuse: bool = False) -> str:
         log_evaluation(predictions, labels, config.name)
 
     return run_stage(call, resolve, work, reuse=reuse)
+
+
+def evaluate_on_light(classifier_run_id: str, prepare_run_id: str) -> str:
+    """The evaluate run (found or made) of a classifier on its prepare run's light flexible
+    subset, named `light` (metrics light_accuracy, light_f1_macro, predictions/light.csv); the
+    run is named after the classifier's: `i/seed-0/tiny/real/light`."""
+    classifier = mlflow.get_run(classifier_run_id).info.run_name
+    return run_evaluate(
+        EvaluateConfig(
+            model_uri=f"runs:/{classifier_run_id}/{CLASSIFIER_MODEL}",
+            manifest=f"runs:/{prepare_run_id}/{split_artifact('flexible_light')}",
+            name="light",
+        ),
+        reuse=True,
+        run_name=f"{classifier}/light",
+    )

@@ -27,6 +27,7 @@ from skindiff.data.prepare import resolve_dataset
 from skindiff.errors import SkindiffError
 from skindiff.options import MAIN_STUDY, STUDY, StudyConfigs
 from skindiff.plans import StudyPlan
+from skindiff.tracking.evaluate import evaluate_on_light
 from skindiff.tracking.frozen import (
     FrozenSource,
     TunedSettings,
@@ -66,6 +67,9 @@ RESULT_COLUMNS = [
     "run_id",
     "test_accuracy",
     "test_f1_macro",
+    "light_run_id",  # the evaluate run on the light flexible subset; empty without light_test
+    "light_accuracy",
+    "light_f1_macro",
 ]
 
 
@@ -80,6 +84,8 @@ class PipelineRuns:
     lora: str | None
     generate: str | None
     classifiers: dict[tuple[Arch, TrainType], str] = field(default_factory=dict)
+    # per classifier, its evaluate run on the light flexible subset (with plan.light_test)
+    light_evaluations: dict[tuple[Arch, TrainType], str] = field(default_factory=dict)
 
 
 def load_frozen_source(source: str) -> FrozenSource:
@@ -174,7 +180,7 @@ def run_main(plan: StudyPlan, configs: StudyConfigs) -> dict[tuple[Scenario, int
                         raise  # the CLI says so in one line; nobody can ask the server what failed
                     raise _stopped(parent.info.run_id, err) from err
                 results[(scenario, seed)] = replace(runs, parent=parent.info.run_id)
-                _log_results(scenario, seed, runs.classifiers)
+                _log_results(scenario, seed, runs)
                 if seed in tuned:
                     counted = _scored_by_tuning(tuned[seed], pair_configs.data, runs.prepare)
                     if counted is not None:
@@ -248,10 +254,10 @@ def _run_pair(configs: StudyConfigs, plan: StudyPlan) -> PipelineRuns:
         ti, lora, generate = ensure_generator_chain(
             data, configs.textual_inversion, configs.lora, configs.generate, prepare
         )
-    classifiers = {}
+    classifiers, light = {}, {}
     for arch in plan.archs:
         for train_type in plan.train_types:
-            classifiers[(arch, train_type)] = run_train_classifier(
+            run_id = run_train_classifier(
                 data,
                 replace(configs.classifier, arch=arch, train_type=train_type),
                 configs.textual_inversion,
@@ -261,7 +267,10 @@ def _run_pair(configs: StudyConfigs, plan: StudyPlan) -> PipelineRuns:
                 generate,
                 reuse=True,
             )
-    return PipelineRuns("", prepare, ti, lora, generate, classifiers)
+            classifiers[(arch, train_type)] = run_id
+            if plan.light_test:
+                light[(arch, train_type)] = evaluate_on_light(run_id, prepare)
+    return PipelineRuns("", prepare, ti, lora, generate, classifiers, light)
 
 
 def _stopped(parent_run_id: str, err: Exception) -> SkindiffError:
@@ -276,25 +285,32 @@ def _stopped(parent_run_id: str, err: Exception) -> SkindiffError:
     )
 
 
-def _log_results(
-    scenario: Scenario, seed: int, classifiers: dict[tuple[Arch, TrainType], str]
-) -> None:
+def _log_results(scenario: Scenario, seed: int, runs: PipelineRuns) -> None:
     rows = []
-    for (arch, train_type), run_id in classifiers.items():
+    for key, run_id in runs.classifiers.items():
         metrics = mlflow.get_run(run_id).data.metrics
+        light_run = runs.light_evaluations.get(key)
+        light = mlflow.get_run(light_run).data.metrics if light_run else {}
+        arch, train_type = map(str, key)
         rows.append(
             [
                 str(scenario),
                 seed,
-                str(arch),
-                str(train_type),
+                arch,
+                train_type,
                 run_id,
                 metrics.get("test_accuracy"),
                 metrics.get("test_f1_macro"),
+                light_run,
+                light.get("light_accuracy"),
+                light.get("light_f1_macro"),
             ]
         )
         # One metric per classifier on the parent, for the MLflow compare view.
-        mlflow.log_metric(f"test_f1_macro.{arch}.{str(train_type).replace('+', '_')}", rows[-1][-1])
+        name = f"{arch}.{train_type.replace('+', '_')}"
+        mlflow.log_metric(f"test_f1_macro.{name}", metrics.get("test_f1_macro"))
+        if light_run:
+            mlflow.log_metric(f"light_f1_macro.{name}", light.get("light_f1_macro"))
     _log_table(pd.DataFrame(rows, columns=RESULT_COLUMNS), RESULTS_FILE)
 
 

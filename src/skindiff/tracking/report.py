@@ -8,6 +8,7 @@ classifier runs) and, per seed, from the newest FINISHED `ablation` run that has
 """
 
 import logging
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import replace
@@ -40,10 +41,12 @@ from skindiff.report import (
 from skindiff.tracking.ablation import COLUMNS as ABLATION_COLUMNS
 from skindiff.tracking.names import (
     ABLATION_FILE,
+    CLASSIFIER_MODEL,
     FROZEN_PARAM_PREFIX,
     FROZEN_PARAMS_SEED_PARAM,
     FROZEN_PARAMS_TAG,
     PAIRED_METRIC_PREFIX,
+    PREDICTIONS_DIR,
     REPORT_EXPERIMENT_TAG,
     RESULTS_FILE,
     SCENARIO_TAG,
@@ -90,6 +93,7 @@ PLAN_PARAMS = (
     "frozen_params",
     "frozen_fallback_seed",  # what it chose is in the frozen.<name> and frozen_params_seed params
     "shard",
+    "light_test",  # adds evaluate runs beside the classifiers; their scores are the same
 )
 # Scenario whose grid stands for the paper's Fig. 2 in a group, in order of preference.
 FIGURE_2_SCENARIOS = ("i", "ii", "iii")
@@ -326,6 +330,7 @@ def _groups(experiment_id: str, folder: Path) -> list[SettingsGroup]:
     """The experiment's runs by settings: a group may hold main and ablation runs."""
     classifiers = classifier_groups(experiment_id)
     ablations = ablation_groups(experiment_id)
+    evaluations = _evaluations(experiment_id)
     no_scores = pd.DataFrame(columns=CLASSIFIER_COLUMNS)
     no_rows = pd.DataFrame(columns=[*ABLATION_COLUMNS, "ablation_run_id"])
     groups = []
@@ -340,23 +345,64 @@ def _groups(experiment_id: str, folder: Path) -> list[SettingsGroup]:
         group = SettingsGroup(digest, settings, scores, rows, figure, *tuning, tones, overlap)
         pairs = paired_runs(group)
         compared = dict.fromkeys([*pairs["baseline_run_id"], *pairs["candidate_run_id"]])
-        groups.append(replace(group, predictions={run: _predictions(run) for run in compared}))
+        groups.append(
+            replace(
+                group,
+                predictions={run: _predictions(run) for run in compared},
+                light_predictions={run: _light_predictions(run, evaluations) for run in compared},
+            )
+        )
     return groups
 
 
-@cache
-def _predictions(run_id: str) -> RunPredictions | None:
-    """A classifier run's test predictions and the label set it was scored on (its cohort's
-    labels, as the classifier's classes), or None where it has either not."""
+def _evaluations(experiment_id: str) -> dict[str, list[Run]]:
+    """Per classifier run id: the FINISHED evaluate runs of its model (`runs:/<id>/model`) in
+    the experiment, newest first."""
+    found: dict[str, list[Run]] = {}
+    for run in finished_runs(experiment_id, Stage.EVALUATE):
+        model = re.fullmatch(
+            rf"runs:/(\w+)/{CLASSIFIER_MODEL}", run.data.params.get("model_uri", "")
+        )
+        if model:
+            found.setdefault(model[1], []).append(run)
+    return found
+
+
+def _labels(run_id: str) -> tuple[str, ...] | None:
+    """The label set a classifier run was scored on (its cohort's labels, as the classifier's
+    classes), None where the run is gone or has no conditions param."""
     try:
         conditions = _run(run_id).data.params.get("conditions")
     except mlflow.exceptions.MlflowException:
         log.warning("classifier run %s not found: its predictions are missing", run_id)
         return None
-    frame = _table(run_id, TEST_PREDICTIONS)
-    if frame is None or not conditions:
+    if not conditions:
         return None
-    labels = CohortSpec(coerce(tuple[str, ...], "conditions", conditions)).labels
+    return CohortSpec(coerce(tuple[str, ...], "conditions", conditions)).labels
+
+
+def _light_predictions(run_id: str, evaluations: dict[str, list[Run]]) -> RunPredictions | None:
+    """A classifier's predictions on light-skinned images: the light rows of its newest
+    evaluate run that has any; None where none has."""
+    labels = _labels(run_id)
+    for evaluation in evaluations.get(run_id, []) if labels else []:
+        name = evaluation.data.params.get("name", "test")
+        frame = _table(evaluation.info.run_id, f"{PREDICTIONS_DIR}/{name}.csv")
+        if frame is not None and "group" in frame:
+            light = frame[frame["group"] == "light"]
+            if len(light) >= 2:  # what the bootstrap can resample
+                return RunPredictions(labels, light[["md5hash", "label", "predicted"]])
+    return None
+
+
+@cache
+def _predictions(run_id: str) -> RunPredictions | None:
+    """A classifier run's test predictions and the label set it was scored on, or None where
+    it has either not."""
+    labels = _labels(run_id)
+    frame = _table(run_id, TEST_PREDICTIONS) if labels else None
+    if frame is None:
+        return None
     return RunPredictions(labels, frame[["md5hash", "label", "predicted"]])
 
 
