@@ -3,8 +3,9 @@ report, and its evidence (paired differences, light-minus-dark gaps) written to
 docs/generated/demo_study.md, which the README's and the docs' claims about the demo quote.
 
 It runs the README's two commands with `-P seeds=0,42,123,1111,1234` in `--folder` (default
-./demo-study: its tracking store and cache, so that a second call, or a call after a kill,
-re-uses every finished run), then writes the tables of the report's CSV files.
+$SKINDIFF_BENCH_DIR/demo-study, /tmp/skindiff-bench/demo-study: its tracking store and cache,
+so that a second call, or a call after a kill, re-uses every finished run), then writes the
+tables of the report's CSV files.
 
     python -m benchmarks.demo_study                 # about 35 min on 2 quiet cores
 """
@@ -19,7 +20,13 @@ from tabulate import tabulate
 
 from benchmarks.common import record
 from benchmarks.end_to_end import mlflow_run, scores_table
-from skindiff.report import FAIRNESS_FILE, PAIRED_FILE, fairness_markdown, paired_markdown
+from skindiff.report import (
+    FAIRNESS_FILE,
+    PAIRED_FILE,
+    detectable_differences,
+    fairness_markdown,
+    paired_markdown,
+)
 
 SEEDS = "0,42,123,1111,1234"  # the reference code's
 SCORES = "scores_classifiers.csv"
@@ -42,7 +49,8 @@ def run_study(folder: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", type=Path, default=Path("demo-study"))
+    bench = Path(os.environ.get("SKINDIFF_BENCH_DIR", "/tmp/skindiff-bench"))
+    parser.add_argument("--folder", type=Path, default=bench / "demo-study")
     args = parser.parse_args()
     start = time.perf_counter()
     report = run_study(args.folder)
@@ -65,6 +73,8 @@ def main() -> None:
             "rows; `paper` is the difference of the paper's means for VGG-16 and is not "
             "comparable: another model, data and size):",
             paired_markdown(paired),
+            "The smallest difference these test splits and seeds could detect, the median "
+            f"half-width of the rows' intervals (points): {detectable_differences(paired)}.",
             "Light-minus-dark macro-F1 gap (the report's `fairness_gap.csv`: each classifier "
             "also scored on its seed's 56-image light flexible subset):",
             fairness_markdown(gaps),

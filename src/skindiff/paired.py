@@ -10,7 +10,7 @@ macro F1 averaged over ALL classes of the label set, a class without true or pre
 in a (resampled) test set scoring 0 (scikit-learn's `labels=...`, `zero_division=0`).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,21 +152,12 @@ def paired_difference(
     mean_diff = _points(_mean_over_seeds(per_seed))
     seed_signs = np.sign(np.round(per_seed, DECIMALS))
 
-    def resampled(*indices: np.ndarray, axis: int) -> np.ndarray:
-        differences = []
-        for drawn, baseline, candidate in zip(indices, baselines, candidates, strict=True):
-            counts = _draw_counts(drawn, len(baseline))
-            differences.append(_difference(counts @ baseline, counts @ candidate, metric))
-        return _mean_over_seeds(differences)
+    def resampled(counts: Sequence[np.ndarray]) -> np.ndarray:
+        parts = zip(counts, baselines, candidates, strict=True)
+        return _mean_over_seeds([_difference(c @ b, c @ d, metric) for c, b, d in parts])
 
-    interval = stats.bootstrap(
-        [np.arange(len(seed.truth)) for seed in seeds],
-        resampled,
-        n_resamples=replicates,
-        confidence_level=confidence,
-        method="percentile",
-        rng=np.random.default_rng(random_seed),
-    ).confidence_interval
+    sizes = [len(seed.truth) for seed in seeds]
+    interval = _bootstrap_interval(sizes, resampled, replicates, confidence, random_seed)
 
     bounds = np.cumsum([len(seed.truth) for seed in seeds])[:-1]
 
@@ -277,18 +268,8 @@ def fairness_gap(
     everything = [np.ones(len(s.truth)) for s in strata]
     estimate = statistics(everything)
 
-    def resampled(*indices: np.ndarray, axis: int) -> np.ndarray:
-        drawn = zip(indices, strata, strict=True)
-        return statistics([_draw_counts(draws, len(stratum.truth)) for draws, stratum in drawn])
-
-    interval = stats.bootstrap(
-        [np.arange(len(s.truth)) for s in strata],
-        resampled,
-        n_resamples=replicates,
-        confidence_level=confidence,
-        method="percentile",
-        rng=np.random.default_rng(random_seed),
-    ).confidence_interval
+    sizes = [len(s.truth) for s in strata]
+    interval = _bootstrap_interval(sizes, statistics, replicates, confidence, random_seed)
     low, high = [[_points(v) for v in bound] for bound in (interval.low, interval.high)]
     baseline_seeds, candidate_seeds = per_seed_gaps(everything)
     narrowed = np.round(np.abs(baseline_seeds) - np.abs(candidate_seeds), DECIMALS) > 0
@@ -319,6 +300,31 @@ def holm(p_values: Sequence[float]) -> list[float]:
     adjusted = np.empty(len(order))
     adjusted[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
     return adjusted.tolist()
+
+
+def _bootstrap_interval(
+    sizes: Sequence[int],
+    statistic: Callable[[Sequence[np.ndarray]], np.ndarray],
+    replicates: int,
+    confidence: float,
+    random_seed: int,
+):
+    """`scipy.stats.bootstrap`'s percentile interval of `statistic(counts)`, where counts holds
+    per stratum (of `sizes` images) how often each image was drawn in each replicate (last
+    axis): one sample per stratum, each resampled on its own."""
+
+    def resampled(*indices: np.ndarray, axis: int) -> np.ndarray:
+        parts = zip(indices, sizes, strict=True)
+        return statistic([_draw_counts(drawn, n) for drawn, n in parts])
+
+    return stats.bootstrap(
+        [np.arange(n) for n in sizes],
+        resampled,
+        n_resamples=replicates,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(random_seed),
+    ).confidence_interval
 
 
 def _difference(
