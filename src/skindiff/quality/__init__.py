@@ -1,0 +1,1 @@
+"""Measures of the synthetic images themselves: fidelity, diversity and memorization."""
