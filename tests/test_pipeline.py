@@ -21,7 +21,7 @@ from skindiff.tracking.report import run_report
 # A classifier that trains in a second: the pipeline's bookkeeping is under test.
 FAST_CLASSIFIER = {"arch": "tiny", "epochs": 1, "batch_size": 16, "image_size": 32}
 TRAINING_STAGES = ("prepare", "textual_inversion", "lora", "generate", "train_classifier")
-REUSED_STAGES = (*TRAINING_STAGES, "evaluate")  # light evaluations are found too
+REUSED_STAGES = (*TRAINING_STAGES, "evaluate", "synthetic_quality")  # found too
 
 
 def study_configs(**classifier: object) -> StudyConfigs:
@@ -56,6 +56,7 @@ def test_mlflow_run_main_builds_the_run_tree_then_reuses_it(tracking: str, tmp_p
         ("train_classifier", "i/seed-0/tiny/syn"),
         ("evaluate", "i/seed-0/tiny/real/light"),
         ("evaluate", "i/seed-0/tiny/syn/light"),
+        ("synthetic_quality", "i/seed-0/synthetic_quality"),
     }
     assert all(r.info.status == "FINISHED" for runs in stages.values() for r in runs)
 
@@ -90,6 +91,21 @@ def test_mlflow_run_main_builds_the_run_tree_then_reuses_it(tracking: str, tmp_p
         "Skin tone of the real and synthetic images"
         in (tmp_path / "report" / "report.md").read_text()
     )
+    # ... and the synthetic images' quality, from the pair's synthetic_quality run.
+    (quality_run,) = stages["synthetic_quality"]
+    assert pair.data.tags["skindiff.synthetic_quality_run"] == quality_run.info.run_id
+    quality = pd.read_csv(tmp_path / "report" / "synthetic_quality.csv").set_index("set")
+    measured = quality_run.data.metrics
+    assert quality.loc["synthetic", "fd"] == pytest.approx(measured["fd_classifier"])
+    assert quality.loc["light_sources", "coverage"] == pytest.approx(
+        measured["coverage_classifier_light_sources"]
+    )
+    assert quality.loc["synthetic", "memorized_share"] == pytest.approx(
+        measured["memorized_share_classifier"]
+    )
+    report_text = (tmp_path / "report" / "report.md").read_text()
+    assert "### Synthetic image quality" in report_text
+    assert "![nearest training similarity](synthetic_quality_similarity.png)" in report_text
 
     # A person follows each stage on the console, without library notes they cannot act on.
     stage_lines = [
@@ -100,9 +116,12 @@ def test_mlflow_run_main_builds_the_run_tree_then_reuses_it(tracking: str, tmp_p
         "[i/seed-0] train_classifier tiny/real",
         "[i/seed-0] train_classifier tiny/syn",
         "[i/seed-0] evaluate tiny/syn/light",
+        "[i/seed-0] synthetic_quality",
     ]
     for label in stage_lines:
-        assert console.count(f"{label}: ") == 2, (label, console[-3000:])  # started, done
+        # started, done (synthetic_quality re-uses the real classifier, and says so)
+        reused = console.count(f"{label}: re-used run")
+        assert console.count(f"{label}: ") - reused == 2, (label, console[-3000:])
         assert re.search(
             rf"^{re.escape(label)}: done in [0-9]+ s, run [0-9a-f]{{32}}$", console, re.M
         )
@@ -110,7 +129,7 @@ def test_mlflow_run_main_builds_the_run_tree_then_reuses_it(tracking: str, tmp_p
         assert noise not in console.lower(), noise
 
     console = mlflow_run("main", tracking, tmp_path, **params)
-    for label in stage_lines[::6]:  # the pair's first and last stage
+    for label in stage_lines[::7]:  # the pair's first and last stage
         assert re.search(rf"^{re.escape(label)}: re-used run [0-9a-f]{{32}}$", console, re.M)
     assert ": done in " not in console
     again = runs_by_stage(tracking)

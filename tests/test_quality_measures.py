@@ -95,15 +95,16 @@ def test_coverage_measures_equal_full_matrix_references_and_their_extremes():
 
 def test_nearest_training_image_never_is_the_source_and_flags_copies():
     training = features(0, 50)
-    copies = training[[3, 7]] * 1.01  # a copy, scaled: cosine 1
+    copies = training[[3, 7]] + 1e-4  # a copy, all but exact
     unrelated = features(9, 4)
     synthetic = np.vstack([training[[3, 7]] + 0.01, copies, unrelated])
     # rows 0-1: variants of their sources 3 and 7; rows 2-3: copies of 3 and 7 from source 20
     sources = np.array([3, 7, 20, 20, -1, -1, -1, -1])
     nearest = nearest_training_images(synthetic, training, sources)
 
-    brute = synthetic / np.linalg.norm(synthetic, axis=1, keepdims=True)
-    normed = training / np.linalg.norm(training, axis=1, keepdims=True)
+    center = training.mean(0)
+    brute = (synthetic - center) / np.linalg.norm(synthetic - center, axis=1, keepdims=True)
+    normed = (training - center) / np.linalg.norm(training - center, axis=1, keepdims=True)
     similarities = brute @ normed.T
     for row, source in enumerate(sources):
         if source >= 0:

@@ -21,6 +21,7 @@ from skindiff.classify.config import ClassifierConfig
 from skindiff.classify.data import build_training_set
 from skindiff.classify.train import train_classifier
 from skindiff.data.cohort import CohortSpec, count_table, select_cohort
+from skindiff.data.config import Scenario
 from skindiff.data.fitzpatrick import CONDITIONS, FLEXIBLE_PER_CONDITION, PAPER_SEEDS
 from skindiff.data.metadata import read_metadata
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
@@ -29,6 +30,7 @@ from skindiff.diffusion.config import GenerateConfig, LoraConfig, TextualInversi
 from skindiff.errors import SkindiffError
 from skindiff.options import StudyConfigs
 from skindiff.plans import ReportConfig, StudyPlan, TuneConfig
+from skindiff.quality.reference import REFERENCE_SCENARIO, reference_images
 from skindiff.tracking.frozen import tuning_overlap
 from skindiff.tracking.lora import run_lora
 from skindiff.tracking.pipeline import run_main
@@ -348,3 +350,15 @@ def test_scenario_ii_generator_trains_on_every_dark_flexible_image(
         metrics = mlflow.get_run(run_id).data.metrics
         counted = (metrics["n_training_images"], metrics["n_training_images_dark"])
         assert counted == expected, run_id
+
+
+@pytest.mark.parametrize("seed", PAPER_SEEDS)
+def test_the_quality_reference_set_never_holds_a_test_image(cohort: pd.DataFrame, seed: int):
+    for scenario in Scenario:
+        source = build_scenario_splits(cohort, REFERENCE_SCENARIO[scenario], seed)
+        reference = reference_images(source.train, source.val)
+        test = build_scenario_splits(cohort, scenario, seed).test
+        assert set(reference["fitzpatrick_scale"]) <= {5, 6}
+        assert not set(reference["md5hash"]) & set(test["md5hash"])
+        # i: its 291 non-flexible dark images; ii and iii: the 56 dark flexible ones
+        assert len(reference) == (291 if scenario == Scenario.I else 56)

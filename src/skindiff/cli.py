@@ -44,6 +44,7 @@ from skindiff.options import (
     MAIN_STUDY,
     PRETRAIN,
     PRETRAIN_TARGET,
+    QUALITY,
     REPORT,
     RUNS,
     STUDY,
@@ -96,6 +97,7 @@ ENTRY_POINTS = (
     "generate",
     "train_classifier",
     "evaluate",
+    "synthetic_quality",
     "ablation",
     "report",
     "download",
@@ -258,6 +260,35 @@ def train_classifier(data, ti_config, lora_config, generate_config, config, runs
         runs.generate_run_id,
     )
     typer.echo(f"train_classifier run {run_id}: metrics, predictions/test.csv and model logged")
+
+
+@stage_command(
+    "synthetic_quality",
+    data=DATA,
+    ti_config=TEXTUAL_INVERSION,
+    lora_config=LORA,
+    generate_config=GENERATE,
+    classifier=CLASSIFIER,
+    config=QUALITY,
+    runs=RUNS.only("prepare_run_id", "generate_run_id"),
+)
+def synthetic_quality(data, ti_config, lora_config, generate_config, classifier, config, runs):
+    """Score a generate run's images against the scenario's real dark-skinned images outside
+    its test split: Fréchet distance, KID, precision, recall, density, coverage, and how many
+    copy a training image other than their source (MLflow run)."""
+    from skindiff.tracking.synthetic_quality import run_synthetic_quality
+
+    run_id = run_synthetic_quality(
+        data,
+        ti_config,
+        lora_config,
+        generate_config,
+        classifier,
+        config,
+        runs.prepare_run_id,
+        runs.generate_run_id,
+    )
+    typer.echo(f"synthetic_quality run {run_id}: metrics and quality/ logged")
 
 
 @stage_command("evaluate", config=EVALUATE)

@@ -8,7 +8,7 @@ them, so `--seed 3` seeds every stage of a command.
 """
 
 from collections.abc import Iterator, Mapping
-from dataclasses import Field, dataclass, fields, replace
+from dataclasses import Field, dataclass, field, fields, replace
 from typing import Any
 
 from skindiff.classify.config import Arch, ClassifierConfig, Finetune
@@ -31,6 +31,7 @@ from skindiff.plans import (
     TuneConfig,
     UpstreamRuns,
 )
+from skindiff.quality.config import QualityConfig
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ RUNS = OptionGroup(UpstreamRuns)
 STUDY = OptionGroup(StudyPlan)
 ABLATION = OptionGroup(AblationPlan)
 EVALUATE = OptionGroup(EvaluateConfig)
+QUALITY = OptionGroup(QualityConfig)
 DOWNLOAD = OptionGroup(DownloadConfig)
 REPORT = OptionGroup(ReportConfig)
 TUNE = OptionGroup(TuneConfig)
@@ -160,6 +162,7 @@ class StudyConfigs:
     lora: LoraConfig
     generate: GenerateConfig
     classifier: ClassifierConfig
+    quality: QualityConfig = field(default_factory=QualityConfig)  # `main`'s synthetic_quality
 
     def groups(self) -> tuple[tuple[OptionGroup, Any], ...]:
         """(option group, config) of each stage, in pipeline order."""
@@ -177,7 +180,8 @@ class StudyConfigs:
         unknown = sorted(set(frozen) - known)
         if unknown:
             raise SkindiffError(f"frozen params {source}: unknown option(s) {', '.join(unknown)}")
-        return StudyConfigs(*(group.with_values(c, frozen) for group, c in self.groups()))
+        stages = (group.with_values(c, frozen) for group, c in self.groups())
+        return StudyConfigs(*stages, quality=self.quality)
 
     def for_pair(self, scenario: Scenario, seed: int) -> "StudyConfigs":
         return StudyConfigs(
@@ -186,6 +190,7 @@ class StudyConfigs:
             replace(self.lora, seed=seed),
             replace(self.generate, seed=seed),
             replace(self.classifier, seed=seed),
+            self.quality,
         )
 
 
@@ -199,9 +204,11 @@ class StudyGroups:
     lora: OptionGroup
     generate: OptionGroup
     classifier: OptionGroup
+    quality: OptionGroup | None = None  # a command that runs synthetic_quality: main, demo
 
     def _groups(self) -> tuple[OptionGroup, ...]:
-        return (self.data, self.textual_inversion, self.lora, self.generate, self.classifier)
+        stages = (self.data, self.textual_inversion, self.lora, self.generate, self.classifier)
+        return stages + ((self.quality,) if self.quality else ())
 
     def options(self) -> Iterator[Option]:
         for group in self._groups():
@@ -212,15 +219,15 @@ class StudyGroups:
 
     def values(self, configs: StudyConfigs) -> dict[str, str]:
         """The options of these groups set from `configs`: the params of the command's run."""
-        stage_configs = [config for _, config in configs.groups()]
+        stage_configs = [config for _, config in configs.groups()] + [configs.quality]
         values: dict[str, str] = {}
-        for group, config in zip(self._groups(), stage_configs, strict=True):
+        for group, config in zip(self._groups(), stage_configs, strict=False):
             values |= group.values(config)
         return values
 
 
 MAIN_STUDY = StudyGroups(
-    PAIR_DATA, PAIR_TEXTUAL_INVERSION, PAIR_LORA, PAIR_GENERATE, PAIR_CLASSIFIER
+    PAIR_DATA, PAIR_TEXTUAL_INVERSION, PAIR_LORA, PAIR_GENERATE, PAIR_CLASSIFIER, QUALITY
 )
 ABLATION_STUDY = StudyGroups(
     PAIR_DATA, PAIR_TEXTUAL_INVERSION, PAIR_LORA, ABLATION_GENERATE, ABLATION_CLASSIFIER
@@ -238,5 +245,6 @@ DEMO_STUDY = StudyGroups(
     with_defaults(PAIR_LORA, max_train_steps=500, learning_rate=1e-4),
     with_defaults(PAIR_GENERATE, num_inference_steps=40),
     with_defaults(PAIR_CLASSIFIER, finetune=Finetune.FULL, epochs=20, batch_size=16, image_size=64),
+    QUALITY,
 )
 DEMO_PLAN = with_defaults(STUDY, seeds=(0,), archs=(Arch.TINY,))

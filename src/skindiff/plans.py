@@ -110,6 +110,12 @@ class StudyPlan(Settings):
         "images per condition, in no scenario's training set), an evaluate run named light, "
         "for the report's light-minus-dark gap. false: the dark test split only, as the paper.",
     )
+    synthetic_quality: bool = setting(
+        True,
+        "Also score each pair's synthetic images (a synthetic_quality run: Fréchet distance, "
+        "KID, precision, recall, density, coverage, memorization) against the scenario's real "
+        "dark-skinned images outside its test split. false: skip it.",
+    )
 
     def check(self) -> None:
         for name, choices in (

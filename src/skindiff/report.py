@@ -240,6 +240,78 @@ def skin_tone_markdown(table: pd.DataFrame) -> str:
     return "\n".join([header, *lines])
 
 
+# One synthetic_quality run's measures (over all conditions), per (scenario, seed) and set:
+# the synthetic images, and the real light-skinned sources they were made from (the baseline).
+QUALITY_COLUMNS = [
+    "scenario",
+    "seed",
+    "features",
+    "set",
+    "n_images",
+    "fd",
+    "kid",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+    "memorized_share",  # synthetic images whose nearest non-source training image is alike
+    "run_id",
+]
+QUALITY_MEASURES = ["fd", "kid", "precision", "recall", "density", "coverage", "memorized_share"]
+QUALITY_NOTE = (
+    "Each pair's synthetic_quality run against the scenario's real dark-skinned images outside "
+    "its test split, in the features named (a lower Fréchet distance and KID, a higher "
+    "precision, recall, density and coverage are closer to the real images), the mean over "
+    "seeds; `light sources` is the real light-skinned images the synthetic ones were made "
+    "from, scored the same way: the baseline synthetic images should beat. Memorized: the "
+    "share of synthetic images whose features' cosine similarity (about the training "
+    "images' mean) to a training image other than their source reaches the threshold."
+)
+
+
+def quality_summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per scenario, features and set: the means over seeds of QUALITY_MEASURES, and n seeds."""
+    keys = ["scenario", "features", "set"]
+    table = rows.groupby(keys, sort=False)[QUALITY_MEASURES].mean()
+    table["n_seeds"] = rows.groupby(keys, sort=False)["seed"].nunique()
+    return table.reset_index()
+
+
+def quality_markdown(table: pd.DataFrame) -> str:
+    def number(value: float, digits: int = 3) -> str:
+        return "-" if pd.isna(value) else f"{value:.{digits}f}"
+
+    columns = {
+        "scenario": table["scenario"],
+        "features": table["features"],
+        "images": table["set"].str.replace("_", " "),
+        "n seeds": table["n_seeds"],
+        "FD": table["fd"].map(lambda v: number(v, 2)),
+        "KID": table["kid"].map(lambda v: number(v, 4)),
+        **{name: table[name].map(number) for name in ("precision", "recall", "density")},
+        "coverage": table["coverage"].map(number),
+        "memorized": table["memorized_share"].map(lambda v: number(100 * v, 1)),
+    }
+    return pd.DataFrame(columns).to_markdown(index=False, disable_numparse=True)
+
+
+def similarity_figure(similarities: pd.DataFrame, threshold: float) -> Figure:
+    """Per scenario, the distribution of each synthetic image's similarity to its nearest
+    training image other than its source, pooled over seeds, the threshold marked."""
+    scenarios = list(dict.fromkeys(similarities["scenario"]))
+    figure = _figure(4 * len(scenarios), 3)
+    panels = figure.subplots(1, len(scenarios), sharey=True, squeeze=False)[0]
+    for axes, scenario in zip(panels, scenarios, strict=True):
+        values = similarities.loc[similarities["scenario"] == scenario, "nearest_similarity"]
+        axes.hist(values, bins=40, range=(-1, 1), color="tab:blue")
+        axes.axvline(threshold, color="tab:red", label=f"memorized at {threshold}")
+        axes.set_title(f"scenario {scenario}")
+        axes.set_xlabel("similarity to the nearest non-source training image")
+    panels[0].set_ylabel("synthetic images")
+    panels[0].legend()
+    return figure
+
+
 def filtering_markdown(table: pd.DataFrame) -> str:
     lines = [
         f"| {r.scenario} | {r.train_type} | {_cell(r.f1_unfiltered)} | {_cell(r.f1_filtered)} |"
@@ -364,6 +436,11 @@ class SettingsGroup:
     # The same runs' predictions on light-skinned test images (an evaluate run's), None where
     # they were never scored on any.
     light_predictions: Mapping[str, "RunPredictions | None"] = field(default_factory=dict)
+    # Rows of QUALITY_COLUMNS per pair with a synthetic_quality run; its images' nearest
+    # training similarities (scenario, seed, nearest_similarity) and the threshold it used.
+    quality: pd.DataFrame | None = None
+    nearest_similarities: pd.DataFrame | None = None
+    memorization_threshold: float | None = None
 
 
 def settings_digest(settings: Mapping[str, str]) -> str:
@@ -644,6 +721,15 @@ def _group_sections(
             "### Skin tone of the real and synthetic images (ITA)\n\n"
             f"{SKIN_TONE_NOTE}\n\n{skin_tone_markdown(table)}"
         )
+    if group.quality is not None and len(group.quality):
+        table = quality_summary(group.quality)
+        save(f"synthetic_quality{suffix}.csv", table)
+        parts = [f"### Synthetic image quality\n\n{QUALITY_NOTE}\n\n{quality_markdown(table)}"]
+        if group.nearest_similarities is not None and len(group.nearest_similarities):
+            figure = similarity_figure(group.nearest_similarities, group.memorization_threshold)
+            plot = save(f"synthetic_quality_similarity{suffix}.png", figure)
+            parts.append(f"![nearest training similarity]({plot})")
+        sections.append("\n\n".join(parts))
     if len(group.ablation_scores):
         table = ablation_table(group.ablation_scores)
         title = "Table 5: ablation (scenario i, synthetic-only classifier, accuracy)"

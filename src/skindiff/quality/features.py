@@ -18,12 +18,24 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from torchvision import models
 
+from skindiff.classify.config import Arch, Weights
 from skindiff.classify.data import ManifestDataset, to_model_input
+from skindiff.classify.models import imagenet_file, require_imagenet_files
 from skindiff.core.files import cache_dir, write_atomic
 from skindiff.errors import SkindiffError
 
 FEATURES_DIR = "features"
+
+
+def imagenet_backbone(arch: Arch) -> nn.Module:
+    """torchvision's `arch` as trained on ImageNet, its own last layer kept, from the weights
+    file the classifiers read (a missing file: one error saying how to fetch it)."""
+    require_imagenet_files([arch], Weights.IMAGENET)
+    model = getattr(models, str(arch))()
+    model.load_state_dict(torch.load(imagenet_file(arch), map_location="cpu", weights_only=True))
+    return model.eval()
 
 
 def last_linear(model: nn.Module) -> nn.Linear:

@@ -3,8 +3,9 @@
 Fidelity and diversity against a reference set of real images: Fréchet distance and KID (the
 arithmetic of torchmetrics' FID and KID, fed features instead of images), and precision,
 recall, density and coverage (Naeem et al., 2020) from k-nearest-neighbour balls. Memorization:
-each synthetic image's cosine similarity to its nearest real training image other than its own
-source, beside its similarity to that source (img2img is meant to keep the source's lesion).
+each synthetic image's cosine similarity (about the training features' mean) to its nearest real
+training image other than its own source, beside its similarity to that source (img2img is meant
+to keep the source's lesion).
 
 Features are compared in float64 for the Fréchet distance (a covariance of 1,500 images in 512
 dimensions is near singular); the neighbour searches run in chunks, so 40,000 synthetic images
@@ -141,16 +142,21 @@ class Nearest:
 def nearest_training_images(
     synthetic: np.ndarray, training: np.ndarray, sources: np.ndarray
 ) -> Nearest:
-    """Cosine similarities of synthetic to training features; `sources[j]` is the row of
-    synthetic image j's source in `training`, or -1 (txt2img: no source)."""
+    """Cosine similarities of synthetic to training features, both centred on the training
+    features' mean; `sources[j]` is the row of synthetic image j's source in `training`, or -1
+    (txt2img: no source)."""
     require(
         synthetic.ndim == training.ndim == 2 and synthetic.shape[1] == training.shape[1],
         "synthetic and training features must be (images, dimensions) arrays of one width",
     )
     require(len(training) >= 2, "memorization needs at least 2 training images")
     require(len(sources) == len(synthetic), "one source row per synthetic image (-1: none)")
-    train = nn.functional.normalize(torch.from_numpy(np.asarray(training, np.float32)), dim=1)
-    fake = nn.functional.normalize(torch.from_numpy(np.asarray(synthetic, np.float32)), dim=1)
+    # centred on the training images' mean: ReLU features all point into one orthant, where
+    # even unrelated images have cosine near 1; about their mean, only alike images do
+    center = np.asarray(training, np.float64).mean(0)
+    train = torch.from_numpy(np.asarray(training - center, np.float32))
+    fake = torch.from_numpy(np.asarray(synthetic - center, np.float32))
+    train, fake = nn.functional.normalize(train, dim=1), nn.functional.normalize(fake, dim=1)
     source_rows = torch.from_numpy(np.asarray(sources, np.int64))
     similarity, index, own = [], [], []
     for chunk, rows in zip(fake.split(CHUNK), source_rows.split(CHUNK), strict=True):

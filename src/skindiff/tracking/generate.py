@@ -189,6 +189,20 @@ def ensure_generator_chain(
     return ti, lora, generate
 
 
+def given_or_generated(
+    generate_run_id: str | None,
+    data: PrepareConfig,
+    ti_config: TextualInversionConfig,
+    lora_config: LoraConfig,
+    config: GenerateConfig,
+    prepare_run_id: str,
+) -> str:
+    """The generate run a stage reads: the one named, else one found or run from the options."""
+    if generate_run_id:
+        return generate_run_id
+    return ensure_generator_chain(data, ti_config, lora_config, config, prepare_run_id)[2]
+
+
 def load_synthetic(generate_run_id: str, dst: Path) -> pd.DataFrame:
     """A generate run's manifest with its images downloaded under `dst` (absolute paths)."""
     require_stage_run(generate_run_id, Stage.GENERATE)

@@ -20,6 +20,7 @@ class Stage(StrEnum):
     GENERATE = "generate"
     TRAIN_CLASSIFIER = "train_classifier"
     EVALUATE = "evaluate"
+    SYNTHETIC_QUALITY = "synthetic_quality"
     ABLATION = "ablation"
     REPORT = "report"
     DOWNLOAD = "download"
@@ -71,6 +72,8 @@ FROZEN_PARAM_PREFIX = "frozen."  # params of the frozen values a main run used
 FROZEN_PARAMS_SEED_PARAM = "frozen_params_seed"
 # Metric of a pair run with frozen settings: its test images that scored the tuning objective.
 SCORED_BY_TUNING_METRIC = "n_test_images_scored_by_tuning"
+# a main pair run's synthetic_quality run (the report's quality section reads it)
+QUALITY_RUN_TAG = "skindiff.synthetic_quality_run"
 TUNING_OVERLAP_FILE = "tuning_overlap.csv"  # the main run's table of that count per pair
 
 # tune
@@ -104,6 +107,10 @@ SYNTHETIC_GRID = "grid.png"
 SKIN_TONE_FIGURE = "skin_tone.png"  # ITA histograms of real and synthetic images
 DOWNLOAD_REPORT = "download_report.csv"  # one row per image: status, reason, hashes
 PREDICTIONS_DIR = "predictions"
+QUALITY_DIR = "quality"  # a synthetic_quality run's artifacts:
+QUALITY_METRICS = f"{QUALITY_DIR}/metrics.csv"  # the measures, per set and condition
+QUALITY_PER_IMAGE = f"{QUALITY_DIR}/per_image.csv"  # each synthetic image's nearest similarities
+QUALITY_NEAREST_PAIRS = f"{QUALITY_DIR}/nearest_pairs.png"
 TEST_PREDICTIONS = f"{PREDICTIONS_DIR}/test.csv"  # a classifier run's, on its test split
 
 

@@ -41,6 +41,7 @@ from skindiff.tracking.names import (
     FROZEN_PARAM_PREFIX,
     FROZEN_PARAMS_SEED_PARAM,
     FROZEN_PARAMS_TAG,
+    QUALITY_RUN_TAG,
     RESULTS_FILE,
     SCENARIO_TAG,
     SCORED_BY_TUNING_METRIC,
@@ -55,6 +56,7 @@ from skindiff.tracking.registry import generator_frozen_params
 from skindiff.tracking.runs import load_split
 from skindiff.tracking.server import unreachable_server
 from skindiff.tracking.stage import child_runs, open_stage_run
+from skindiff.tracking.synthetic_quality import run_synthetic_quality
 from skindiff.tracking.train_classifier import check_classifiers, run_train_classifier
 
 logger = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class PipelineRuns:
     classifiers: dict[tuple[Arch, TrainType], str] = field(default_factory=dict)
     # per classifier, its evaluate run on the light flexible subset (with plan.light_test)
     light_evaluations: dict[tuple[Arch, TrainType], str] = field(default_factory=dict)
+    synthetic_quality: str | None = None  # the generate run's scores (plan.synthetic_quality)
 
 
 def load_frozen_source(source: str) -> FrozenSource:
@@ -181,6 +184,8 @@ def run_main(plan: StudyPlan, configs: StudyConfigs) -> dict[tuple[Scenario, int
                     raise _stopped(parent.info.run_id, err) from err
                 results[(scenario, seed)] = replace(runs, parent=parent.info.run_id)
                 _log_results(scenario, seed, runs)
+                if runs.synthetic_quality:
+                    mlflow.set_tag(QUALITY_RUN_TAG, runs.synthetic_quality)
                 if seed in tuned:
                     counted = _scored_by_tuning(tuned[seed], pair_configs.data, runs.prepare)
                     if counted is not None:
@@ -270,7 +275,21 @@ def _run_pair(configs: StudyConfigs, plan: StudyPlan) -> PipelineRuns:
             classifiers[(arch, train_type)] = run_id
             if plan.light_test:
                 light[(arch, train_type)] = evaluate_on_light(run_id, prepare)
-    return PipelineRuns("", prepare, ti, lora, generate, classifiers, light)
+    quality = None
+    if plan.synthetic_quality and generate:
+        # classifier features: the first arch's real classifier, trained above where asked for
+        quality = run_synthetic_quality(
+            data,
+            configs.textual_inversion,
+            configs.lora,
+            configs.generate,
+            replace(configs.classifier, arch=plan.archs[0]),
+            configs.quality,
+            prepare,
+            generate,
+            reuse=True,
+        )
+    return PipelineRuns("", prepare, ti, lora, generate, classifiers, light, quality)
 
 
 def _stopped(parent_run_id: str, err: Exception) -> SkindiffError:

@@ -25,10 +25,12 @@ from skindiff.data.config import CohortSpec
 from skindiff.errors import SkindiffError
 from skindiff.options import REPORT
 from skindiff.plans import ReportConfig
+from skindiff.quality.score import ALL as ALL_CONDITIONS
 from skindiff.report import (
     METRICS,
     PAIRED_COLUMNS,
     PAIRED_FILE,
+    QUALITY_COLUMNS,
     SKIN_TONE_COLUMNS,
     TUNING_OVERLAP_COLUMNS,
     RunPredictions,
@@ -47,6 +49,9 @@ from skindiff.tracking.names import (
     FROZEN_PARAMS_TAG,
     PAIRED_METRIC_PREFIX,
     PREDICTIONS_DIR,
+    QUALITY_METRICS,
+    QUALITY_PER_IMAGE,
+    QUALITY_RUN_TAG,
     REPORT_EXPERIMENT_TAG,
     RESULTS_FILE,
     SCENARIO_TAG,
@@ -94,6 +99,7 @@ PLAN_PARAMS = (
     "frozen_fallback_seed",  # what it chose is in the frozen.<name> and frozen_params_seed params
     "shard",
     "light_test",  # adds evaluate runs beside the classifiers; their scores are the same
+    "synthetic_quality",  # adds a synthetic_quality run per pair
 )
 # Scenario whose grid stands for the paper's Fig. 2 in a group, in order of preference.
 FIGURE_2_SCENARIOS = ("i", "ii", "iii")
@@ -278,6 +284,35 @@ def _skin_tones(scores: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=SKIN_TONE_COLUMNS)
 
 
+def _quality(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, float | None]:
+    """(rows of QUALITY_COLUMNS, the synthetic images' nearest training similarities, the
+    memorization threshold) of the synthetic_quality runs the group's pair runs name."""
+    rows, similarities, thresholds = [], [], set()
+    for pair_id, classifiers in scores.groupby("main_run_id", sort=False):
+        quality_id = _run(pair_id).data.tags.get(QUALITY_RUN_TAG)
+        table = _table(quality_id, QUALITY_METRICS) if quality_id else None
+        if table is None:
+            continue
+        scenario, seed = classifiers["scenario"].iloc[0], int(classifiers["seed"].iloc[0])
+        quality = _run(quality_id)
+        features = quality.data.params.get("quality_features", "")
+        thresholds.add(float(quality.data.params.get("memorization_threshold", "nan")))
+        memorized = quality.data.metrics.get(f"memorized_share_{features}", float("nan"))
+        for row in table[table["condition"] == ALL_CONDITIONS].itertuples():
+            share = memorized if row.set == "synthetic" else float("nan")
+            measures = [row.fd, row.kid, row.precision, row.recall, row.density, row.coverage]
+            rows.append([scenario, seed, features, row.set, row.n_images, *measures, share])
+            rows[-1].append(quality_id)
+        per_image = _table(quality_id, QUALITY_PER_IMAGE)
+        if per_image is not None:
+            similarities.append(
+                per_image[["nearest_similarity"]].assign(scenario=scenario, seed=seed)
+            )
+    found = pd.concat(similarities, ignore_index=True) if similarities else None
+    threshold = thresholds.pop() if len(thresholds) == 1 else None
+    return pd.DataFrame(rows, columns=QUALITY_COLUMNS), found, threshold
+
+
 def classifier_groups(experiment_id: str) -> dict[str, tuple[dict[str, str], pd.DataFrame]]:
     """Per settings digest: the settings, and the test scores (fractions) of the classifier
     runs that the group's newest FINISHED main pair run of each (scenario, seed) lists in its
@@ -343,6 +378,14 @@ def _groups(experiment_id: str, folder: Path) -> list[SettingsGroup]:
         figure = _figure_2(scores, folder)
         tones = _skin_tones(scores) if len(scores) else pd.DataFrame(columns=SKIN_TONE_COLUMNS)
         group = SettingsGroup(digest, settings, scores, rows, figure, *tuning, tones, overlap)
+        if len(scores):
+            quality, similarities, threshold = _quality(scores)
+            group = replace(
+                group,
+                quality=quality,
+                nearest_similarities=similarities if threshold is not None else None,
+                memorization_threshold=threshold,
+            )
         pairs = paired_runs(group)
         compared = dict.fromkeys([*pairs["baseline_run_id"], *pairs["candidate_run_id"]])
         groups.append(

@@ -76,6 +76,7 @@ STAGE_CODE = {
     Stage.GENERATE: ("data", "diffusion"),
     Stage.TRAIN_CLASSIFIER: ("data", "classify"),
     Stage.EVALUATE: ("data", "classify"),
+    Stage.SYNTHETIC_QUALITY: ("data", "classify", "quality"),
 }
 GROUND_FLOOR = ("core", "errors.py")
 # The stages whose runs each stage's runs are made from: tagged `skindiff.<stage>_run_id` on
@@ -87,6 +88,8 @@ UPSTREAM = {
     Stage.GENERATE: (Stage.PREPARE, Stage.TEXTUAL_INVERSION, Stage.LORA),
     Stage.TRAIN_CLASSIFIER: (Stage.PREPARE, Stage.GENERATE),
     Stage.EVALUATE: (),
+    # the classifier whose features it compares, where those are a classifier's
+    Stage.SYNTHETIC_QUALITY: (Stage.PREPARE, Stage.GENERATE, Stage.TRAIN_CLASSIFIER),
 }
 
 

@@ -31,7 +31,7 @@ from skindiff.diffusion.config import GenerateConfig, LoraConfig, TextualInversi
 from skindiff.options import CLASSIFIER, DATA, GENERATE, LORA, TEXTUAL_INVERSION
 from skindiff.tracking.classifier_model import CODE_FILE, WEIGHTS
 from skindiff.tracking.evaluate import log_evaluation
-from skindiff.tracking.generate import ensure_generator_chain, load_synthetic
+from skindiff.tracking.generate import given_or_generated, load_synthetic
 from skindiff.tracking.names import CLASSIFIER_MODEL, KEPT_EPOCH_TAG, SELECTION_TAG, Stage
 from skindiff.tracking.prepare import split_inputs
 from skindiff.tracking.stage import StageCall, StageInputs, run_stage
@@ -122,11 +122,13 @@ def run_train_classifier(
         inputs = split_inputs(data, prepare_run_id, SPLITS)
         generate = None
         if synthetic:
-            generate = (
-                generate_run_id
-                or ensure_generator_chain(
-                    data, ti_config, lora_config, generate_config, inputs.prepare_run_id
-                )[2]
+            generate = given_or_generated(
+                generate_run_id,
+                data,
+                ti_config,
+                lora_config,
+                generate_config,
+                inputs.prepare_run_id,
             )
         inputs.upstream[Stage.GENERATE] = generate
         return inputs
