@@ -17,7 +17,7 @@ from skindiff.classify.models import build_classifier
 from skindiff.classify.train import ClassifierConfig
 from skindiff.data.demo import write_demo_dataset
 from skindiff.quality.config import QualityConfig
-from skindiff.quality.features import penultimate_features
+from skindiff.quality.features import Penultimate, image_features
 from skindiff.quality.score import memorization
 from skindiff.tracking.prepare import ensure_prepare
 from skindiff.tracking.runs import load_split
@@ -47,16 +47,19 @@ def test_memorization_flags_copies_of_training_images_and_not_unrelated_ones(tmp
         unrelated.append(training.iloc[k].to_dict() | {"path": str(blocks)})
     torch.manual_seed(0)
     model = build_classifier("tiny", 7)
-    train_features = penultimate_features(model, training, 64)
+    train_features = image_features(Penultimate(model), training, 64)
     # the copies' "sources" are other training images: a copy of image k made from image k+20
     sources = np.arange(10) + 20
     found = memorization(
-        penultimate_features(model, pd.DataFrame(copies), 64), train_features, sources, 0.95
+        image_features(Penultimate(model), pd.DataFrame(copies), 64), train_features, sources, 0.95
     )
     assert found.share == 1
     assert list(found.per_image["nearest_index"]) == list(range(10))
     none = memorization(
-        penultimate_features(model, pd.DataFrame(unrelated), 64), train_features, sources, 0.95
+        image_features(Penultimate(model), pd.DataFrame(unrelated), 64),
+        train_features,
+        sources,
+        0.95,
     )
     assert none.share == 0
 

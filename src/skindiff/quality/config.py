@@ -11,6 +11,7 @@ class QualityFeatures(StrEnum):
     """The network whose features the measures compare; every metric name carries it."""
 
     AUTO = "auto"  # an ImageNet backbone whose weights file is present, else classifier
+    INCEPTION = "inception"  # the Fréchet distance's usual network (its weights file)
     RESNET18 = "resnet18"
     VGG16 = "vgg16"
     VIT_B_16 = "vit_b_16"
@@ -26,7 +27,8 @@ class QualityConfig(Settings):
 
     quality_features: QualityFeatures = setting(
         QualityFeatures.AUTO,
-        "Features the measures compare: resnet18, vgg16, vit_b_16 (ImageNet weights from the "
+        "Features the measures compare: inception (FID's network, torch-fidelity's weights "
+        "file in the torch hub cache), resnet18, vgg16, vit_b_16 (ImageNet weights from the "
         "local torch hub cache, as the classifiers'), classifier (the scenario's real "
         "classifier, found or trained with the classifier options), or auto (the first "
         "ImageNet backbone whose weights file is present, else classifier).",

@@ -1,9 +1,11 @@
-"""Image features for the quality measures: the input of a network's last linear layer.
+"""Image features for the quality measures.
 
-For an ImageNet backbone (ResNet-18, VGG-16, ViT-B/16, with the weights `weights auto` already
-reads) that is its pooled features (512, 4096, 768 values); for a skindiff classifier, the
-256 values its reference head computes before the class scores, which is what the embedded
-default has in place of pretrained weights. Images get the classifier's test-time transforms.
+Mostly the input of a network's last linear layer (`Penultimate`): for an ImageNet backbone
+(ResNet-18, VGG-16, ViT-B/16, with the weights `weights auto` already reads) its pooled features
+(512, 4096, 768 values); for a skindiff classifier, the 256 values its reference head computes
+before the class scores, which is what the embedded default has in place of pretrained weights.
+Or the FID Inception's 2048 pooled features, from its weights file (`FidInception`). Images get
+the classifier's test-time transforms (resize, centre crop).
 
 Features are cached by content: one file per (network, image file digest), so an image scored
 again, by another seed's stage or another call, is never run through the network twice.
@@ -21,12 +23,18 @@ from torch.utils.data import DataLoader
 from torchvision import models
 
 from skindiff.classify.config import Arch, Weights
-from skindiff.classify.data import ManifestDataset, to_model_input
+from skindiff.classify.data import IMAGENET_MEAN, IMAGENET_STD, ManifestDataset, to_model_input
 from skindiff.classify.models import imagenet_file, require_imagenet_files
 from skindiff.core.files import cache_dir, write_atomic
 from skindiff.errors import SkindiffError
 
 FEATURES_DIR = "features"
+# torch-fidelity's release of the FID Inception weights (what torchmetrics' FID downloads)
+INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = (
+    f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS}"
+)
+INCEPTION_SIZE = 299
 
 
 def imagenet_backbone(arch: Arch) -> nn.Module:
@@ -46,26 +54,72 @@ def last_linear(model: nn.Module) -> nn.Linear:
     return linear[-1]
 
 
+class Penultimate(nn.Module):
+    """A network's features: the input of its last linear layer."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.last = model, last_linear(model)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+        hook = self.last.register_forward_hook(
+            lambda module, inputs, output: captured.append(inputs[0])
+        )
+        try:
+            self.model(images)
+        finally:
+            hook.remove()
+        return captured[-1]
+
+
+class FidInception(nn.Module):
+    """The Fréchet distance's usual network: torch-fidelity's port of TensorFlow's Inception v3
+    (2048 pooled features), from its weights file. It takes 8-bit images, which the
+    classifiers' normalised input is turned back into."""
+
+    def __init__(self, weights: Path):
+        super().__init__()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        self.network = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights)
+        )
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(-1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = ((images * self.std + self.mean) * 255).round().clamp(0, 255)
+        return self.network(pixels.to(torch.uint8))[0]
+
+
+def inception_file() -> Path:
+    """Where the FID Inception weights are looked for: the torch hub checkpoints folder."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
+
+
+def fid_inception() -> FidInception:
+    path = inception_file()
+    if not path.is_file():
+        raise SkindiffError(
+            f"quality_features inception: the FID Inception weights file {path} is missing "
+            f"(nothing is downloaded): fetch {INCEPTION_URL} into {path.parent}"
+        )
+    return FidInception(path).eval()
+
+
 @torch.inference_mode()
-def penultimate_features(
-    model: nn.Module, rows: pd.DataFrame, image_size: int, batch_size: int = 64
+def image_features(
+    network: nn.Module, rows: pd.DataFrame, image_size: int, batch_size: int = 64
 ) -> np.ndarray:
-    """(images, features) in row order: the input of `last_linear(model)` for each image of
-    manifest `rows` (columns path and label), on the device the model is on."""
-    device = next(model.parameters()).device
+    """(images, features) in row order: `network` (Penultimate, FidInception) on each image
+    of manifest `rows` (columns path and label), on the device the network is on."""
+    device = next(network.parameters()).device
     labels = sorted(set(rows["label"]))  # the dataset wants class targets; they go unused
     loader = DataLoader(ManifestDataset(rows, labels, image_size, "features"), batch_size)
-    captured: list[torch.Tensor] = []
-    hook = last_linear(model).register_forward_hook(
-        lambda module, inputs, output: captured.append(inputs[0].float().cpu())
-    )
-    model.eval()
-    try:
-        for images, _ in loader:
-            model(to_model_input(images, device))
-    finally:
-        hook.remove()
-    return torch.cat(captured).numpy().astype(np.float32)
+    network.eval()
+    batches = [network(to_model_input(images, device)).float().cpu() for images, _ in loader]
+    return torch.cat(batches).numpy().astype(np.float32)
 
 
 def file_digest(path: str | Path) -> str:
@@ -73,16 +127,16 @@ def file_digest(path: str | Path) -> str:
 
 
 def cached_features(
-    network: str,
-    model: nn.Module,
+    name: str,
+    network: nn.Module,
     rows: pd.DataFrame,
     image_size: int,
     batch_size: int = 64,
 ) -> np.ndarray:
-    """penultimate_features of `rows`, read from the cache where an image file with the same
-    content was scored by `network` (a name unique to the model's weights and input size),
+    """image_features of `rows`, read from the cache where an image file with the same
+    content was scored by the network called `name` (unique to its weights and input size),
     the others computed once and cached."""
-    folder = cache_dir() / FEATURES_DIR / network
+    folder = cache_dir() / FEATURES_DIR / name
     if "sha256" in rows:
         digests = [str(digest) for digest in rows["sha256"]]
     else:
@@ -90,7 +144,7 @@ def cached_features(
     files = [folder / f"{digest}.npy" for digest in digests]
     missing = [i for i, file in enumerate(files) if not file.is_file()]
     if missing:
-        computed = penultimate_features(model, rows.iloc[missing], image_size, batch_size)
+        computed = image_features(network, rows.iloc[missing], image_size, batch_size)
         folder.mkdir(parents=True, exist_ok=True)
         for i, values in zip(missing, computed, strict=True):
             write_atomic(files[i], _npy(values))

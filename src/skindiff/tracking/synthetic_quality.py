@@ -22,7 +22,13 @@ from skindiff.diffusion.textual_inversion import TextualInversionConfig
 from skindiff.errors import SkindiffError
 from skindiff.options import DATA, QUALITY
 from skindiff.quality.config import IMAGENET_FEATURES, QualityConfig, QualityFeatures
-from skindiff.quality.features import cached_features, imagenet_backbone
+from skindiff.quality.features import (
+    INCEPTION_SIZE,
+    Penultimate,
+    cached_features,
+    fid_inception,
+    imagenet_backbone,
+)
 from skindiff.quality.reference import REFERENCE_SCENARIO, reference_images
 from skindiff.quality.score import (
     ALL,
@@ -118,13 +124,17 @@ def run_synthetic_quality(
             )
             inputs.upstream[Stage.TRAIN_CLASSIFIER] = run_id
             network["name"] = f"classifier-{upstream_key(run_id)}"
-            network["model"] = load_classifier(f"runs:/{run_id}/{CLASSIFIER_MODEL}")
+            network["model"] = Penultimate(load_classifier(f"runs:/{run_id}/{CLASSIFIER_MODEL}"))
             network["image_size"] = real.image_size
+        elif features == QualityFeatures.INCEPTION:
+            network["name"] = "inception-fid"
+            network["model"] = fid_inception()
+            network["image_size"] = INCEPTION_SIZE
         else:
             network["name"] = f"{features}-imagenet"
-            network["model"] = imagenet_backbone(Arch(str(features)))
+            network["model"] = Penultimate(imagenet_backbone(Arch(str(features))))
             network["image_size"] = IMAGENET_SIZE
-            inputs.digests["features"] = network["name"]
+        inputs.digests["features"] = network["name"]
         return inputs
 
     def work(inputs: StageInputs, key: str) -> None:
