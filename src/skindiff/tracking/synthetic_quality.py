@@ -6,12 +6,13 @@ training images.
 """
 
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
+from torch import nn
 
 from skindiff.classify.config import Arch, ClassifierConfig, TrainType
 from skindiff.classify.models import imagenet_file
@@ -80,6 +81,45 @@ def reference_rows(data: PrepareConfig, prepare_run_id: str) -> pd.DataFrame:
     return rows
 
 
+@dataclass(frozen=True)
+class FeatureNetwork:
+    """The network the measures compare images in: its cache name (unique to its weights),
+    the module, its input size, and the classifier run it is, where it is one."""
+
+    name: str
+    module: nn.Module
+    image_size: int
+    classifier_run_id: str | None = None
+
+    def features(self, rows: pd.DataFrame, batch_size: int = 64) -> np.ndarray:
+        return cached_features(self.name, self.module, rows, self.image_size, batch_size)
+
+
+def feature_network(
+    features: QualityFeatures,
+    data: PrepareConfig,
+    ti_config: TextualInversionConfig,
+    lora_config: LoraConfig,
+    generate_config: GenerateConfig,
+    classifier: ClassifierConfig,
+    prepare_run_id: str,
+) -> FeatureNetwork:
+    """The network of `features` (not auto): for `classifier`, the scenario's real classifier
+    with the `classifier` settings, found or trained."""
+    if features == QualityFeatures.CLASSIFIER:
+        real = replace(classifier, train_type=TrainType.REAL)
+        run_id = run_train_classifier(
+            data, real, ti_config, lora_config, generate_config, prepare_run_id, reuse=True
+        )
+        model = load_classifier(f"runs:/{run_id}/{CLASSIFIER_MODEL}")
+        name = f"classifier-{upstream_key(run_id)}"
+        return FeatureNetwork(name, Penultimate(model), real.image_size, run_id)
+    if features == QualityFeatures.INCEPTION:
+        return FeatureNetwork("inception-fid", fid_inception(), INCEPTION_SIZE)
+    backbone = imagenet_backbone(Arch(str(features)))
+    return FeatureNetwork(f"{features}-imagenet", Penultimate(backbone), IMAGENET_SIZE)
+
+
 def run_synthetic_quality(
     data: PrepareConfig,
     ti_config: TextualInversionConfig,
@@ -111,37 +151,25 @@ def run_synthetic_quality(
         )
         reference = reference_rows(data, inputs.prepare_run_id)
         inputs.splits["reference"] = reference
-        if features == QualityFeatures.CLASSIFIER:
-            real = replace(classifier, train_type=TrainType.REAL)
-            run_id = run_train_classifier(
-                data,
-                real,
-                ti_config,
-                lora_config,
-                generate_config,
-                inputs.prepare_run_id,
-                reuse=True,
-            )
-            inputs.upstream[Stage.TRAIN_CLASSIFIER] = run_id
-            network["name"] = f"classifier-{upstream_key(run_id)}"
-            network["model"] = Penultimate(load_classifier(f"runs:/{run_id}/{CLASSIFIER_MODEL}"))
-            network["image_size"] = real.image_size
-        elif features == QualityFeatures.INCEPTION:
-            network["name"] = "inception-fid"
-            network["model"] = fid_inception()
-            network["image_size"] = INCEPTION_SIZE
-        else:
-            network["name"] = f"{features}-imagenet"
-            network["model"] = Penultimate(imagenet_backbone(Arch(str(features))))
-            network["image_size"] = IMAGENET_SIZE
-        inputs.digests["features"] = network["name"]
+        found = feature_network(
+            features,
+            data,
+            ti_config,
+            lora_config,
+            generate_config,
+            classifier,
+            inputs.prepare_run_id,
+        )
+        network["found"] = found
+        inputs.upstream[Stage.TRAIN_CLASSIFIER] = found.classifier_run_id
+        inputs.digests["features"] = found.name
         return inputs
 
     def work(inputs: StageInputs, key: str) -> None:
-        model, size = network["model"], network["image_size"]
+        chosen = network["found"]
 
         def embed(rows: pd.DataFrame) -> np.ndarray:
-            return cached_features(network["name"], model, rows, size, config.quality_batch_size)
+            return chosen.features(rows, config.quality_batch_size)
 
         training = pd.concat([inputs.splits["train"], inputs.splits["val"]], ignore_index=True)
         with tempfile.TemporaryDirectory() as tmp:
@@ -151,17 +179,17 @@ def run_synthetic_quality(
             ]
             reference = inputs.splits["reference"]
             sets = {"synthetic": synthetic, "light_sources": sources}
-            found = {name: embed(rows) for name, rows in sets.items()}
+            embedded = {name: embed(rows) for name, rows in sets.items()}
             table = quality_table(
                 FeatureSet(embed(reference), reference["label"].to_numpy()),
-                {n: FeatureSet(found[n], sets[n]["label"].to_numpy()) for n in sets},
+                {n: FeatureSet(embedded[n], sets[n]["label"].to_numpy()) for n in sets},
                 config.nearest_k,
                 seed=data.seed,
             )
             row_of = {md5: row for row, md5 in enumerate(training["md5hash"])}
             source_rows = np.array([row_of.get(m, -1) for m in synthetic["md5hash"]])
             copied = memorization(
-                found["synthetic"], embed(training), source_rows, config.memorization_threshold
+                embedded["synthetic"], embed(training), source_rows, config.memorization_threshold
             )
             figure = nearest_pairs_figure(
                 synthetic["path"].tolist(), training["path"].tolist(), copied
