@@ -101,7 +101,7 @@ def test_mlflow_run_main_builds_the_run_tree_then_reuses_it(tracking: str, tmp_p
         measured["coverage_classifier_light_sources"]
     )
     assert quality.loc["synthetic", "memorized_share"] == pytest.approx(
-        measured["memorized_share_classifier"]
+        measured["memorized_share_pixels"]
     )
     report_text = (tmp_path / "report" / "report.md").read_text()
     assert "### Synthetic image quality" in report_text

@@ -17,7 +17,7 @@ from skindiff.classify.models import build_classifier
 from skindiff.classify.train import ClassifierConfig
 from skindiff.data.demo import write_demo_dataset
 from skindiff.quality.config import QualityConfig
-from skindiff.quality.features import Penultimate, image_features
+from skindiff.quality.features import Penultimate, image_features, pixel_thumbnails
 from skindiff.quality.score import memorization
 from skindiff.tracking.prepare import ensure_prepare
 from skindiff.tracking.runs import load_split
@@ -64,6 +64,25 @@ def test_memorization_flags_copies_of_training_images_and_not_unrelated_ones(tmp
     assert none.share == 0
 
 
+def test_pixel_thumbnails_flag_copies_and_not_other_images_of_a_condition(tmp_path: Path):
+    demo = write_demo_dataset(tmp_path / "demo", seed=0)
+    rows = pd.read_csv(demo.metadata_csv)
+    rows = rows[rows["label"] == rows["label"].iloc[0]].head(30)  # one condition only
+    paths = [str(Path(demo.image_dir) / f"{m}.jpg") for m in rows["md5hash"]]
+    training, others = paths[:20], paths[20:]
+    copies = []
+    for k, path in enumerate(training[:6]):
+        image = Image.open(path).convert("RGB")
+        if k % 2:
+            image = image.resize((image.width * 9 // 10, image.height * 9 // 10))
+        copies.append(tmp_path / f"copy-{k}.jpg")
+        image.save(copies[-1], quality=85)
+    originals = pixel_thumbnails(training)
+    sources = np.full(6, -1)
+    assert memorization(pixel_thumbnails(copies), originals, sources, 0.95).share == 1
+    assert memorization(pixel_thumbnails(others), originals, np.full(10, -1), 0.95).share == 0
+
+
 def test_synthetic_quality_scores_a_generate_run_and_is_reused(tracking: str, tmp_path: Path):
     data, ti, lora, generate = fast_configs()
     config = QualityConfig(quality_features="classifier")
@@ -74,7 +93,9 @@ def test_synthetic_quality_scores_a_generate_run_and_is_reused(tracking: str, tm
     for measure in ("fd", "kid", "kid_std", "precision", "recall", "density", "coverage"):
         assert f"{measure}_classifier" in metrics
         assert f"{measure}_classifier_light_sources" in metrics
-    assert 0 <= metrics["memorized_share_classifier"] <= 1
+    # a classifier's features make a condition's images alike: copies are looked for in pixels
+    assert run.data.params["memorization_space"] == "pixels"
+    assert 0 <= metrics["memorized_share_pixels"] <= 1
     assert run.data.params["quality_features"] == "classifier"
     files = {a.path for a in MlflowClient().list_artifacts(run_id, "quality")}
     assert files == {"quality/metrics.csv", "quality/per_image.csv", "quality/nearest_pairs.png"}

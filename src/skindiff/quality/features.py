@@ -13,11 +13,13 @@ again, by another seed's stage or another call, is never run through the network
 
 import hashlib
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import models
@@ -120,6 +122,22 @@ def image_features(
     network.eval()
     batches = [network(to_model_input(images, device)).float().cpu() for images, _ in loader]
     return torch.cat(batches).numpy().astype(np.float32)
+
+
+THUMBNAIL = 32  # pixels a side of the thumbnails memorization compares without a feature network
+
+
+def pixel_thumbnails(paths: Sequence[str]) -> np.ndarray:
+    """Each image as a 32 x 32 grey thumbnail less its own mean (one row each): a copy, resized
+    or re-encoded, stays alike, while two images of one condition, which a classifier's
+    features make alike, do not."""
+    thumbnails = []
+    for path in paths:
+        with Image.open(path) as image:
+            grey = image.convert("L").resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BILINEAR)
+        values = np.asarray(grey, dtype=np.float32)
+        thumbnails.append((values - values.mean()).ravel())
+    return np.stack(thumbnails)
 
 
 def file_digest(path: str | Path) -> str:

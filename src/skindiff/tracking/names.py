@@ -111,6 +111,8 @@ QUALITY_DIR = "quality"  # a synthetic_quality run's artifacts:
 QUALITY_METRICS = f"{QUALITY_DIR}/metrics.csv"  # the measures, per set and condition
 QUALITY_PER_IMAGE = f"{QUALITY_DIR}/per_image.csv"  # each synthetic image's nearest similarities
 QUALITY_NEAREST_PAIRS = f"{QUALITY_DIR}/nearest_pairs.png"
+# what memorization compared: the features, or `pixels` where those are a classifier's
+MEMORIZATION_SPACE_PARAM = "memorization_space"
 TEST_PREDICTIONS = f"{PREDICTIONS_DIR}/test.csv"  # a classifier run's, on its test split
 
 

@@ -47,6 +47,7 @@ from skindiff.tracking.names import (
     FROZEN_PARAM_PREFIX,
     FROZEN_PARAMS_SEED_PARAM,
     FROZEN_PARAMS_TAG,
+    MEMORIZATION_SPACE_PARAM,
     PAIRED_METRIC_PREFIX,
     PREDICTIONS_DIR,
     QUALITY_METRICS,
@@ -297,7 +298,8 @@ def _quality(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, float | 
         quality = _run(quality_id)
         features = quality.data.params.get("quality_features", "")
         thresholds.add(float(quality.data.params.get("memorization_threshold", "nan")))
-        memorized = quality.data.metrics.get(f"memorized_share_{features}", float("nan"))
+        space = quality.data.params.get(MEMORIZATION_SPACE_PARAM, features)
+        memorized = quality.data.metrics.get(f"memorized_share_{space}", float("nan"))
         for row in table[table["condition"] == ALL_CONDITIONS].itertuples():
             share = memorized if row.set == "synthetic" else float("nan")
             measures = [row.fd, row.kid, row.precision, row.recall, row.density, row.coverage]

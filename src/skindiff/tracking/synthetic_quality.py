@@ -29,6 +29,7 @@ from skindiff.quality.features import (
     cached_features,
     fid_inception,
     imagenet_backbone,
+    pixel_thumbnails,
 )
 from skindiff.quality.reference import REFERENCE_SCENARIO, reference_images
 from skindiff.quality.score import (
@@ -42,6 +43,7 @@ from skindiff.tracking.classifier_model import load_classifier
 from skindiff.tracking.generate import given_or_generated, load_synthetic
 from skindiff.tracking.names import (
     CLASSIFIER_MODEL,
+    MEMORIZATION_SPACE_PARAM,
     QUALITY_METRICS,
     QUALITY_NEAREST_PAIRS,
     QUALITY_PER_IMAGE,
@@ -188,31 +190,36 @@ def run_synthetic_quality(
             )
             row_of = {md5: row for row, md5 in enumerate(training["md5hash"])}
             source_rows = np.array([row_of.get(m, -1) for m in synthetic["md5hash"]])
-            copied = memorization(
-                embedded["synthetic"], embed(training), source_rows, config.memorization_threshold
-            )
+            # a classifier's features make a condition's images alike: copies are looked for
+            # in the pixels instead
+            if features == QualityFeatures.CLASSIFIER:
+                space = "pixels"
+                copies, originals = (pixel_thumbnails(r["path"]) for r in (synthetic, training))
+            else:
+                space, copies, originals = str(features), embedded["synthetic"], embed(training)
+            copied = memorization(copies, originals, source_rows, config.memorization_threshold)
             figure = nearest_pairs_figure(
                 synthetic["path"].tolist(), training["path"].tolist(), copied
             )
-        _log(table, copied, synthetic, training, figure, str(features))
+        _log(table, copied, synthetic, training, figure, str(features), space)
 
     return run_stage(call, resolve, work, reuse=reuse)
 
 
-def _log(table, copied, synthetic, training, figure, features: str) -> None:
+def _log(table, copied, synthetic, training, figure, features: str, space: str) -> None:
     """Metrics `<measure>_<features>` (the synthetic set over all conditions; the light
-    sources' as `<measure>_<features>_light_sources`) and the quality/ artifacts."""
+    sources' as `<measure>_<features>_light_sources`), the memorization ones as
+    `memorized_share_<space>` (param memorization_space), and the quality/ artifacts."""
     metrics = {}
     for row in table[table["condition"] == ALL].itertuples():
         suffix = "" if row.set == "synthetic" else f"_{row.set}"
         for measure in ("fd", "kid", "kid_std", "precision", "recall", "density", "coverage"):
             metrics[f"{measure}_{features}{suffix}"] = float(getattr(row, measure))
     per_image = copied.per_image
-    metrics[f"memorized_share_{features}"] = copied.share
-    metrics[f"nearest_similarity_median_{features}"] = float(
-        per_image["nearest_similarity"].median()
-    )
-    metrics[f"source_similarity_median_{features}"] = float(per_image["source_similarity"].median())
+    mlflow.log_param(MEMORIZATION_SPACE_PARAM, space)
+    metrics[f"memorized_share_{space}"] = copied.share
+    metrics[f"nearest_similarity_median_{space}"] = float(per_image["nearest_similarity"].median())
+    metrics[f"source_similarity_median_{space}"] = float(per_image["source_similarity"].median())
     mlflow.log_metrics(metrics)
     images = synthetic[["md5hash", "index", "label", "path"]].assign(
         path=[Path(p).name for p in synthetic["path"]],
