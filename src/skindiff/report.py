@@ -264,8 +264,10 @@ QUALITY_NOTE = (
     "precision, recall, density and coverage are closer to the real images), the mean over "
     "seeds; `light sources` is the real light-skinned images the synthetic ones were made "
     "from, scored the same way: the baseline synthetic images should beat. Memorized: the "
-    "share of synthetic images whose features' cosine similarity (about the training "
-    "images' mean) to a training image other than their source reaches the threshold."
+    "share of synthetic images whose cosine similarity (about the training images' mean) to "
+    "a training image other than their source reaches the threshold, in the features, or in "
+    "32 x 32 grey thumbnails where the features are a classifier's (its features make a "
+    "condition's images alike)."
 )
 
 
@@ -274,7 +276,9 @@ def quality_summary(rows: pd.DataFrame) -> pd.DataFrame:
     keys = ["scenario", "features", "set"]
     table = rows.groupby(keys, sort=False)[QUALITY_MEASURES].mean()
     table["n_seeds"] = rows.groupby(keys, sort=False)["seed"].nunique()
-    return table.reset_index()
+    table = table.reset_index()
+    order = table["scenario"].map(list(SCENARIO_TABLE).index)
+    return table.iloc[order.argsort(kind="stable")].reset_index(drop=True)
 
 
 def quality_markdown(table: pd.DataFrame) -> str:
