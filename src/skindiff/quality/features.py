@@ -13,7 +13,7 @@ again, by another seed's stage or another call, is never run through the network
 
 import hashlib
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -100,14 +100,19 @@ def inception_file() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
 
 
-def fid_inception() -> FidInception:
+def require_inception_file() -> Path:
+    """The FID Inception weights file; missing, one error saying where to fetch it."""
     path = inception_file()
     if not path.is_file():
         raise SkindiffError(
             f"quality_features inception: the FID Inception weights file {path} is missing "
             f"(nothing is downloaded): fetch {INCEPTION_URL} into {path.parent}"
         )
-    return FidInception(path).eval()
+    return path
+
+
+def fid_inception() -> FidInception:
+    return FidInception(require_inception_file()).eval()
 
 
 @torch.inference_mode()
@@ -146,14 +151,15 @@ def file_digest(path: str | Path) -> str:
 
 def cached_features(
     name: str,
-    network: nn.Module,
+    network: nn.Module | Callable[[], nn.Module],
     rows: pd.DataFrame,
     image_size: int,
     batch_size: int = 64,
 ) -> np.ndarray:
     """image_features of `rows`, read from the cache where an image file with the same
     content was scored by the network called `name` (unique to its weights and input size),
-    the others computed once and cached."""
+    the others computed once and cached; `network` may be a function loading it, called only
+    when an image is missing."""
     folder = cache_dir() / FEATURES_DIR / name
     if "sha256" in rows:
         digests = [str(digest) for digest in rows["sha256"]]
@@ -162,6 +168,8 @@ def cached_features(
     files = [folder / f"{digest}.npy" for digest in digests]
     missing = [i for i, file in enumerate(files) if not file.is_file()]
     if missing:
+        if not isinstance(network, nn.Module):
+            network = network()
         computed = image_features(network, rows.iloc[missing], image_size, batch_size)
         folder.mkdir(parents=True, exist_ok=True)
         for i, values in zip(missing, computed, strict=True):

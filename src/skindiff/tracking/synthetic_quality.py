@@ -6,6 +6,7 @@ training images.
 """
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from skindiff.classify.config import Arch, ClassifierConfig, TrainType
-from skindiff.classify.models import imagenet_file
+from skindiff.classify.config import Arch, ClassifierConfig, TrainType, Weights
+from skindiff.classify.models import imagenet_file, require_imagenet_files
 from skindiff.data.config import PrepareConfig
 from skindiff.diffusion.config import GenerateConfig
 from skindiff.diffusion.lora import LoraConfig
@@ -30,6 +31,7 @@ from skindiff.quality.features import (
     fid_inception,
     imagenet_backbone,
     pixel_thumbnails,
+    require_inception_file,
 )
 from skindiff.quality.reference import REFERENCE_SCENARIO, reference_images
 from skindiff.quality.score import (
@@ -86,15 +88,16 @@ def reference_rows(data: PrepareConfig, prepare_run_id: str) -> pd.DataFrame:
 @dataclass(frozen=True)
 class FeatureNetwork:
     """The network the measures compare images in: its cache name (unique to its weights),
-    the module, its input size, and the classifier run it is, where it is one."""
+    its input size, the classifier run it is (where it is one), and how to load it, which
+    happens only when an image is not in the cache (a re-used run loads nothing)."""
 
     name: str
-    module: nn.Module
     image_size: int
+    load: Callable[[], nn.Module]
     classifier_run_id: str | None = None
 
     def features(self, rows: pd.DataFrame, batch_size: int = 64) -> np.ndarray:
-        return cached_features(self.name, self.module, rows, self.image_size, batch_size)
+        return cached_features(self.name, self.load, rows, self.image_size, batch_size)
 
 
 def feature_network(
@@ -113,13 +116,20 @@ def feature_network(
         run_id = run_train_classifier(
             data, real, ti_config, lora_config, generate_config, prepare_run_id, reuse=True
         )
-        model = load_classifier(f"runs:/{run_id}/{CLASSIFIER_MODEL}")
-        name = f"classifier-{upstream_key(run_id)}"
-        return FeatureNetwork(name, Penultimate(model), real.image_size, run_id)
+
+        def load() -> nn.Module:
+            return Penultimate(load_classifier(f"runs:/{run_id}/{CLASSIFIER_MODEL}"))
+
+        return FeatureNetwork(f"classifier-{upstream_key(run_id)}", real.image_size, load, run_id)
+    # a missing weights file stops the stage here, before its run opens
     if features == QualityFeatures.INCEPTION:
-        return FeatureNetwork("inception-fid", fid_inception(), INCEPTION_SIZE)
-    backbone = imagenet_backbone(Arch(str(features)))
-    return FeatureNetwork(f"{features}-imagenet", Penultimate(backbone), IMAGENET_SIZE)
+        require_inception_file()
+        return FeatureNetwork("inception-fid", INCEPTION_SIZE, fid_inception)
+    arch = Arch(str(features))
+    require_imagenet_files([arch], Weights.IMAGENET)
+    return FeatureNetwork(
+        f"{features}-imagenet", IMAGENET_SIZE, lambda: Penultimate(imagenet_backbone(arch))
+    )
 
 
 def run_synthetic_quality(
