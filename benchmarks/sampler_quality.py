@@ -144,7 +144,8 @@ def main() -> None:
             prepare = runs[(seed, setting)]["prepare"]
             reference = synthetic_features(seed, runs[(seed, REFERENCE)]["generate"], prepare)
             ours = synthetic_features(seed, runs[(seed, setting)]["generate"], prepare)
-            own.append(frechet_distance(reference, ours))
+            # identical features give a tiny negative number from the matrix square root
+            own.append(max(0.0, frechet_distance(reference, ours)))
         seed_pairs = []
         for seed in seeds:
             baseline = predictions(runs[(seed, REFERENCE)]["classifier"])

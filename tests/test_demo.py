@@ -33,8 +33,19 @@ def dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def metadata(dataset):
+def all_rows(dataset):
     return pd.read_csv(dataset.metadata_csv, keep_default_na=False)
+
+
+@pytest.fixture(scope="module")
+def planted(dataset):
+    return pd.read_csv(dataset.planted_copies)
+
+
+@pytest.fixture(scope="module")
+def metadata(all_rows, planted):
+    """The drawn images: the metadata less the planted copies."""
+    return all_rows[~all_rows.md5hash.isin(planted.md5hash)]
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -58,7 +69,8 @@ def test_different_seeds_give_different_images(tmp_path):
     assert not hashes[0] & hashes[1]
 
 
-def test_metadata_matches_fitzpatrick17k_format_and_images(dataset, metadata):
+def test_metadata_matches_fitzpatrick17k_format_and_images(dataset, all_rows, planted):
+    metadata = all_rows
     assert list(metadata.columns) == list(FITZPATRICK17K_COLUMNS)
     assert (metadata.fitzpatrick_centaur == metadata.fitzpatrick_scale).all()
     assert (metadata[["qc", "url", "url_alphanum"]] == "").all().all()
@@ -70,7 +82,37 @@ def test_metadata_matches_fitzpatrick17k_format_and_images(dataset, metadata):
     for path in files:
         assert hashlib.md5(path.read_bytes()).hexdigest() == path.stem
         with Image.open(path) as image:
-            assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (128, 128))
+            assert (image.format, image.mode) == ("JPEG", "RGB")
+            if path.stem in set(planted.md5hash):  # cropped by 3-8%, resized to 70-85%
+                assert 0.7 * 0.92 * 128 - 1 <= image.width == image.height <= 0.85 * 0.97 * 128
+            else:
+                assert image.size == (128, 128)
+
+
+def test_planted_copies_repeat_an_image_transformed_under_another_md5hash(
+    dataset, all_rows, planted
+):
+    spec = DemoSpec()
+    assert len(planted) == len(CONDITIONS) * len(spec.copied_fst)
+    rows = all_rows.set_index("md5hash")
+    assert set(planted.md5hash) <= set(rows.index) and set(planted.copy_of) <= set(rows.index)
+    assert not set(planted.md5hash) & set(planted.copy_of)
+    copies, originals = rows.loc[planted.md5hash], rows.loc[planted.copy_of]
+    same_label = copies.label.to_numpy() == originals.label.to_numpy()
+    same_fst = copies.fitzpatrick_scale.to_numpy() == originals.fitzpatrick_scale.to_numpy()
+    # one copy carries another skin type, one another condition, as atlases' copies may
+    assert (~same_label).sum() == 1 and (~same_fst).sum() == 1
+    drawn = [md5 for md5 in rows.index if md5 not in set(planted.md5hash)]
+    small = {md5: _grey(dataset, md5) for md5 in drawn}
+    for copy, original in zip(planted.md5hash, planted.copy_of, strict=True):
+        # the same picture: its original is the nearest of all drawn images
+        distance = {md5: np.abs(_grey(dataset, copy) - grey).mean() for md5, grey in small.items()}
+        assert min(distance, key=distance.get) == original
+
+
+def _grey(dataset, md5: str) -> np.ndarray:
+    image = Image.open(dataset.image_dir / f"{md5}.jpg").convert("L").resize((32, 32))
+    return np.asarray(image, np.float32)
 
 
 def test_counts_follow_the_spec_with_distractors(metadata):
@@ -202,5 +244,6 @@ def test_default_dataset_uses_the_copy_of_a_process_that_won_the_race(tmp_path, 
     monkeypatch.setattr(demo, "_write_into", another_process_finishes_first)
     dataset = default_demo_dataset(seed=0)
     # The small winner's copy is used, and the loser's temporary folder is gone.
-    assert len(pd.read_csv(dataset.metadata_csv)) == len(list(demo._rows(SMALL)))
+    copies = len(CONDITIONS) * len(set(SMALL.copied_fst) & {fst for fst, _ in SMALL.per_condition})
+    assert len(pd.read_csv(dataset.metadata_csv)) == len(list(demo._rows(SMALL))) + copies
     assert [p.name for p in tmp_path.iterdir()] == [dataset.metadata_csv.parent.name]

@@ -12,7 +12,7 @@ from PIL import Image
 from skindiff.classify.data import ManifestDataset
 from skindiff.classify.models import build_classifier
 from skindiff.classify.train import predict
-from skindiff.core.files import cache_dir
+from skindiff.core.files import cache_dir, sha256_file
 from skindiff.errors import SkindiffError
 from skindiff.quality.features import (
     FEATURES_DIR,
@@ -21,7 +21,6 @@ from skindiff.quality.features import (
     Penultimate,
     cached_features,
     fid_inception,
-    file_digest,
     image_features,
     inception_file,
     last_linear,
@@ -59,7 +58,7 @@ def test_features_are_cached_by_file_content_and_computed_once(tmp_path: Path):
     rows = image_rows(tmp_path / "first", 4)
     first = cached_features("tiny-test", Penultimate(classifier(0)), rows, 32)
     folder = cache_dir() / FEATURES_DIR / "tiny-test"
-    assert {f.stem for f in folder.glob("*.npy")} >= {file_digest(p) for p in rows["path"]}
+    assert {f.stem for f in folder.glob("*.npy")} >= {sha256_file(p) for p in rows["path"]}
 
     # another network under the same name: every image is read from the cache
     assert np.array_equal(cached_features("tiny-test", Penultimate(classifier(1)), rows, 32), first)

@@ -24,6 +24,7 @@ from skindiff.data.cohort import CohortSpec, count_table, select_cohort
 from skindiff.data.config import Scenario
 from skindiff.data.fitzpatrick import CONDITIONS, FLEXIBLE_PER_CONDITION, PAPER_SEEDS
 from skindiff.data.metadata import read_metadata
+from skindiff.data.near_duplicates import CSV_ROWS
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.data.splits import ScenarioSplits, build_scenario_splits
 from skindiff.diffusion.config import GenerateConfig, LoraConfig, TextualInversionConfig
@@ -126,8 +127,31 @@ def prepared(image_dir: Path, scenario: str, seed: int, val_fraction: float) -> 
         scenario=scenario,
         seed=seed,
         val_fraction=val_fraction,
+        near_duplicates="off",  # identical placeholders: test_identical_placeholders_... below
     )
     return prepare_scenario(config).splits
+
+
+def test_identical_placeholders_are_one_cluster_counted_in_full_and_capped(
+    image_dir: Path, tmp_path: Path
+) -> None:
+    """Every pair of the 1,631 identical placeholders is a near-duplicate: all 1.3 million are
+    counted, the CSV keeps CSV_ROWS of them (those across the train/test boundary first), and
+    a warning says the cohort is one cluster."""
+    config = PrepareConfig(metadata_csv=str(REAL_METADATA), image_dir=str(image_dir))
+    found = prepare_scenario(config).near_duplicates
+    metrics = found.metrics()
+    assert metrics["n_near_duplicate_pairs"] == 1631 * 1630 // 2
+    # scenario i: each of the 56 test images pairs with each of the 1,519 training images
+    assert metrics["n_near_duplicate_pairs_across_train_test"] == 56 * 1519
+    assert metrics["n_test_images_with_training_copy"] == 56
+    assert found.largest_cluster == 1631
+    table = found.table()
+    assert len(table) == CSV_ROWS
+    assert set(table.split_a) | set(table.split_b) >= {"test", "train"}
+    warnings = " ".join(found.warnings())
+    assert f"{1631 * 1630 // 2} pairs counted" in warnings
+    assert "one cluster of near-duplicates (1631 of 1631 images)" in warnings
 
 
 def dark_count(rows: pd.DataFrame) -> tuple[int, int]:

@@ -16,8 +16,9 @@ from conftest import fast_configs
 from skindiff.classify.models import build_classifier
 from skindiff.classify.train import ClassifierConfig
 from skindiff.data.demo import write_demo_dataset
+from skindiff.data.image_signatures import pixel_thumbnails
 from skindiff.quality.config import QualityConfig
-from skindiff.quality.features import Penultimate, image_features, pixel_thumbnails
+from skindiff.quality.features import Penultimate, image_features
 from skindiff.quality.score import memorization
 from skindiff.tracking.prepare import ensure_prepare
 from skindiff.tracking.runs import load_split

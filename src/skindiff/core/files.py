@@ -8,16 +8,18 @@ write through the same temporary. A work folder is worked in by one process at a
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import struct
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from filelock import FileLock, Timeout
 
 from skindiff.errors import SkindiffError
@@ -130,6 +132,29 @@ def work_folder_lock(folder: Path, holder: str | None = None) -> Iterator[str]:
 
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def cached_arrays(
+    folder: Path,
+    digests: Sequence[str],
+    compute: Callable[[list[int]], Sequence[np.ndarray] | np.ndarray],
+) -> np.ndarray:
+    """One array per item, stacked: read from `<folder>/<digest>.npy` where an item with the
+    same content digest was computed before; the others computed by `compute(indices)` (one
+    index per missing digest, so identical files are computed once), stored, then read."""
+    files = [Path(folder) / f"{digest}.npy" for digest in digests]
+    first_missing = {}
+    for i, file in enumerate(files):
+        if digests[i] not in first_missing and not file.is_file():
+            first_missing[digests[i]] = i
+    if first_missing:
+        indices = list(first_missing.values())
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        for i, values in zip(indices, compute(indices), strict=True):
+            buffer = io.BytesIO()
+            np.save(buffer, np.asarray(values), allow_pickle=False)
+            write_atomic(files[i], buffer.getvalue())
+    return np.stack([np.load(file) for file in files])
 
 
 def claim_folder(folder: Path, identity: dict[str, Any]) -> None:

@@ -24,6 +24,23 @@ class Scenario(StrEnum):
         return "dark flexible subset" if self is Scenario.I else "non-flexible dark"
 
 
+class NearDuplicates(StrEnum):
+    """What `prepare` does about near-duplicate images in the cohort (see
+    `data.near_duplicates`)."""
+
+    REPORT = "report"  # log and warn; the splits stay the paper's
+    DROP = "drop"  # train and validation lose every image that near-duplicates a test image
+    OFF = "off"  # not looked for
+
+
+class DuplicateFeatures(StrEnum):
+    """The image features near-duplicates are compared in."""
+
+    AUTO = "auto"  # resnet18 where its ImageNet weights file is present, else thumbnails
+    RESNET18 = "resnet18"  # ImageNet ResNet-18's pooled features (the weights `weights auto` reads)
+    THUMBNAILS = "thumbnails"  # 12 x 12 grey thumbnails of the image and 18 crops of it
+
+
 def check_exclusion(scenario: Scenario, exclude_test_of: tuple[Scenario, ...]) -> None:
     """Refuses excluding the test images of a scenario that tests on `scenario`'s own."""
     clash = ",".join(s for s in exclude_test_of if s.test_images == scenario.test_images)
@@ -122,6 +139,29 @@ class PrepareConfig(Settings):
         "true: drop rows whose image is missing or corrupt (listed in "
         "splits/dropped_images.csv) instead of stopping.",
     )
+    near_duplicates: NearDuplicates = setting(
+        NearDuplicates.REPORT,
+        "Near-duplicate images in the cohort (re-encoded, resized, cropped, watermarked copies "
+        "under another md5hash): report (log them in splits/near_duplicates.csv and warn; the "
+        "splits stay the paper's), drop (train and validation lose every image that "
+        "near-duplicates a test image; the test split keeps its size), off.",
+    )
+    near_duplicate_features: DuplicateFeatures = setting(
+        DuplicateFeatures.AUTO,
+        "Features near-duplicates are compared in: resnet18 (ImageNet weights file needed), "
+        "thumbnails, or auto (resnet18 where its weights file is present, else thumbnails).",
+    )
+    near_duplicate_similarity: float | None = setting(
+        None,
+        "Cosine similarity of features at or above which two images are near-duplicates. "
+        "Empty: 0.94 for thumbnails (calibrated on the demo's copies), 0.95 for resnet18.",
+    )
+    near_duplicate_hash_distance: int = setting(
+        0,
+        "Perceptual-hash (pHash, 64 bits) Hamming distance at or below which two images are "
+        "near-duplicates, whatever their features say (0: the same hash, as a re-encoded or "
+        "resized copy has; photographs' copies are often within 4); -1 leaves the hash out.",
+    )
 
     def check(self) -> None:
         self.cohort  # noqa: B018 - constructing it checks conditions and skin types
@@ -142,6 +182,16 @@ class PrepareConfig(Settings):
             raise DataValidationError(
                 f"flexible_per_condition must be at least 1, got {self.flexible_per_condition}"
             )
+        similarity = self.near_duplicate_similarity
+        require(
+            similarity is None or -1 <= similarity <= 1,
+            f"near_duplicate_similarity must be a cosine similarity in [-1, 1], got {similarity}",
+        )
+        require(
+            -1 <= self.near_duplicate_hash_distance <= 64,
+            "near_duplicate_hash_distance must be in [-1, 64] (bits of a 64-bit hash), got "
+            f"{self.near_duplicate_hash_distance}",
+        )
 
     @property
     def cohort(self) -> CohortSpec:

@@ -3,6 +3,10 @@
 The images are cartoons of clinical photos: skin whose tone follows the Fitzpatrick skin type
 (FST) and a lesion pattern that differs per condition. They are good enough for a small CNN to
 learn both, which is all the pipeline's smoke tests and examples need.
+
+Like Fitzpatrick17k, the demo holds planted near-duplicates: a few images appear a second time
+under another md5hash, re-encoded, resized and slightly cropped (some with a watermark, one
+with another skin type, one with another condition), listed in `planted_copies.csv`.
 """
 
 import csv
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
 from skindiff.core.files import atomic_directory, cache_dir, cached_directory
@@ -28,7 +32,7 @@ from skindiff.data.fitzpatrick import (
 )
 from skindiff.errors import SkindiffError
 
-DEMO_VERSION = 1  # bump when drawing changes, so cached copies are rebuilt
+DEMO_VERSION = 2  # bump when drawing changes, so cached copies are rebuilt
 
 JPEG_QUALITY = 90
 DISTRACTOR_FST = (3, 4, UNKNOWN_FST)
@@ -38,6 +42,12 @@ EXTRA_PARTITIONS = ("inflammatory", "non-neoplastic")
 # Distractors get their own generator streams, so they never repeat a cohort image even when the
 # spec's cohort contains the same FST.
 _DISTRACTOR_STREAM = 100
+_COPY_STREAM = 200
+PLANTED_COPIES_FILE = "planted_copies.csv"
+# copies that disagree with their original, as atlases' copies sometimes do: (condition
+# index, FST) of the original -> the copy's FST, or the copy's condition index
+_FST_CONFLICT = {(0, 5): 6}
+_LABEL_CONFLICT = {(1, 6): 2}
 
 SKIN_TONES = {
     1: (241, 214, 196),
@@ -60,6 +70,8 @@ class DemoSpec:
     # rows outside the cohort, so selection rules get exercised: FST 3, 4 and -1 of the seven
     # conditions, and one extra condition ("eczema") at light and dark FST
     distractors_per_condition: int = 1
+    # per condition, the FSTs (of those drawn) whose first image appears twice, transformed
+    copied_fst: tuple[int, ...] = (2, 5, 6)
 
     def __post_init__(self) -> None:
         for fst, count in self.per_condition:
@@ -81,6 +93,11 @@ class DemoDataset:
 
     metadata_csv: Path
     image_dir: Path
+
+    @property
+    def planted_copies(self) -> Path:
+        """CSV of the planted near-duplicates: md5hash (the copy), copy_of (the original)."""
+        return self.metadata_csv.parent / PLANTED_COPIES_FILE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,28 +369,68 @@ def _rows(spec: DemoSpec) -> Iterator[tuple[str, int, int, int, int]]:
             yield EXTRA_CONDITION, len(CONDITIONS), fst, _DISTRACTOR_STREAM + fst, k
 
 
+def planted_copy(image: Image.Image, rng: np.random.Generator, watermark: bool) -> bytes:
+    """A copy as atlases hold them: cropped by 3-8% at a random place, resized to 70-85%,
+    (with `watermark`, a small semi-transparent caption), re-encoded at JPEG quality 60-75."""
+    width, height = image.size
+    cut = rng.uniform(0.03, 0.08)
+    w, h = round((1 - cut) * width), round((1 - cut) * height)
+    x, y = rng.integers(0, width - w + 1), rng.integers(0, height - h + 1)
+    scale = rng.uniform(0.7, 0.85)
+    copy = image.crop((x, y, x + w, y + h)).resize((round(scale * w), round(scale * h)))
+    if watermark:
+        layer = Image.new("RGBA", copy.size, (0, 0, 0, 0))
+        font = ImageFont.load_default(size=max(6, copy.height // 16))
+        ImageDraw.Draw(layer).text(
+            (copy.width // 30, copy.height * 9 // 10), "atlas", fill=(255, 255, 255, 140), font=font
+        )
+        copy = Image.alpha_composite(copy.convert("RGBA"), layer).convert("RGB")
+    return _jpeg(copy, int(rng.integers(60, 76)))
+
+
+def _jpeg(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
 def _write_into(folder: Path, seed: int, spec: DemoSpec, progress: bool) -> None:
     image_dir = folder / "images"
     image_dir.mkdir()
-    records = []
-    rows = list(_rows(spec))
-    for label, index, fst, stream, k in tqdm(rows, desc="demo images", disable=not progress):
-        rng = np.random.default_rng([seed, index, stream, k])
-        buffer = io.BytesIO()
-        draw_lesion_image(label, fst, rng, spec.image_size).save(
-            buffer, format="JPEG", quality=JPEG_QUALITY
-        )
-        md5 = hashlib.md5(buffer.getvalue()).hexdigest()
+    records, copies = [], []
+
+    def write(data: bytes, label: str, fst: int) -> str:
+        md5 = hashlib.md5(data).hexdigest()
         path = image_dir / f"{md5}.jpg"
         if path.exists():
             raise RuntimeError(f"two demo images have the same md5 {md5}")
-        path.write_bytes(buffer.getvalue())
+        path.write_bytes(data)
         nine, three = PARTITIONS.get(label, EXTRA_PARTITIONS)
         records.append((md5, fst, fst, label, nine, three, "", "", ""))
+        return md5
+
+    originals = {}
+    rows = list(_rows(spec))
+    for label, index, fst, stream, k in tqdm(rows, desc="demo images", disable=not progress):
+        rng = np.random.default_rng([seed, index, stream, k])
+        image = draw_lesion_image(label, fst, rng, spec.image_size)
+        md5 = write(_jpeg(image, JPEG_QUALITY), label, fst)
+        if k == 0 and stream == fst and fst in spec.copied_fst:
+            originals[(index, fst)] = (md5, image)
+    for n, ((index, fst), (md5, image)) in enumerate(sorted(originals.items())):
+        rng = np.random.default_rng([seed, index, _COPY_STREAM + fst])
+        copy = planted_copy(image, rng, watermark=n % 3 == 0)
+        copy_fst = _FST_CONFLICT.get((index, fst), fst)
+        copy_label = CONDITIONS[_LABEL_CONFLICT.get((index, fst), index)]
+        copies.append((write(copy, copy_label, copy_fst), md5))
     with open(folder / "metadata.csv", "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(FITZPATRICK17K_COLUMNS)
         writer.writerows(records)
+    with open(folder / PLANTED_COPIES_FILE, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(("md5hash", "copy_of"))
+        writer.writerows(copies)
 
 
 def write_demo_dataset(out_dir: Path, seed: int = 0, spec: DemoSpec = DemoSpec()) -> DemoDataset:

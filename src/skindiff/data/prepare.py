@@ -2,20 +2,30 @@
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
 from skindiff.data.cohort import check_label_names, count_table, select_cohort
-from skindiff.data.config import CohortSpec, PrepareConfig
+from skindiff.data.config import CohortSpec, NearDuplicates, PrepareConfig
 from skindiff.data.demo import default_demo_dataset
+from skindiff.data.image_signatures import image_signatures
 from skindiff.data.images import check_images
 from skindiff.data.metadata import read_metadata
+from skindiff.data.near_duplicates import (
+    NO_SPLIT,
+    DuplicateRule,
+    NearDuplicateReport,
+    find_near_duplicates,
+)
 from skindiff.data.skin_tone import ita_by_skin_type
 from skindiff.data.splits import SPLIT_NAMES, ScenarioSplits, build_scenario_splits
+from skindiff.errors import DataValidationError
 
 SKIN_TONE_FILE = "skin_tone.csv"
+NEAR_DUPLICATES_FILE = "near_duplicates.csv"
+NEAR_DUPLICATES_FIGURE = "near_duplicates.png"
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,8 @@ class PreparedScenario:
     spec: CohortSpec
     splits: ScenarioSplits
     dropped: pd.DataFrame = field(repr=False)  # rows skipped for missing/corrupt images
+    # None with near_duplicates off; found before `drop` took the training copies out
+    near_duplicates: NearDuplicateReport | None = field(default=None, repr=False)
 
 
 def resolve_dataset(config: PrepareConfig) -> DatasetSource:
@@ -63,21 +75,46 @@ def source_fingerprint(source: DatasetSource) -> str:
 
 
 def prepare_scenario(config: PrepareConfig) -> PreparedScenario:
-    """Validates the dataset, selects the cohort and builds the scenario's splits."""
+    """Validates the dataset, selects the cohort, builds the scenario's splits and looks for
+    near-duplicate images in the cohort (with `near_duplicates drop`, leaving the training
+    copies of test images out of train and validation)."""
     source = resolve_dataset(config)
     spec = config.cohort
     cohort = select_cohort(read_metadata(source.metadata_csv), spec)
     check_label_names(cohort, source.metadata_csv)
     checked = check_images(cohort, source.image_dir, skip_missing=config.skip_missing)
-    splits = build_scenario_splits(
-        checked.rows,
-        config.scenario,
-        config.seed,
-        val_fraction=config.val_fraction,
-        per_condition=config.flexible_per_condition,
-        exclude_test_of=config.exclude_test_of,
-    )
-    return PreparedScenario(source=source, spec=spec, splits=splits, dropped=checked.dropped)
+    try:
+        splits = build_scenario_splits(
+            checked.rows,
+            config.scenario,
+            config.seed,
+            val_fraction=config.val_fraction,
+            per_condition=config.flexible_per_condition,
+            exclude_test_of=config.exclude_test_of,
+        )
+    except DataValidationError as error:
+        raise DataValidationError(f"{source.metadata_csv}: {error}") from None
+    if config.near_duplicates == NearDuplicates.OFF:
+        return PreparedScenario(source, spec, splits, checked.dropped)
+    found = cohort_near_duplicates(checked.rows, splits, DuplicateRule.of(config))
+    if config.near_duplicates == NearDuplicates.DROP:
+        copies = found.training_copies
+        splits = replace(
+            splits,
+            train=splits.train[~splits.train["md5hash"].isin(copies)],
+            val=splits.val[~splits.val["md5hash"].isin(copies)],
+        )
+    return PreparedScenario(source, spec, splits, checked.dropped, found)
+
+
+def cohort_near_duplicates(
+    cohort: pd.DataFrame, splits: ScenarioSplits, rule: DuplicateRule
+) -> NearDuplicateReport:
+    """The near-duplicate pairs of the cohort's images, each with its split in `splits`."""
+    split_of = {md5: split for split in SPLIT_NAMES for md5 in getattr(splits, split)["md5hash"]}
+    rows = cohort.assign(split=cohort["md5hash"].map(split_of).fillna(NO_SPLIT))
+    hashes, views = image_signatures(rows, rule.features)
+    return find_near_duplicates(rows, hashes, views, rule)
 
 
 def split_counts(prepared: PreparedScenario) -> pd.DataFrame:
@@ -122,4 +159,9 @@ def write_prepared(prepared: PreparedScenario, out_dir: Path) -> Path:
     (folder / "counts.md").write_text("\n".join(sections))
     if len(prepared.dropped):
         prepared.dropped.to_csv(folder / "dropped_images.csv", index=False)
+    if prepared.near_duplicates is not None:
+        prepared.near_duplicates.table().to_csv(folder / NEAR_DUPLICATES_FILE, index=False)
+        figure = prepared.near_duplicates.figure()
+        if figure is not None:
+            figure.savefig(folder / NEAR_DUPLICATES_FIGURE, dpi=100)
     return folder

@@ -11,15 +11,12 @@ Features are cached by content: one file per (network, image file digest), so an
 again, by another seed's stage or another call, is never run through the network twice.
 """
 
-import hashlib
-import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import models
@@ -27,7 +24,7 @@ from torchvision import models
 from skindiff.classify.config import Arch, Weights
 from skindiff.classify.data import IMAGENET_MEAN, IMAGENET_STD, ManifestDataset, to_model_input
 from skindiff.classify.models import imagenet_file, require_imagenet_files
-from skindiff.core.files import cache_dir, write_atomic
+from skindiff.core.files import cache_dir, cached_arrays, sha256_file
 from skindiff.errors import SkindiffError
 
 FEATURES_DIR = "features"
@@ -129,26 +126,6 @@ def image_features(
     return torch.cat(batches).numpy().astype(np.float32)
 
 
-THUMBNAIL = 32  # pixels a side of the thumbnails memorization compares without a feature network
-
-
-def pixel_thumbnails(paths: Sequence[str]) -> np.ndarray:
-    """Each image as a 32 x 32 grey thumbnail less its own mean (one row each): a copy, resized
-    or re-encoded, stays alike, while two images of one condition, which a classifier's
-    features make alike, do not."""
-    thumbnails = []
-    for path in paths:
-        with Image.open(path) as image:
-            grey = image.convert("L").resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BILINEAR)
-        values = np.asarray(grey, dtype=np.float32)
-        thumbnails.append((values - values.mean()).ravel())
-    return np.stack(thumbnails)
-
-
-def file_digest(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def cached_features(
     name: str,
     network: nn.Module | Callable[[], nn.Module],
@@ -160,24 +137,13 @@ def cached_features(
     content was scored by the network called `name` (unique to its weights and input size),
     the others computed once and cached; `network` may be a function loading it, called only
     when an image is missing."""
-    folder = cache_dir() / FEATURES_DIR / name
     if "sha256" in rows:
         digests = [str(digest) for digest in rows["sha256"]]
     else:
-        digests = [file_digest(path) for path in rows["path"]]
-    files = [folder / f"{digest}.npy" for digest in digests]
-    missing = [i for i, file in enumerate(files) if not file.is_file()]
-    if missing:
-        if not isinstance(network, nn.Module):
-            network = network()
-        computed = image_features(network, rows.iloc[missing], image_size, batch_size)
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, values in zip(missing, computed, strict=True):
-            write_atomic(files[i], _npy(values))
-    return np.stack([np.load(file) for file in files])
+        digests = [sha256_file(path) for path in rows["path"]]
 
+    def compute(missing: list[int]) -> np.ndarray:
+        loaded = network if isinstance(network, nn.Module) else network()
+        return image_features(loaded, rows.iloc[missing], image_size, batch_size)
 
-def _npy(values: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, values, allow_pickle=False)
-    return buffer.getvalue()
+    return cached_arrays(cache_dir() / FEATURES_DIR / name, digests, compute)

@@ -43,6 +43,9 @@ def upstream_tag(stage: Stage) -> str:
 # prepare
 DATASET_DIGEST_TAG = "skindiff.dataset_digest"
 DATASET_TAGS = ("skindiff.metadata_csv", "skindiff.image_dir", "skindiff.demo_data")
+# on prepare runs: what was done about near-duplicates (report, drop, off) and the rule used
+NEAR_DUPLICATES_TAG = "skindiff.near_duplicates"
+NEAR_DUPLICATE_RULE_TAG = "skindiff.near_duplicate_rule"
 
 
 def split_digest_tag(split: str) -> str:

@@ -1,5 +1,7 @@
-"""Logs the `prepare` stage: params, split manifests, count tables and dataset inputs."""
+"""Logs the `prepare` stage: params, split manifests, count tables, near-duplicates and
+dataset inputs."""
 
+import logging
 import tempfile
 import warnings
 
@@ -9,7 +11,8 @@ import pandas as pd
 
 from skindiff.core.labels import slug
 from skindiff.core.manifest import content_digest
-from skindiff.data.config import PrepareConfig
+from skindiff.data.config import NearDuplicates, PrepareConfig
+from skindiff.data.image_signatures import require_features, resolve_features
 from skindiff.data.prepare import (
     PreparedScenario,
     prepare_scenario,
@@ -22,9 +25,18 @@ from skindiff.data.prepare import (
 from skindiff.data.skin_tone import ita_agreement, ita_by_skin_type
 from skindiff.data.splits import SPLIT_NAMES
 from skindiff.options import DATA
-from skindiff.tracking.names import DATASET_DIGEST_TAG, DATASET_TAGS, Stage, split_digest_tag
+from skindiff.tracking.names import (
+    DATASET_DIGEST_TAG,
+    DATASET_TAGS,
+    NEAR_DUPLICATE_RULE_TAG,
+    NEAR_DUPLICATES_TAG,
+    Stage,
+    split_digest_tag,
+)
 from skindiff.tracking.runs import load_split
 from skindiff.tracking.stage import StageCall, StageInputs, run_stage
+
+log = logging.getLogger(__name__)
 
 
 def count_metrics(prepared: PreparedScenario) -> dict[str, float]:
@@ -75,11 +87,15 @@ def run_prepare(config: PrepareConfig, *, reuse: bool = False) -> str:
 
     def resolve() -> StageInputs:
         # The files as they are on disk: content digests come later, from the image check.
-        source = source_fingerprint(resolve_dataset(config))
-        return StageInputs(digests={"source": source})
+        digests = {"source": source_fingerprint(resolve_dataset(config))}
+        if config.near_duplicates != NearDuplicates.OFF:
+            require_features(config.near_duplicate_features)
+            # `auto` picks by what is installed: the features used are what the run depends on
+            digests["near_duplicate_features"] = resolve_features(config.near_duplicate_features)
+        return StageInputs(digests=digests)
 
     def work(inputs: StageInputs, key: str) -> None:
-        _log_prepared(prepare_scenario(config))
+        _log_prepared(prepare_scenario(config), config)
 
     return run_stage(call, resolve, work, reuse=reuse)
 
@@ -89,7 +105,25 @@ def ensure_prepare(config: PrepareConfig) -> str:
     return run_prepare(config, reuse=True)
 
 
-def _log_prepared(prepared: PreparedScenario) -> None:
+def near_duplicate_metrics(prepared: PreparedScenario, config: PrepareConfig) -> dict[str, float]:
+    """The near-duplicate counts (see NearDuplicateReport.metrics), plus
+    `n_near_duplicates_dropped` with `near_duplicates drop`; logs what a user should know
+    (copies across the train/test boundary, a capped CSV, one cluster holding most of the
+    cohort)."""
+    found = prepared.near_duplicates
+    if found is None:
+        return {}
+    metrics = found.metrics()
+    if config.near_duplicates == NearDuplicates.DROP:
+        metrics["n_near_duplicates_dropped"] = len(found.training_copies)
+    n_pairs = metrics["n_near_duplicate_pairs"]
+    log.info("near-duplicates (%s): %d pair(s) in the cohort", found.rule.describe(), n_pairs)
+    for warning in found.warnings():
+        log.warning("near-duplicates: %s", warning)
+    return {name: float(value) for name, value in metrics.items()}
+
+
+def _log_prepared(prepared: PreparedScenario, config: PrepareConfig) -> None:
     source = prepared.source
     manifests = {split: prepared.splits.manifest(split) for split in SPLIT_NAMES}
     where = (source.metadata_csv.resolve(), source.image_dir.resolve(), str(source.is_demo).lower())
@@ -97,11 +131,18 @@ def _log_prepared(prepared: PreparedScenario) -> None:
         {tag: str(value) for tag, value in zip(DATASET_TAGS, where, strict=True)}
         | {DATASET_DIGEST_TAG: content_digest(pd.concat(manifests.values()))}
         | {split_digest_tag(s): content_digest(m) for s, m in manifests.items()}
+        | {NEAR_DUPLICATES_TAG: str(config.near_duplicates)}
     )
+    if prepared.near_duplicates is not None:
+        mlflow.set_tag(NEAR_DUPLICATE_RULE_TAG, prepared.near_duplicates.rule.describe())
     with tempfile.TemporaryDirectory() as tmp:
         write_prepared(prepared, tmp)
         mlflow.log_artifacts(tmp)
-    mlflow.log_metrics(count_metrics(prepared) | skin_tone_metrics(prepared))
+    mlflow.log_metrics(
+        count_metrics(prepared)
+        | skin_tone_metrics(prepared)
+        | near_duplicate_metrics(prepared, config)
+    )
     dataset_name = "demo" if source.is_demo else source.metadata_csv.stem
     for split, manifest in manifests.items():
         with warnings.catch_warnings():

@@ -18,6 +18,7 @@ from torch import nn
 from skindiff.classify.config import Arch, ClassifierConfig, TrainType, Weights
 from skindiff.classify.models import imagenet_file, require_imagenet_files
 from skindiff.data.config import PrepareConfig
+from skindiff.data.image_signatures import pixel_thumbnails
 from skindiff.diffusion.config import GenerateConfig
 from skindiff.diffusion.lora import LoraConfig
 from skindiff.diffusion.textual_inversion import TextualInversionConfig
@@ -30,7 +31,6 @@ from skindiff.quality.features import (
     cached_features,
     fid_inception,
     imagenet_backbone,
-    pixel_thumbnails,
     require_inception_file,
 )
 from skindiff.quality.reference import REFERENCE_SCENARIO, reference_images
