@@ -25,11 +25,13 @@ from skindiff.report import (
     PAIRED_FILE,
     detectable_differences,
     fairness_markdown,
+    near_duplicate_markdown,
     paired_markdown,
 )
 
 SEEDS = "0,42,123,1111,1234"  # the reference code's
 SCORES = "scores_classifiers.csv"
+NEAR_DUPLICATES = "near_duplicates.csv"
 
 
 def run_study(folder: Path) -> tuple[Path, float]:
@@ -59,6 +61,7 @@ def main() -> None:
     paired = pd.read_csv(report / f"{PAIRED_FILE}.csv")
     gaps = pd.read_csv(report / f"{FAIRNESS_FILE}.csv")
     scores = pd.read_csv(report / SCORES)
+    copies = pd.read_csv(report / NEAR_DUPLICATES)
     seeds = sorted(scores["seed"].unique())
     text = "\n\n".join(
         [
@@ -85,6 +88,10 @@ def main() -> None:
                 headers=["seeds", "dark test images per seed (min)", "light images per seed"],
                 tablefmt="github",
             ),
+            "Near-duplicates (the report's `near_duplicates.csv`, from the prepare runs): test "
+            "images with one of the demo's planted copies in training or validation, the mean "
+            "over seeds; `near_duplicates report` left them there:",
+            near_duplicate_markdown(copies),
         ]
     )
     record("demo_study", text, "cpu", markdown=True)

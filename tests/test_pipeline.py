@@ -105,6 +105,12 @@ def test_mlflow_run_main_builds_the_run_tree_then_reuses_it(tracking: str, tmp_p
     )
     report_text = (tmp_path / "report" / "report.md").read_text()
     assert "### Synthetic image quality" in report_text
+    # ... and the near-duplicates its prepare run found: the demo's planted copies
+    (copies,) = pd.read_csv(tmp_path / "report" / "near_duplicates.csv").itertuples()
+    assert copies.near_duplicates == "report"
+    assert copies.n_test_images_with_training_copy == prepare["n_test_images_with_training_copy"]
+    assert copies.n_test_images_with_training_copy > 0 and copies.n_near_duplicates_dropped == 0
+    assert "### Near-duplicates: test images with a copy in training" in report_text
     assert "![nearest training similarity](synthetic_quality_similarity.png)" in report_text
 
     # A person follows each stage on the console, without library notes they cannot act on.

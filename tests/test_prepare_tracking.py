@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, cohort_rows, write_dataset
@@ -14,6 +15,7 @@ from skindiff.core.manifest import SPLIT_COLUMNS as MANIFEST_COLUMNS
 from skindiff.core.manifest import content_digest
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.data.splits import SPLIT_NAMES
+from skindiff.errors import SkindiffError
 from skindiff.tracking.prepare import ensure_prepare, run_prepare
 
 ENTRY_POINT = "mlflow.project.entryPoint"
@@ -81,6 +83,21 @@ def test_mlflow_run_prepare_logs_splits(tracking: str, demo_dataset, tmp_path: P
     table = mlflow.artifacts.load_text(f"runs:/{run_id}/splits/counts.md")
     assert f"## test ({len(expected.test)} images)" in table
 
+    # near-duplicates, looked for by default (report): logged, the splits left as they were
+    found = prepare_scenario(PrepareConfig(scenario="ii", seed=42)).near_duplicates
+    assert run_info.data.tags["skindiff.near_duplicates"] == "report"
+    assert run_info.data.tags["skindiff.near_duplicate_rule"] == found.rule.describe()
+    for name, value in found.metrics().items():
+        assert run_info.data.metrics[name] == value, name
+    pairs = pd.read_csv(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="splits/near_duplicates.csv", dst_path=str(tmp_path)
+        )
+    )
+    assert len(pairs) == run_info.data.metrics["n_near_duplicate_pairs"] > 0
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run_id, "splits")}
+    assert "splits/near_duplicates.png" in artifacts
+
     inputs = MlflowClient().get_run(run_id).inputs.dataset_inputs
     by_context = {
         next(t.value for t in item.tags if t.key == "mlflow.data.context"): item.dataset
@@ -130,3 +147,31 @@ def test_prepare_without_the_test_images_of_ii_and_iii(tracking: str, demo_datas
     assert counts["n_test"] == counts["n_test_dark"] == before["n_test"]
     table = mlflow.artifacts.load_text(f"runs:/{run_id}/splits/counts.md")
     assert table.startswith("# Scenario i, seed 0, without the test images of ii, iii\n")
+
+
+def test_near_duplicates_drop_is_its_own_run_and_logs_what_it_dropped(
+    tracking: str, demo_dataset
+) -> None:
+    reported = mlflow.get_run(run_prepare(PrepareConfig(seed=42)))
+    run_id = ensure_prepare(PrepareConfig(seed=42, near_duplicates="drop"))
+    assert run_id != reported.info.run_id  # a settings change: the paper's splits not re-used
+    dropped = mlflow.get_run(run_id)
+    assert dropped.data.tags["skindiff.near_duplicates"] == "drop"
+    counts, before = dropped.data.metrics, reported.data.metrics
+    n_dropped = counts["n_near_duplicates_dropped"]
+    assert n_dropped == before["n_test_images_with_training_copy"] > 0  # one copy each here
+    assert counts["n_train"] + counts["n_val"] == before["n_train"] + before["n_val"] - n_dropped
+    assert counts["n_test"] == before["n_test"]
+    assert "n_near_duplicates_dropped" not in before
+    off = mlflow.get_run(run_prepare(PrepareConfig(seed=42, near_duplicates="off")))
+    assert not any(name.startswith("n_near_duplicate") for name in off.data.metrics)
+    assert off.data.tags["skindiff.near_duplicates"] == "off"
+
+
+def test_resnet18_features_without_weights_stop_before_a_run_opens(
+    tracking: str, demo_dataset, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    with pytest.raises(SkindiffError, match="near_duplicate_features resnet18"):
+        run_prepare(PrepareConfig(near_duplicate_features="resnet18"))
+    assert mlflow.search_runs([tracking], output_format="list") == []

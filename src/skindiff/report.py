@@ -226,6 +226,54 @@ def skin_tone_table(rows: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+# What each (scenario, seed)'s prepare run found of near-duplicate images.
+NEAR_DUPLICATE_COLUMNS = [
+    "scenario",
+    "seed",
+    "near_duplicates",  # report, drop, off; "" for a prepare run older than the option
+    "n_test",  # test images (after any drop: the test split keeps its size)
+    "n_test_images_with_training_copy",  # found before any drop
+    "n_near_duplicate_pairs_across_train_test",
+    "n_near_duplicate_pairs",  # in the whole cohort
+    "n_near_duplicates_dropped",  # training images left out by `drop`
+    "prepare_run_id",
+]
+NEAR_DUPLICATE_NOTE = (
+    "From each pair's prepare run (splits/near_duplicates.csv there lists the pairs, and "
+    "near_duplicates.png shows the closest): test images with a near-duplicate among the "
+    "training or validation images, the mean over seeds. With `near_duplicates report` those "
+    "copies stayed in training, and the scores above may be inflated by them; `drop` left them "
+    "out of train and validation."
+)
+
+
+def near_duplicate_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per scenario and near_duplicates mode: the means over seeds of the counts."""
+    counts = NEAR_DUPLICATE_COLUMNS[3:-1]
+    by = ["scenario", "near_duplicates"]
+    table = rows.groupby(by)[counts].mean()
+    table["n"] = rows.groupby(by).size()
+    return table.reset_index()
+
+
+def near_duplicate_markdown(table: pd.DataFrame) -> str:
+    header = (
+        "| scenario | near_duplicates | test images with a training copy | of test images | "
+        "pairs across train/test | pairs in the cohort | dropped from training | n seeds |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
+    lines = []
+    for r in table.itertuples():
+        looked = r.near_duplicates in ("report", "drop")
+        copies = _cell(r.n_test_images_with_training_copy) if looked else "not looked for"
+        lines.append(
+            f"| {r.scenario} | {r.near_duplicates or 'unknown'} | {copies} | {_cell(r.n_test)} "
+            f"| {_cell(r.n_near_duplicate_pairs_across_train_test)} | "
+            f"{_cell(r.n_near_duplicate_pairs)} | {_cell(r.n_near_duplicates_dropped)} | {r.n} |"
+        )
+    return "\n".join([header, *lines])
+
+
 def skin_tone_markdown(table: pd.DataFrame) -> str:
     header = (
         "| scenario | skin_tone_filter | real dark test ITA | real light sources ITA | "
@@ -266,7 +314,7 @@ QUALITY_NOTE = (
     "from, scored the same way: the baseline synthetic images should beat. Memorized: the "
     "share of synthetic images whose cosine similarity (about the training images' mean) to "
     "a training image other than their source reaches the threshold, in the features, or in "
-    "32 x 32 grey thumbnails where the features are a classifier's (its features make a "
+    "12 x 12 grey thumbnails where the features are a classifier's (its features make a "
     "condition's images alike)."
 )
 
@@ -445,6 +493,7 @@ class SettingsGroup:
     quality: pd.DataFrame | None = None
     nearest_similarities: pd.DataFrame | None = None
     memorization_threshold: float | None = None
+    near_duplicates: pd.DataFrame | None = None  # rows of NEAR_DUPLICATE_COLUMNS
 
 
 def settings_digest(settings: Mapping[str, str]) -> str:
@@ -718,13 +767,29 @@ def _group_sections(
             f"Per condition, a real training image (light-skinned where there is one) followed by "
             f"the variants generated from it.\n\n![Fig. 2]({figure})"
         )
-    if group.skin_tones is not None and len(group.skin_tones):
-        table = skin_tone_table(group.skin_tones)
-        save(f"skin_tone{suffix}.csv", table)
-        sections.append(
-            "### Skin tone of the real and synthetic images (ITA)\n\n"
-            f"{SKIN_TONE_NOTE}\n\n{skin_tone_markdown(table)}"
-        )
+    summaries = (
+        (
+            group.near_duplicates,
+            near_duplicate_table,
+            near_duplicate_markdown,
+            "near_duplicates",
+            "Near-duplicates: test images with a copy in training",
+            NEAR_DUPLICATE_NOTE,
+        ),
+        (
+            group.skin_tones,
+            skin_tone_table,
+            skin_tone_markdown,
+            "skin_tone",
+            "Skin tone of the real and synthetic images (ITA)",
+            SKIN_TONE_NOTE,
+        ),
+    )
+    for rows, summarise, markdown, name, title, note in summaries:
+        if rows is not None and len(rows):
+            table = summarise(rows)
+            save(f"{name}{suffix}.csv", table)
+            sections.append(f"### {title}\n\n{note}\n\n{markdown(table)}")
     if group.quality is not None and len(group.quality):
         table = quality_summary(group.quality)
         save(f"synthetic_quality{suffix}.csv", table)

@@ -36,6 +36,12 @@ CLIP = 2.5  # robust z-scores beyond this are clipped: a watermark or a glare we
 CROP_SCALES = (0.95, 0.9)
 RESNET18 = models.ResNet18_Weights.IMAGENET1K_V1
 BATCH_SIZE = 32
+# cache folders named by what their arrays depend on, so a change of definition starts afresh
+THUMBNAILS_CACHE = (
+    f"thumbnails-{THUMBNAIL_SIDE}px-clip{CLIP}-crops{'-'.join(map(str, CROP_SCALES))}"
+)
+PHASH_CACHE = "phash-64bit"
+RESNET18_CACHE = f"resnet18-{Path(RESNET18.url).stem}"
 
 
 def open_small(path: str | Path, side: int) -> Image.Image:
@@ -163,15 +169,15 @@ def image_signatures(
         return done[tuple(missing)]
 
     hashes = cached_arrays(
-        folder / "phash", digests, lambda missing: [np.uint64(h) for h, _ in hashed(missing)]
+        folder / PHASH_CACHE, digests, lambda missing: [np.uint64(h) for h, _ in hashed(missing)]
     )
     if features == DuplicateFeatures.THUMBNAILS:
         views = cached_arrays(
-            folder / "thumbnails", digests, lambda missing: [v for _, v in hashed(missing)]
+            folder / THUMBNAILS_CACHE, digests, lambda missing: [v for _, v in hashed(missing)]
         )
     else:
         views = cached_arrays(
-            folder / str(features),
+            folder / RESNET18_CACHE,
             digests,
             lambda missing: backbone_features([paths[i] for i in missing], backbone()),
         )

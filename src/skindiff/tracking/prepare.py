@@ -89,7 +89,6 @@ def run_prepare(config: PrepareConfig, *, reuse: bool = False) -> str:
         # The files as they are on disk: content digests come later, from the image check.
         digests = {"source": source_fingerprint(resolve_dataset(config))}
         if config.near_duplicates != NearDuplicates.OFF:
-            require_features(config.near_duplicate_features)
             # `auto` picks by what is installed: the features used are what the run depends on
             digests["near_duplicate_features"] = resolve_features(config.near_duplicate_features)
         return StageInputs(digests=digests)
@@ -97,6 +96,8 @@ def run_prepare(config: PrepareConfig, *, reuse: bool = False) -> str:
     def work(inputs: StageInputs, key: str) -> None:
         _log_prepared(prepare_scenario(config), config)
 
+    if config.near_duplicates != NearDuplicates.OFF:
+        require_features(config.near_duplicate_features)  # a missing file: before a run opens
     return run_stage(call, resolve, work, reuse=reuse)
 
 

@@ -28,6 +28,7 @@ from skindiff.plans import ReportConfig
 from skindiff.quality.score import ALL as ALL_CONDITIONS
 from skindiff.report import (
     METRICS,
+    NEAR_DUPLICATE_COLUMNS,
     PAIRED_COLUMNS,
     PAIRED_FILE,
     QUALITY_COLUMNS,
@@ -48,6 +49,7 @@ from skindiff.tracking.names import (
     FROZEN_PARAMS_SEED_PARAM,
     FROZEN_PARAMS_TAG,
     MEMORIZATION_SPACE_PARAM,
+    NEAR_DUPLICATES_TAG,
     PAIRED_METRIC_PREFIX,
     PREDICTIONS_DIR,
     QUALITY_METRICS,
@@ -285,6 +287,25 @@ def _skin_tones(scores: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=SKIN_TONE_COLUMNS)
 
 
+def _near_duplicates(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per (scenario, seed): what the prepare run behind its classifiers found of
+    near-duplicates (NEAR_DUPLICATE_COLUMNS)."""
+    rows = []
+    for (scenario, seed), runs in scores.groupby(["scenario", "seed"]):
+        prepare_id = upstream_run_id(_run(runs["run_id"].iloc[0]), Stage.PREPARE)
+        if not prepare_id:
+            continue
+        prepare = _run(prepare_id)
+        counts = [
+            prepare.data.metrics.get(name, float("nan")) for name in NEAR_DUPLICATE_COLUMNS[3:-1]
+        ]
+        if prepare.data.tags.get(NEAR_DUPLICATES_TAG) == "report":
+            counts[-1] = 0.0  # nothing dropped
+        mode = prepare.data.tags.get(NEAR_DUPLICATES_TAG, "")
+        rows.append([scenario, seed, mode, *counts, prepare_id])
+    return pd.DataFrame(rows, columns=NEAR_DUPLICATE_COLUMNS)
+
+
 def _quality(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, float | None]:
     """(rows of QUALITY_COLUMNS, the synthetic images' nearest training similarities, the
     memorization threshold) of the synthetic_quality runs the group's pair runs name."""
@@ -381,6 +402,7 @@ def _groups(experiment_id: str, folder: Path) -> list[SettingsGroup]:
         tones = _skin_tones(scores) if len(scores) else pd.DataFrame(columns=SKIN_TONE_COLUMNS)
         group = SettingsGroup(digest, settings, scores, rows, figure, *tuning, tones, overlap)
         if len(scores):
+            group = replace(group, near_duplicates=_near_duplicates(scores))
             quality, similarities, threshold = _quality(scores)
             group = replace(
                 group,
