@@ -20,22 +20,26 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from conftest import FAST, runs_by_stage
 from servers import MlflowServer, free_port
 from skindiff.cli import _stopped_by_signals, run
+from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.diffusion import generate
 from skindiff.errors import SkindiffError
 from skindiff.tracking.names import RUN_KEY_TAG, SUPERSEDED_BY_TAG, Stage
 from skindiff.tracking.server import unreachable_server
 from skindiff.tracking.stage import open_stage_run, require_stage_run, work_dir
 
+CONDITIONS = ("folliculitis", "psoriasis")
+
 
 def generate_args(seed: int) -> list[str]:
-    """A generate command without adapters to train: 4 batches of 8 images of 32 px. Each
-    test has its own seed, so its own key and work folder."""
+    """A generate command without adapters to train: one 32-px image per training image of
+    two conditions, in batches of 8. Each test has its own seed, so its own key and work
+    folder."""
     return [
         "generate",
         "--mode",
         "img2img/vanilla",
         "--conditions",
-        "folliculitis,psoriasis",
+        ",".join(CONDITIONS),
         "--num-per-image",
         "1",
         "--num-inference-steps",
@@ -55,6 +59,7 @@ HOOKED_COMMAND = """
 import os, signal, sys, time
 from pathlib import Path
 from skindiff.cli import _stopped_by_signals, run
+from skindiff.data.prepare import PrepareConfig, prepare_scenario
 from skindiff.diffusion import generate
 from skindiff.errors import SkindiffError
 
@@ -248,7 +253,9 @@ def test_a_server_gone_mid_run_is_one_line_and_the_rerun_resumes(
         assert dead.info.status == "RUNNING"  # nobody could tell the server
         folder = work_dir(Stage.GENERATE, dead.data.tags[RUN_KEY_TAG])
         made = {path: path.stat().st_mtime_ns for path in folder.rglob("*.jpg")}
-        assert len(made) == 32  # all made before the upload failed
+        # all made before the upload failed: one per training image
+        train = prepare_scenario(PrepareConfig(conditions=CONDITIONS, seed=3)).splits.train
+        assert len(made) == len(train)
 
         assert run_command(argv) == 0
         # Resumed: every image was there, none was made again.
@@ -270,6 +277,7 @@ def test_a_server_gone_under_main_is_one_line_without_traceback(
         "mode": "img2img/vanilla",  # no adapters to train
         "num_per_image": "1",
         "generation_batch_size": "8",
+        "near_duplicates": "off",  # its warning is not what this test listens for
     }
     argv = ["main"] + [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
     with own_server(tmp_path / "server", monkeypatch) as (server, _):
