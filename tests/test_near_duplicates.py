@@ -152,6 +152,12 @@ def test_drop_leaves_training_copies_of_test_images_out_and_the_test_split_alone
     crossing = crossing[(crossing.split_a == "test") | (crossing.split_b == "test")]
     kept = set(dropped.splits.train.md5hash) | set(dropped.splits.val.md5hash)
     assert not kept & (set(crossing.md5hash_a) | set(crossing.md5hash_b))
+    (said,) = dropped.near_duplicates.warnings(dropped=True)
+    assert said.endswith(
+        f"{len(copies)} training image(s) copy a test image, left out of train "
+        "and validation (--near-duplicates drop)"
+    )
+    assert "kept (--near-duplicates drop" in reported.near_duplicates.warnings()[0]
     off = prepare_scenario(PrepareConfig(seed=seed, near_duplicates=NearDuplicates.OFF))
     assert off.near_duplicates is None and off.splits.train.equals(reported.splits.train)
 

@@ -174,14 +174,19 @@ class NearDuplicateReport:
         of_cluster = np.concatenate([self.pairs["cluster"]] * 2)
         return len(set(members[of_cluster == 1]))
 
-    def warnings(self) -> list[str]:
-        """What a user should hear about, one line each."""
+    def warnings(self, dropped: bool = False) -> list[str]:
+        """What a user should hear about, one line each (`dropped`: the training copies of
+        test images were left out)."""
         said = []
         if self.crossing.any():
+            done = (
+                "left out of train and validation (--near-duplicates drop)"
+                if dropped
+                else "kept (--near-duplicates drop leaves them out of train and validation)"
+            )
             said.append(
                 f"{self.crossing.sum()} near-duplicate pair(s) cross the train/test boundary: "
-                f"{len(self.training_copies)} training image(s) copy a test image "
-                "(--near-duplicates drop leaves them out of train and validation)"
+                f"{len(self.training_copies)} training image(s) copy a test image, {done}"
             )
         if len(self.pairs) > CSV_ROWS:
             said.append(

@@ -115,11 +115,12 @@ def near_duplicate_metrics(prepared: PreparedScenario, config: PrepareConfig) ->
     if found is None:
         return {}
     metrics = found.metrics()
-    if config.near_duplicates == NearDuplicates.DROP:
+    dropped = config.near_duplicates == NearDuplicates.DROP
+    if dropped:
         metrics["n_near_duplicates_dropped"] = len(found.training_copies)
     n_pairs = metrics["n_near_duplicate_pairs"]
     log.info("near-duplicates (%s): %d pair(s) in the cohort", found.rule.describe(), n_pairs)
-    for warning in found.warnings():
+    for warning in found.warnings(dropped):
         log.warning("near-duplicates: %s", warning)
     return {name: float(value) for name, value in metrics.items()}
 
