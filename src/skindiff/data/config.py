@@ -154,7 +154,7 @@ class PrepareConfig(Settings):
     near_duplicate_similarity: float | None = setting(
         None,
         "Cosine similarity of features at or above which two images are near-duplicates. "
-        "Empty: 0.94 for thumbnails (calibrated on the demo's copies), 0.95 for resnet18.",
+        "Empty: 0.942 for thumbnails (calibrated on the demo's copies), 0.95 for resnet18.",
     )
     near_duplicate_hash_distance: int = setting(
         0,

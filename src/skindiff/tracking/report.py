@@ -296,12 +296,11 @@ def _near_duplicates(scores: pd.DataFrame) -> pd.DataFrame:
         if not prepare_id:
             continue
         prepare = _run(prepare_id)
-        counts = [
-            prepare.data.metrics.get(name, float("nan")) for name in NEAR_DUPLICATE_COLUMNS[3:-1]
-        ]
-        if prepare.data.tags.get(NEAR_DUPLICATES_TAG) == "report":
-            counts[-1] = 0.0  # nothing dropped
         mode = prepare.data.tags.get(NEAR_DUPLICATES_TAG, "")
+        metrics = prepare.data.metrics | (
+            {"n_near_duplicates_dropped": 0.0} if mode == "report" else {}
+        )
+        counts = [metrics.get(name, float("nan")) for name in NEAR_DUPLICATE_COLUMNS[3:-1]]
         rows.append([scenario, seed, mode, *counts, prepare_id])
     return pd.DataFrame(rows, columns=NEAR_DUPLICATE_COLUMNS)
 
