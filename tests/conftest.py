@@ -26,6 +26,10 @@ from servers import mlflow_server
 REPO = Path(__file__).resolve().parents[1]
 REAL_METADATA = REPO.parent / "shared" / "data" / "fitzpatrick17k.csv"
 
+# `shard auto` reads these: a suite started as a task of a SLURM job array must see every pair.
+for _name in [name for name in os.environ if name.startswith("SLURM_ARRAY_")]:
+    del os.environ[_name]
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test that needs the tracking server is `slow`: the fast lane

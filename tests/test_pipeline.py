@@ -13,8 +13,8 @@ from conftest import ENTRY_POINT, FAST, fast_configs, mlflow_run, runs_by_stage
 from skindiff.classify.train import ClassifierConfig
 from skindiff.errors import SkindiffError
 from skindiff.options import StudyConfigs
-from skindiff.plans import ReportConfig, StudyPlan
-from skindiff.tracking.names import PARENT_RUN_TAG, RUN_KEY_TAG
+from skindiff.plans import ReportConfig, StudyPlan, slurm_array_shard
+from skindiff.tracking.names import PARENT_RUN_TAG, RUN_KEY_TAG, SHARD_RESOLVED_PARAM
 from skindiff.tracking.pipeline import run_main
 from skindiff.tracking.report import run_report
 
@@ -211,7 +211,7 @@ def test_a_shard_is_k_of_n_and_every_pair_falls_in_exactly_one() -> None:
     for shard in ("0/3", "4/3", "x", "1/0", "", "1 / 3"):
         with pytest.raises(SkindiffError) as refused:
             StudyPlan(["i"], [0], ["tiny"], ["real"], shard=shard)
-        assert str(refused.value) == f"shard must be k/n with 1 <= k <= n, got {shard!r}"
+        assert str(refused.value) == f"shard must be auto or k/n with 1 <= k <= n, got {shard!r}"
     plan = StudyPlan(["i", "ii", "iii"], [0, 42], ["tiny"], ["real"])
     every = [(scenario, seed) for scenario in ("i", "ii", "iii") for seed in (0, 42)]
     assert plan.pairs() == every
@@ -222,20 +222,110 @@ def test_a_shard_is_k_of_n_and_every_pair_falls_in_exactly_one() -> None:
         assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
+def slurm_array(first: int, count: int, task: int, step: int = 1) -> dict[str, str]:
+    """The variables sbatch --array=<first>-<first+count-1> sets in task `task`."""
+    last = first + (count - 1) * step
+    values = {"ID": task, "COUNT": count, "MIN": first, "MAX": last, "STEP": step}
+    return {f"SLURM_ARRAY_TASK_{name}": str(value) for name, value in values.items()}
+
+
+def test_shard_auto_is_the_slurm_array_tasks_share_and_every_pair_outside_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plan = StudyPlan(["i", "ii", "iii"], [0, 42, 123, 1111, 1234], ["tiny"], ["real"])
+    assert plan.shard == "auto"
+    assert plan.resolved_shard() == "1/1" and len(plan.pairs()) == 15
+    assert slurm_array_shard({"SLURM_ARRAY_TASK_ID": ""}) == (1, 1)  # empty: unset
+    # --array=0-14 (the docs' script) and --array=1-15: task k of 15 either way.
+    for first in (0, 1):
+        ran = []
+        for task in range(first, first + 15):
+            for name, value in slurm_array(first, 15, task).items():
+                monkeypatch.setenv(name, value)
+            worker = replace(plan)  # built, so checked, under the task's variables
+            assert worker.resolved_shard() == f"{task - first + 1}/15"
+            assert worker.pairs() == replace(plan, shard=f"{task - first + 1}/15").pairs()
+            ran += worker.pairs()
+        assert sorted(ran) == sorted(replace(plan, shard="1/1").pairs())
+    # Without MAX and STEP (older SLURM), ID, COUNT and MIN suffice.
+    assert slurm_array_shard({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "3",
+                              "SLURM_ARRAY_TASK_MIN": "5"}) == (3, 3)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("environ", "problem"),
+    [
+        (
+            {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "15"},
+            " without SLURM_ARRAY_TASK_MIN; give --shard k/n",
+        ),
+        (
+            slurm_array(0, 15, 3) | {"SLURM_ARRAY_TASK_ID": "3a"},
+            ": SLURM_ARRAY_TASK_ID must be an integer, got '3a'",
+        ),
+        (
+            slurm_array(0, 15, 3) | {"SLURM_ARRAY_TASK_COUNT": "-15"},
+            ": SLURM_ARRAY_TASK_COUNT must be an integer, got '-15'",
+        ),
+        (
+            slurm_array(0, 8, 2, step=2),  # --array=0-14:2
+            ": the array's task ids are not contiguous (a step or a list such as "
+            "--array=0-14:2); give a range such as --array=0-14, or --shard k/n",
+        ),
+        (
+            slurm_array(1, 3, 4) | {"SLURM_ARRAY_TASK_MAX": "5"},  # --array=1,4,5
+            ": the array's task ids are not contiguous (a step or a list such as "
+            "--array=0-14:2); give a range such as --array=0-14, or --shard k/n",
+        ),
+        (
+            slurm_array(0, 15, 15),
+            ": SLURM_ARRAY_TASK_ID is not within SLURM_ARRAY_TASK_MIN .. "
+            "SLURM_ARRAY_TASK_MIN + SLURM_ARRAY_TASK_COUNT - 1",
+        ),
+        (
+            slurm_array(0, 1, 0) | {"SLURM_ARRAY_TASK_COUNT": "0"},
+            ": SLURM_ARRAY_TASK_COUNT must be at least 1",
+        ),
+    ],
+)
+def test_shard_auto_refuses_unusable_slurm_variables_naming_them(
+    environ: dict[str, str], problem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    given = " ".join(f"{name}={value}" for name, value in environ.items())
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SkindiffError) as refused:
+        StudyPlan(["i"], [0], ["tiny"], ["real"])
+    assert str(refused.value) == f"shard auto: {given}{problem}"
+    assert StudyPlan(["i"], [0], ["tiny"], ["real"], shard="1/2").pairs() == [("i", 0)]
+
+
 def test_shards_run_their_own_pairs_and_report_them_together(
-    tracking: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tracking: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def plan(shard: str) -> StudyPlan:
         return StudyPlan(["i"], [0, 1], ["tiny"], ["real"], shard=shard)
 
-    shards = {shard: run_main(plan(shard), study_configs()) for shard in ("1/2", "2/2")}
+    shards = {"1/2": run_main(plan("1/2"), study_configs())}
+    # The other worker is the second task of a SLURM array (--array=0-1): auto makes it 2/2.
+    with monkeypatch.context() as slurm_task:
+        for name, value in slurm_array(0, 2, 1).items():
+            slurm_task.setenv(name, value)
+        shards["2/2"] = run_main(plan("auto"), study_configs())
     assert {shard: list(done) for shard, done in shards.items()} == {
         "1/2": [("i", 0)],
         "2/2": [("i", 1)],
     }
     stages = runs_by_stage(tracking)
-    calls = {r.data.params["shard"]: r for r in stages["main"] if PARENT_RUN_TAG not in r.data.tags}
-    assert sorted(calls) == ["1/2", "2/2"]
+    calls = {
+        r.data.params[SHARD_RESOLVED_PARAM]: r
+        for r in stages["main"]
+        if PARENT_RUN_TAG not in r.data.tags
+    }
+    assert {shard: run.data.params["shard"] for shard, run in calls.items()} == {
+        "1/2": "1/2",
+        "2/2": "auto",
+    }
     for shard, seed in (("1/2", 0), ("2/2", 1)):
         (pair,) = children(calls[shard].info.run_id)
         assert pair.info.run_name == f"i/seed-{seed}"

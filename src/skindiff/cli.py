@@ -307,7 +307,8 @@ def main(configs, plan) -> None:
     the same on a CPU in minutes): for each scenario and seed a parent MLflow run with
     prepare, textual_inversion, lora, generate and one train_classifier per arch x train type
     as child runs; finished runs with the same inputs are re-used. With --shard k/n, this
-    worker runs its share of the pairs (one worker per GPU or machine, one tracking server)."""
+    worker runs its share of the pairs (one worker per GPU or machine, one tracking server);
+    the default, auto, is the task's share in a SLURM job array and every pair elsewhere."""
     _run_study(configs, plan)
 
 

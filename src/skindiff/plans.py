@@ -5,7 +5,9 @@ Like the stage configs, these import neither MLflow nor torch, so `skindiff --he
 """
 
 import itertools
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from skindiff.classify.config import ARCH_CHOICES, PAPER_ARCHS, Arch, TrainType
@@ -98,11 +100,14 @@ class StudyPlan(Settings):
         "the seeds without their own use. Empty: such a seed is refused.",
     )
     shard: str = setting(
-        "1/1",
+        "auto",
         "This worker's share of the pairs, k/n: worker k of n runs the pairs at positions k-1, "
         "k-1+n, k-1+2n, ... (from 0) of scenarios x seeds in that order (i/seed-0, i/seed-42, "
         "..., ii/seed-0, ...), so n workers started with 1/n ... n/n against one tracking "
-        "server run every pair once. 1/1: every pair.",
+        "server run every pair once. 1/1: every pair. auto: in a SLURM job array (sbatch "
+        "--array=0-14) task k of its n tasks, k = SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN "
+        "+ 1 and n = SLURM_ARRAY_TASK_COUNT (the array's ids must be contiguous); outside one, "
+        "1/1. The main run's shard_resolved param says which k/n it was.",
     )
     light_test: bool = setting(
         True,
@@ -134,13 +139,65 @@ class StudyPlan(Settings):
         k, n = _parse_shard(self.shard)
         return list(itertools.product(self.scenarios, self.seeds))[k - 1 :: n]
 
+    def resolved_shard(self) -> str:
+        """`shard` as the k/n this worker is (`auto` resolved)."""
+        k, n = _parse_shard(self.shard)
+        return f"{k}/{n}"
+
 
 def _parse_shard(text: str) -> tuple[int, int]:
-    """(k, n) of a shard `k/n`, worker k of n; anything else is refused naming the option."""
+    """(k, n) of a shard `k/n`, worker k of n, or of `auto`; anything else is refused naming
+    the option."""
+    if text == "auto":
+        return slurm_array_shard(os.environ)
     match = re.fullmatch(r"([0-9]+)/([0-9]+)", text)
     k, n = (int(match[1]), int(match[2])) if match else (0, 0)
-    require(1 <= k <= n, f"shard must be k/n with 1 <= k <= n, got {text!r}")
+    require(1 <= k <= n, f"shard must be auto or k/n with 1 <= k <= n, got {text!r}")
     return k, n
+
+
+# What sbatch --array sets in each task's environment; ID, COUNT and MIN place the task, MAX
+# and STEP tell whether the array's ids are contiguous (`--array=0-14:2`, `--array=1,4,5` are
+# not: their tasks would not cover 1/n ... n/n).
+SLURM_ARRAY_VARIABLES = (
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_ARRAY_TASK_COUNT",
+    "SLURM_ARRAY_TASK_MIN",
+    "SLURM_ARRAY_TASK_MAX",
+    "SLURM_ARRAY_TASK_STEP",
+)
+
+
+def slurm_array_shard(environ: Mapping[str, str]) -> tuple[int, int]:
+    """(k, n) of the SLURM array task whose variables `environ` holds, (1, 1) where it holds
+    none; inconsistent or unusable values are refused in one line naming the variables."""
+    # Empty counts as unset: `VAR= cmd` is how a shell clears one for a command.
+    given = {name: environ[name] for name in SLURM_ARRAY_VARIABLES if environ.get(name)}
+    if not given:
+        return 1, 1
+    where = "shard auto: " + " ".join(f"{name}={value}" for name, value in given.items())
+    missing = [name for name in SLURM_ARRAY_VARIABLES[:3] if name not in given]
+    require(not missing, f"{where} without {', '.join(missing)}; give --shard k/n")
+    values = {}
+    for name, value in given.items():
+        integer = value.isascii() and value.isdigit()
+        require(integer, f"{where}: {name} must be an integer, got {value!r}")
+        values[name.removeprefix("SLURM_ARRAY_TASK_")] = int(value)
+    task, count, first = values["ID"], values["COUNT"], values["MIN"]
+    require(count >= 1, f"{where}: SLURM_ARRAY_TASK_COUNT must be at least 1")
+    last = first + count - 1
+    contiguous = values.get("STEP", 1) == 1 and values.get("MAX", last) == last
+    require(
+        contiguous,
+        f"{where}: the array's task ids are not contiguous (a step or a list such as "
+        "--array=0-14:2); give a range such as --array=0-14, or --shard k/n",
+    )
+    require(
+        first <= task <= last,
+        f"{where}: SLURM_ARRAY_TASK_ID is not within SLURM_ARRAY_TASK_MIN .. "
+        "SLURM_ARRAY_TASK_MIN + SLURM_ARRAY_TASK_COUNT - 1",
+    )
+    return task - first + 1, count
 
 
 def _check_seeds(seeds: tuple[int, ...]) -> None:

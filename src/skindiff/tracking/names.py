@@ -70,6 +70,8 @@ KEPT_EPOCH_TAG = "skindiff.kept_epoch"  # the kept epoch's number, or "initial" 
 SCENARIO_TAG = "skindiff.scenario"
 FROZEN_PARAMS_TAG = "skindiff.frozen_params"
 FROZEN_PARAM_PREFIX = "frozen."  # params of the frozen values a main run used
+# Param of a main run: the k/n its `shard` param (`auto` from a SLURM array) made it.
+SHARD_RESOLVED_PARAM = "shard_resolved"
 # Param of a pair run (and, per seed, of its main run): the data seed its frozen settings were
 # tuned on, "unknown" where the source does not say (a YAML file).
 FROZEN_PARAMS_SEED_PARAM = "frozen_params_seed"

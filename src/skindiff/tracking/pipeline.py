@@ -45,6 +45,7 @@ from skindiff.tracking.names import (
     RESULTS_FILE,
     SCENARIO_TAG,
     SCORED_BY_TUNING_METRIC,
+    SHARD_RESOLVED_PARAM,
     SPLITS_DIR,
     TUNE_PROTOCOL_TAG,
     TUNING_OVERLAP_FILE,
@@ -141,7 +142,8 @@ def run_main(plan: StudyPlan, configs: StudyConfigs) -> dict[tuple[Scenario, int
     pairs = plan.pairs()
     if not pairs:
         n_pairs = len(plan.scenarios) * len(plan.seeds)
-        logger.warning("shard %s has none of the %d pairs: nothing to run", plan.shard, n_pairs)
+        shard = plan.resolved_shard()
+        logger.warning("shard %s has none of the %d pairs: nothing to run", shard, n_pairs)
         return {}
     source = load_frozen_source(plan.frozen_params) if plan.frozen_params else None
     tuned = source.for_seeds(plan.seeds, plan.frozen_fallback_seed) if source else {}
@@ -156,6 +158,8 @@ def run_main(plan: StudyPlan, configs: StudyConfigs) -> dict[tuple[Scenario, int
         check_classifiers(used.data, used.classifier, plan.archs)
     results, overlap = {}, []
     params = STUDY.values(plan) | MAIN_STUDY.values(shown)
+    # `shard` as given (`mlflow run` logs it so, `auto` under SLURM); this, which worker it was.
+    params[SHARD_RESOLVED_PARAM] = plan.resolved_shard()
     with open_stage_run(Stage.MAIN, str(Stage.MAIN), params):
         if source:
             # `mlflow run` has logged the command-line values of these; the used ones are here.

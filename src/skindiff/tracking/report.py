@@ -59,6 +59,7 @@ from skindiff.tracking.names import (
     RESULTS_FILE,
     SCENARIO_TAG,
     SCORED_BY_TUNING_METRIC,
+    SHARD_RESOLVED_PARAM,
     SYNTHETIC_DIR,
     SYNTHETIC_GRID,
     TEST_PREDICTIONS,
@@ -101,6 +102,7 @@ PLAN_PARAMS = (
     "frozen_params",
     "frozen_fallback_seed",  # what it chose is in the frozen.<name> and frozen_params_seed params
     "shard",
+    SHARD_RESOLVED_PARAM,
     "light_test",  # adds evaluate runs beside the classifiers; their scores are the same
     "synthetic_quality",  # adds a synthetic_quality run per pair
 )
