@@ -227,16 +227,10 @@ def test_frozen_weights_stay_float32_under_half_precision_unless_asked():
 BF16_RUNS = """
 import json, sys, tempfile
 from conftest import keeping_base_pipeline
-from skindiff.core.settings import Precision
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
-from skindiff.diffusion import lora, training
+from skindiff.diffusion import lora
 from skindiff.diffusion.lora import LoraConfig, train_lora
 
-def bf16(_):
-    return Precision.BF16
-
-# skindiff asks for a GPU for half precision; accelerate's bf16 autocast runs on a CPU too.
-lora.resolve_mixed_precision = training.resolve_mixed_precision = bf16
 train = prepare_scenario(PrepareConfig(scenario="i", seed=0)).splits.train
 found = {}
 for frozen_weights in ("full", "half"):

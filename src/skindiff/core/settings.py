@@ -33,7 +33,8 @@ def check_seed(name: str, seed: int) -> None:
 
 
 class Precision(StrEnum):
-    """Mixed precision of diffusion work; `auto` is fp16 on a GPU and full precision on a CPU."""
+    """Mixed precision of diffusion work; `auto` is fp16 on a GPU and full precision on a CPU,
+    where bf16 runs too and fp16 does not."""
 
     AUTO = "auto"
     NO = "no"

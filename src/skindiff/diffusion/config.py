@@ -137,7 +137,10 @@ BASE_MODEL_HELP = (
     "diffusers folder, or a hub id such as stabilityai/stable-diffusion-2-1-base."
 )
 RESOLUTION_HELP = "Training and img2img resolution in pixels; 0 = the model's native size."
-PRECISION_HELP = "auto (fp16 on a GPU, full on a CPU), no, fp16 or bf16."
+PRECISION_HELP = (
+    "auto (fp16 on a GPU, full on a CPU), no, fp16 (a GPU only) or bf16 (a GPU, or a CPU: "
+    "torch's CPU autocast). A NaN or inf loss or image stops the stage, naming the step."
+)
 SEED_HELP = "Seed of the stage's randomness."
 
 

@@ -23,6 +23,7 @@ differently (tested: mean absolute difference under 1/255).
 
 import hashlib
 import io
+import math
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
@@ -46,7 +47,12 @@ from PIL import Image
 from torch._dynamo.exc import BackendCompilerFailed
 from tqdm.auto import tqdm
 
-from skindiff.core.device import pick_device, resolve_mixed_precision, weight_dtype
+from skindiff.core.device import (
+    non_finite_remedy,
+    pick_device,
+    resolve_mixed_precision,
+    weight_dtype,
+)
 from skindiff.core.distributed import process_state
 from skindiff.core.files import claim_folder, sha256_file, work_folder_lock, write_atomic
 from skindiff.core.manifest import IMAGE_COLUMNS, require_columns, usable_as_file_name
@@ -442,19 +448,87 @@ def generate_batch(
     inputs = inputs or BatchInputs(pipe, config, resolution)
     # CPU generators give the same noise on every device.
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in chunk["seed"]]
+    watch = NonFiniteWatch()
     common = inputs.prompt_embeds(list(chunk["prompt"])) | {
         "num_inference_steps": config.num_inference_steps,
         "guidance_scale": config.guidance_scale,
         "generator": generators,
+        "callback_on_step_end": watch.after_step,
+        # Images as floats, to be checked before they become pixels (NaN would become black).
+        "output_type": "np",
     }
-    with torch.inference_mode(), _explained_compile_failure(config):
+    with torch.inference_mode(), _explained_compile_failure(config), watch.decoding(pipe.vae):
         if config.pipeline == Pipeline.IMG2IMG:
             latents = inputs.source_latents(list(chunk["source_path"]), generators)
+            watch.note("latents", "the VAE encode of the source images", latents)
             images = pipe(image=latents, strength=config.strength, **common).images
         else:
             images = pipe(height=resolution, width=resolution, **common).images
+    found = watch.first_non_finite()
+    if found is not None:
+        what, where, peak = found
+        remedy = non_finite_remedy(
+            resolve_mixed_precision(config.mixed_precision),
+            "look for NaN or inf in the base model's weights and in the adapters (Textual "
+            "Inversion embeddings, LoRA weights)",
+        )
+        raise SkindiffError(
+            f"generate: the {what} are not finite ({peak}) at {where}, in a batch of "
+            f"{len(chunk)} images, the first from {chunk['source_path'].iloc[0]}, {remedy}"
+        )
     # Bicubic: the reference resizes its outputs with PIL's default filter, which is bicubic.
-    return [image.resize((config.output_size,) * 2, Image.Resampling.BICUBIC) for image in images]
+    return [
+        image.resize((config.output_size,) * 2, Image.Resampling.BICUBIC)
+        for image in pipe.image_processor.numpy_to_pil(images)
+    ]
+
+
+class NonFiniteWatch:
+    """Watches a batch's generation for NaN and inf: the largest magnitude of the img2img start
+    latents, of the latents after each denoising step and of the VAE's decoded images stays on
+    the device until the batch is done, then all are read at once. Checking each step as it
+    ends would make the host wait for the device at every step; one read per batch costs one
+    wait, and names the step all the same (a batch that went non-finite is lost either way)."""
+
+    def __init__(self) -> None:
+        self._peaks: list[tuple[str, str, torch.Tensor]] = []  # (what, where, peak)
+
+    def note(self, what: str, where: str, values: torch.Tensor) -> None:
+        self._peaks.append((what, where, values.detach().abs().amax()))
+
+    def after_step(
+        self,
+        pipe: StableDiffusionPipeline | StableDiffusionImg2ImgPipeline,
+        step: int,
+        timestep: torch.Tensor,
+        outputs: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """A diffusers `callback_on_step_end`."""
+        where = f"denoising step {step + 1} of {pipe.num_timesteps}"
+        self.note("latents", where, outputs["latents"])
+        return outputs
+
+    @contextmanager
+    def decoding(self, vae: torch.nn.Module) -> Iterator[None]:
+        """Notes the VAE decoder's output in the block: before the pipeline clamps it to
+        [0, 1], where an inf would pass as white."""
+        hook = vae.decoder.register_forward_hook(
+            lambda module, inputs, output: self.note("images", "the VAE decode", output)
+        )
+        try:
+            yield
+        finally:
+            hook.remove()
+
+    def first_non_finite(self) -> tuple[str, str, float] | None:
+        """(what, where, its peak: nan or inf) of the first value noted that is not finite."""
+        if not self._peaks:
+            return None
+        peaks = torch.stack([peak.float() for _, _, peak in self._peaks]).tolist()
+        for (what, where, _), peak in zip(self._peaks, peaks, strict=True):
+            if not math.isfinite(peak):
+                return what, where, peak
+        return None
 
 
 @contextmanager

@@ -119,6 +119,7 @@ def train_lora(
     embeddings = None if embeddings_dir is None else read_embeddings(embeddings_dir)
     concepts = _concepts(rows, embeddings)
     out_dir = Path(out_dir)
+    resolve_mixed_precision(config.mixed_precision)  # refused before the folder is claimed
     identity = {
         "stage": "lora",
         "config": asdict(config),
@@ -206,6 +207,7 @@ def _train(
         step_loss,
         settings,
         out_dir,
+        learning_rate_option="--lora-learning-rate",
         progress=progress,
         desc="lora",
     )["lora"]

@@ -89,6 +89,7 @@ def train_textual_inversion(
     rows = _training_rows(config, train)
     out_dir = Path(out_dir)
     tokens = {condition: placeholder_token(condition) for condition in config.conditions}
+    resolve_mixed_precision(config.mixed_precision)  # refused before the folder is claimed
     identity = {"stage": "textual_inversion", "config": asdict(config), "train": rows_digest(rows)}
     with open_run_dir(out_dir, identity) as finished:
         if not finished:
@@ -215,8 +216,9 @@ def _train(
         settings,
         out_dir,
         after_step=restore_frozen_rows,
+        learning_rate_option="--ti-learning-rate",
         progress=progress,
-        desc="textual inversion",
+        desc="textual_inversion",
     )
     if accelerator.is_main_process:
         weights = embedding.detach().float().cpu()

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -36,7 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
-from skindiff.core.device import resolve_mixed_precision
+from skindiff.core.device import non_finite_remedy, resolve_mixed_precision
 from skindiff.core.distributed import process_state
 from skindiff.core.files import atomic_directory, claim_folder, work_folder_lock, write_atomic
 from skindiff.core.seeding import seeded_generator, seeded_global_rng
@@ -354,13 +355,17 @@ def noise_prediction_loss(
             device=latents.device,
         )
     )
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    # The forward process in float32 whatever the latents' dtype: the scheduler casts its
+    # alphas_cumprod to that dtype, where bf16 rounds the first two (0.99915, 0.99830) to 1,
+    # leaving timesteps 0 and 1 without noise and 2 with 1.5x its noise variance (fp16: up to
+    # 15% off).
+    noisy = noise_scheduler.add_noise(latents.float(), noise.float(), timesteps).to(latents.dtype)
     prediction = unet(noisy, timesteps, encoder_hidden_states.to(latents.dtype)).sample
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
         target = noise
     elif prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        target = noise_scheduler.get_velocity(latents.float(), noise.float(), timesteps)
     else:
         raise SkindiffError(f"the base model's prediction_type {prediction_type!r} is unsupported")
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
@@ -490,13 +495,16 @@ def run_training_loop(
     settings: LoopSettings,
     out_dir: Path,
     *,
+    learning_rate_option: str,
     after_step: Callable[[], None] | None = None,
     progress: bool = True,
     desc: str = "training",
 ) -> dict[str, list[float]]:
     """Trains `model` (prepared, with `optimizer`) for `settings.max_train_steps` optimizer steps
     and returns, per stream, one mean loss per step, resuming from the latest checkpoint in
-    `out_dir`.
+    `out_dir`. A loss that is not finite stops it before its step's checkpoint, with one line
+    naming `desc` (the stage), the step and the setting to change (`learning_rate_option`, the
+    stage's learning-rate option, under full precision).
 
     Each step takes `settings.train_batch_size` x accumulation draws from every stream, in
     one pass per stream when micro-batches are joined, else one per micro-batch;
@@ -573,6 +581,14 @@ def run_training_loop(
             after_step()
         for name, total in totals.items():
             losses[name].append(accelerator.reduce(total / accumulation, reduction="mean").item())
+        _check_finite_losses(
+            {name: curve[-1] for name, curve in losses.items()},
+            step + 1,
+            settings.max_train_steps,
+            Precision(accelerator.mixed_precision),
+            desc,
+            learning_rate_option,
+        )
         bar.update()
         bar.set_postfix(loss=f"{sum(curve[-1] for curve in losses.values()) / len(losses):.4f}")
         done = step + 1
@@ -580,3 +596,28 @@ def run_training_loop(
             save_checkpoint(accelerator, out_dir, done, losses)
     bar.close()
     return losses
+
+
+def _check_finite_losses(
+    step_losses: dict[str, float],
+    step: int,
+    max_train_steps: int,
+    precision: Precision,
+    stage: str,
+    learning_rate_option: str,
+) -> None:
+    """Refuses a step whose mean loss (per stream) is NaN or inf. The losses are the floats the
+    loop reads for its curve anyway, so the check adds no device sync; being the mean over all
+    processes, they fail every process of a launch at the same step."""
+    for name, loss in step_losses.items():
+        if math.isfinite(loss):
+            continue
+        whose = f" of {name}" if len(step_losses) > 1 else ""
+        remedy = non_finite_remedy(
+            precision,
+            f"lower {learning_rate_option}, or look for NaN or inf in the base model's weights",
+        )
+        raise SkindiffError(
+            f"{stage}: the loss{whose} is not finite ({loss}) at step {step} of {max_train_steps} "
+            f"{remedy}"
+        )
