@@ -38,6 +38,7 @@ from skindiff.options import (
     DEMO_PLAN,
     DEMO_STUDY,
     DOWNLOAD,
+    DRY_RUN,
     EVALUATE,
     GENERATE,
     LORA,
@@ -144,8 +145,12 @@ def stage_command(name: str, **groups: OptionGroup | StudyGroups) -> Callable:
             else:
                 body(**configs)
 
-        COMMAND_OPTIONS[name] = _command_options(groups)
-        options = COMMAND_OPTIONS[name] + (list(TRACKING.options()) if tracked else [])
+        # A dry run's options, like TRACKING's, are the command line's, not MLproject's.
+        COMMAND_OPTIONS[name] = _command_options(
+            {key: group for key, group in groups.items() if group is not DRY_RUN}
+        )
+        dry_run = list(DRY_RUN.options()) if DRY_RUN in groups.values() else []
+        options = COMMAND_OPTIONS[name] + dry_run + (list(TRACKING.options()) if tracked else [])
         command.__signature__ = inspect.Signature([_parameter(option) for option in options])
         command.__doc__ = body.__doc__
         app.command(name)(command)
@@ -301,28 +306,39 @@ def evaluate(config) -> None:
     typer.echo(f"evaluate run {run_id}: metrics and predictions/{config.name}.csv logged")
 
 
-@stage_command("main", configs=MAIN_STUDY, plan=STUDY)
-def main(configs, plan) -> None:
+@stage_command("main", configs=MAIN_STUDY, plan=STUDY, dry=DRY_RUN)
+def main(configs, plan, dry) -> None:
     """Run the paper's whole study (meant for a GPU, the real data and SD 2.1 base; `demo` is
     the same on a CPU in minutes): for each scenario and seed a parent MLflow run with
     prepare, textual_inversion, lora, generate and one train_classifier per arch x train type
     as child runs; finished runs with the same inputs are re-used. With --shard k/n, this
     worker runs its share of the pairs (one worker per GPU or machine, one tracking server);
-    the default, auto, is the task's share in a SLURM job array and every pair elsewhere."""
-    _run_study(configs, plan)
+    the default, auto, is the task's share in a SLURM job array and every pair elsewhere.
+    With --dry-run true, prints what it would run and re-use, and what that costs."""
+    _run_study(configs, plan, dry)
 
 
-@stage_command("demo", configs=DEMO_STUDY, plan=DEMO_PLAN)
-def demo(configs, plan) -> None:
+@stage_command("demo", configs=DEMO_STUDY, plan=DEMO_PLAN, dry=DRY_RUN)
+def demo(configs, plan, dry) -> None:
     """The study on the embedded default in minutes on a CPU: `main` with the demo's settings
     (the demo dataset, the built-in `tiny` model, scenarios i, ii and iii with seed 0, fewer
     steps, a small CNN at 64 px). Every option of `main` can still be given. Then `skindiff
     report` writes its tables and figures."""
-    _run_study(configs, plan)
+    _run_study(configs, plan, dry)
 
 
-def _run_study(configs, plan) -> None:
-    from skindiff.tracking.pipeline import run_main
+def _echo_plan(plan, dry) -> None:
+    from skindiff.tracking.dry_run import render_plan
+
+    typer.echo(render_plan(plan, dry.throughput_tflops))
+
+
+def _run_study(configs, plan, dry) -> None:
+    from skindiff.tracking.pipeline import plan_main, run_main
+
+    if dry.dry_run:
+        _echo_plan(plan_main(plan, configs), dry)
+        return
 
     for (scenario, seed), ids in run_main(plan, configs).items():
         typer.echo(f"scenario {scenario}, seed {seed}: run {ids.parent}")
@@ -330,13 +346,16 @@ def _run_study(configs, plan) -> None:
             typer.echo(f"  {arch:<9} {train_type:<9} train_classifier run {run_id}")
 
 
-@stage_command("ablation", configs=ABLATION_STUDY, plan=ABLATION)
-def ablation(configs, plan) -> None:
+@stage_command("ablation", configs=ABLATION_STUDY, plan=ABLATION, dry=DRY_RUN)
+def ablation(configs, plan, dry) -> None:
     """Table 5: scenario i, all six generation modes, a classifier (VGG-16 by default) on each
     mode's synthetic images only, tested on the light and the dark flexible subsets; logs
     ablation.csv. Finished stage runs are re-used."""
-    from skindiff.tracking.ablation import run_ablation
+    from skindiff.tracking.ablation import plan_ablation, run_ablation
 
+    if dry.dry_run:
+        _echo_plan(plan_ablation(plan, configs), dry)
+        return
     run_id = run_ablation(plan, configs)
     typer.echo(f"ablation run {run_id}: ablation.csv logged")
 
@@ -352,16 +371,19 @@ def report(config) -> None:
     typer.echo(f"report run {run_id}: written to {config.output_dir}/report.md")
 
 
-@stage_command("tune", configs=TUNE_STUDY, config=TUNE)
-def tune(configs, config) -> None:
+@stage_command("tune", configs=TUNE_STUDY, config=TUNE, dry=DRY_RUN)
+def tune(configs, config, dry) -> None:
     """Optuna study of the generator's hyperparameters on scenario i (objective: macro-F1 of a
     classifier trained on synthetic images only, on scenario i's test split with the default
     --exclude-test-of ii,iii, else on validation); run it on several processes or machines
     with one storage to share the study. Ends by freezing the best trial's params
     (frozen_params.yaml) and registering its generator (MLflow run per worker and trial).
     With --seeds, one study per seed, each on that seed's data (frozen_params_by_seed.yaml)."""
-    from skindiff.tracking.tune import run_tune, run_tune_seeds
+    from skindiff.tracking.tune import plan_tune, run_tune, run_tune_seeds
 
+    if dry.dry_run:
+        _echo_plan(plan_tune(configs, config), dry)
+        return
     if not config.seeds:
         _echo_tune_result(run_tune(configs, config), config.registered_model, "")
         return

@@ -24,6 +24,7 @@ from skindiff.diffusion.config import (
 from skindiff.errors import SkindiffError
 from skindiff.plans import (
     AblationPlan,
+    DryRunConfig,
     EvaluateConfig,
     ReportConfig,
     StudyPlan,
@@ -122,6 +123,8 @@ TUNE = OptionGroup(TuneConfig)
 PRETRAIN = OptionGroup(PretrainConfig)
 PRETRAIN_TARGET = OptionGroup(PretrainTarget)
 TRACKING = OptionGroup(TrackingConfig)
+# Options of the command line only, as TRACKING's: `mlflow run` would open a run for a dry run.
+DRY_RUN = OptionGroup(DryRunConfig)
 
 
 def omitting(group: OptionGroup, *names: str) -> OptionGroup:

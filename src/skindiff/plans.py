@@ -207,6 +207,30 @@ def _check_seeds(seeds: tuple[int, ...]) -> None:
 
 
 @dataclass(frozen=True)
+class DryRunConfig(Settings):
+    """Whether a command only prints its plan; options of the command line, not of MLflow."""
+
+    dry_run: bool = setting(
+        False,
+        "Print the plan and run nothing: each stage in order, `re-use <run id>` where a "
+        "finished run has its inputs, else `run` with its cost (training steps and images, UNet "
+        "evaluations and their FLOPs counted from the base model's config, classifier "
+        "image-epochs), and the totals. Nothing is logged.",
+    )
+    throughput_tflops: float | None = setting(
+        None,
+        "With dry_run: the TFLOP/s your device sustains on the base model's UNet (training and "
+        "generation), to project the plan's hours. Empty: no projection.",
+    )
+
+    def check(self) -> None:
+        require(
+            self.throughput_tflops is None or self.throughput_tflops > 0,
+            f"throughput_tflops must be positive, got {self.throughput_tflops}",
+        )
+
+
+@dataclass(frozen=True)
 class AblationPlan(Settings):
     """The seeds of the ablation (Table 5)."""
 

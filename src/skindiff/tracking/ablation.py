@@ -22,6 +22,7 @@ from skindiff.diffusion.config import (
 )
 from skindiff.options import ABLATION, ABLATION_STUDY, StudyConfigs
 from skindiff.plans import AblationPlan
+from skindiff.tracking.dry_run import DryRun, plan_group, planning
 from skindiff.tracking.evaluate import evaluate_on_light
 from skindiff.tracking.generate import ensure_generator_chain
 from skindiff.tracking.names import ABLATION_FILE, Stage
@@ -37,21 +38,40 @@ def mode_metric_name(test_set: str, metric: str, mode: GenerationMode) -> str:
     return f"{test_set}_{metric}_{mode.replace('/', '_').replace('+', '-')}"
 
 
-def seed_rows(seed: int, configs: StudyConfigs, bar: tqdm) -> list[list]:
-    """ablation.csv rows of one seed: every mode on the light and the dark flexible subset."""
+def mode_runs(
+    seed: int, configs: StudyConfigs, mode: GenerationMode, prepare: str
+) -> tuple[str, str]:
+    """(classifier run, its light evaluation run) of one seed and mode, found or run."""
     configs = configs.for_pair(Scenario.I, seed)
     data, ti, lora = configs.data, configs.textual_inversion, configs.lora
     classifier = replace(configs.classifier, train_type=TrainType.SYN)
-    prepare = ensure_prepare(data)
+    generate = replace(configs.generate, mode=mode)
+    generate_run = ensure_generator_chain(data, ti, lora, generate, prepare)[2]
+    run_id = run_train_classifier(
+        data, classifier, ti, lora, generate, prepare, generate_run, reuse=True
+    )
+    return run_id, evaluate_on_light(run_id, prepare)
+
+
+def plan_ablation(plan: AblationPlan, configs: StudyConfigs) -> DryRun:
+    """What `run_ablation` would run and re-use (see `dry_run`); nothing runs."""
+    check_classifiers(configs.data, configs.classifier, [configs.classifier.arch])
+    with planning() as dry:
+        for seed in plan.seeds:
+            with plan_group(f"{Scenario.I}/seed-{seed}"):
+                prepare = ensure_prepare(configs.for_pair(Scenario.I, seed).data)
+                for mode in GenerationMode:
+                    mode_runs(seed, configs, mode, prepare)
+    return dry
+
+
+def seed_rows(seed: int, configs: StudyConfigs, bar: tqdm) -> list[list]:
+    """ablation.csv rows of one seed: every mode on the light and the dark flexible subset."""
+    prepare = ensure_prepare(configs.for_pair(Scenario.I, seed).data)
     rows = []
     for mode in GenerationMode:
         bar.set_description(f"ablation seed {seed} {mode}")
-        generate = replace(configs.generate, mode=mode)
-        generate_run = ensure_generator_chain(data, ti, lora, generate, prepare)[2]
-        run_id = run_train_classifier(
-            data, classifier, ti, lora, generate, prepare, generate_run, reuse=True
-        )
-        light_run = evaluate_on_light(run_id, prepare)
+        run_id, light_run = mode_runs(seed, configs, mode, prepare)
         light = mlflow.get_run(light_run).data.metrics
         dark = mlflow.get_run(run_id).data.metrics  # on scenario i's test split
         for test_set, metrics, prefix in (("light", light, "light"), ("dark", dark, "test")):

@@ -23,6 +23,7 @@ from skindiff.errors import SkindiffError
 from skindiff.options import EVALUATE
 from skindiff.plans import EvaluateConfig
 from skindiff.tracking.classifier_model import load_classifier
+from skindiff.tracking.dry_run import WorkCost, active_plan, is_planned
 from skindiff.tracking.names import (
     CLASSIFIER_MODEL,
     PREDICTIONS_DIR,
@@ -30,7 +31,8 @@ from skindiff.tracking.names import (
     confusion_figure,
     split_artifact,
 )
-from skindiff.tracking.stage import StageCall, StageInputs, run_stage
+from skindiff.tracking.runs import load_split
+from skindiff.tracking.stage import StageCall, StageInputs, plan_unkeyed_stage, run_stage
 
 ARTIFACT_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:")
 
@@ -122,13 +124,21 @@ def evaluate_on_light(classifier_run_id: str, prepare_run_id: str) -> str:
     """The evaluate run (found or made) of a classifier on its prepare run's light flexible
     subset, named `light` (metrics light_accuracy, light_f1_macro, predictions/light.csv); the
     run is named after the classifier's: `i/seed-0/tiny/real/light`."""
-    classifier = mlflow.get_run(classifier_run_id).info.run_name
-    return run_evaluate(
-        EvaluateConfig(
-            model_uri=f"runs:/{classifier_run_id}/{CLASSIFIER_MODEL}",
-            manifest=f"runs:/{prepare_run_id}/{split_artifact('flexible_light')}",
-            name="light",
-        ),
-        reuse=True,
-        run_name=f"{classifier}/light",
+    config = EvaluateConfig(
+        model_uri=f"runs:/{classifier_run_id}/{CLASSIFIER_MODEL}",
+        manifest=f"runs:/{prepare_run_id}/{split_artifact('flexible_light')}",
+        name="light",
     )
+    if is_planned(classifier_run_id) or is_planned(prepare_run_id):
+        # A dry run: the key holds the model's id, which a classifier not trained has not.
+        classifier = active_plan().stage_of(classifier_run_id).run_name
+        light = len(load_split(prepare_run_id, "flexible_light"))
+        call = StageCall(
+            Stage.EVALUATE,
+            f"{classifier}/light",
+            EVALUATE.values(config),
+            cost=lambda inputs: WorkCost(images=light),
+        )
+        return plan_unkeyed_stage(call, StageInputs())
+    classifier = mlflow.get_run(classifier_run_id).info.run_name
+    return run_evaluate(config, reuse=True, run_name=f"{classifier}/light")

@@ -16,11 +16,13 @@ from skindiff.core.distributed import run_shared
 from skindiff.core.settings import as_text
 from skindiff.data.config import PrepareConfig
 from skindiff.diffusion.config import GenerateConfig, LoraConfig, TextualInversionConfig
+from skindiff.diffusion.costs import unet_evaluations_per_image, unet_flops
 from skindiff.diffusion.figures import real_synthetic_pairs, skin_tone_histograms
 from skindiff.diffusion.generate import IMAGE_DIR, generate_synthetic
 from skindiff.diffusion.skin_tone_check import skin_tone_metrics, with_source_itas
 from skindiff.options import DATA, GENERATE, LORA, TEXTUAL_INVERSION
 from skindiff.plans import UpstreamRuns
+from skindiff.tracking.dry_run import WorkCost, active_plan, is_planned
 from skindiff.tracking.lora import run_lora
 from skindiff.tracking.names import (
     EMBEDDINGS_DIR,
@@ -40,7 +42,7 @@ from skindiff.tracking.stage import (
     StageInputs,
     require_stage_run,
     run_stage,
-    upstream_run_id,
+    upstream_of,
     work_dir,
 )
 from skindiff.tracking.textual_inversion import generator_inputs, run_textual_inversion
@@ -76,6 +78,7 @@ def run_generate(
         GENERATE.values(config),
         context,
         f"{config.num_per_image} images per training image",
+        cost=lambda inputs: generation_cost(config, inputs),
     )
 
     def resolve() -> StageInputs:
@@ -105,6 +108,14 @@ def run_generate(
             _generate_and_log(config, inputs, key, embeddings, lora_weights, None)
 
     return run_stage(call, resolve, work, reuse=reuse)
+
+
+def generation_cost(config: GenerateConfig, inputs: StageInputs) -> WorkCost:
+    """`num_per_image` images of every training image, each its UNet evaluations."""
+    images = len(inputs.splits["train"]) * config.num_per_image
+    evaluations = images * unet_evaluations_per_image(config)
+    flops = unet_flops(config.base_model, config.resolution, training=False)
+    return WorkCost(images=images, unet_evaluations=evaluations, flops=evaluations * flops)
 
 
 def _generate_with_model(
@@ -184,8 +195,7 @@ def ensure_generator_chain(
     """(textual_inversion, lora, generate) run ids for `config.mode`, each found or run; None
     for an adapter the mode does not use."""
     generate = run_generate(data, ti_config, lora_config, config, prepare_run_id, reuse=True)
-    run = mlflow.get_run(generate)
-    ti, lora = (upstream_run_id(run, s) for s in (Stage.TEXTUAL_INVERSION, Stage.LORA))
+    ti, lora = (upstream_of(generate, s) for s in (Stage.TEXTUAL_INVERSION, Stage.LORA))
     return ti, lora, generate
 
 
@@ -201,6 +211,13 @@ def given_or_generated(
     if generate_run_id:
         return generate_run_id
     return ensure_generator_chain(data, ti_config, lora_config, config, prepare_run_id)[2]
+
+
+def synthetic_count(generate_run_id: str) -> int:
+    """How many images a generate run made (or, in a dry run, will make)."""
+    if is_planned(generate_run_id):
+        return active_plan().stage_of(generate_run_id).cost.images
+    return int(mlflow.get_run(generate_run_id).data.metrics["n_synthetic"])
 
 
 def load_synthetic(generate_run_id: str, dst: Path) -> pd.DataFrame:

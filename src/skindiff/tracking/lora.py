@@ -18,6 +18,7 @@ from skindiff.tracking.textual_inversion import (
     generator_inputs,
     generator_training_images,
     run_textual_inversion,
+    training_cost,
 )
 
 
@@ -42,6 +43,7 @@ def run_lora(
         LORA.values(config),
         context,
         f"{config.max_train_steps} steps",
+        cost=lambda inputs: training_cost(config),
     )
 
     def resolve() -> StageInputs:

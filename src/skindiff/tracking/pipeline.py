@@ -27,6 +27,7 @@ from skindiff.data.prepare import resolve_dataset
 from skindiff.errors import SkindiffError
 from skindiff.options import MAIN_STUDY, STUDY, StudyConfigs
 from skindiff.plans import StudyPlan
+from skindiff.tracking.dry_run import DryRun, plan_group, planning
 from skindiff.tracking.evaluate import evaluate_on_light
 from skindiff.tracking.frozen import (
     FrozenSource,
@@ -126,6 +127,33 @@ def _tune_run_of(model_uri: str) -> Run | None:
     return run if run.data.tags.get(ENTRY_POINT_TAG) == Stage.TUNE else None
 
 
+def _pair_configs(
+    plan: StudyPlan, configs: StudyConfigs
+) -> tuple[FrozenSource | None, dict[int, TunedSettings], dict[int, StudyConfigs]]:
+    """(the frozen settings' source or None, the tuned settings per seed, the configs per
+    seed); the classifier settings checked before any run is made."""
+    source = load_frozen_source(plan.frozen_params) if plan.frozen_params else None
+    tuned = source.for_seeds(plan.seeds, plan.frozen_fallback_seed) if source else {}
+    seed_configs = {
+        seed: configs.with_frozen(settings.params, plan.frozen_params)
+        for seed, settings in tuned.items()
+    }
+    for used in set(seed_configs.values()) or {configs}:
+        check_classifiers(used.data, used.classifier, plan.archs)
+    return source, tuned, seed_configs
+
+
+def plan_main(plan: StudyPlan, configs: StudyConfigs) -> DryRun:
+    """What `run_main` would run, stage by stage, and what it would re-use: the same calls,
+    under `dry_run.planning`, so nothing runs."""
+    _, _, seed_configs = _pair_configs(plan, configs)
+    with planning() as dry:
+        for scenario, seed in plan.pairs():
+            with plan_group(f"{scenario}/seed-{seed}"):
+                _run_pair(seed_configs.get(seed, configs).for_pair(scenario, seed), plan)
+    return dry
+
+
 def run_main(plan: StudyPlan, configs: StudyConfigs) -> dict[tuple[Scenario, int], PipelineRuns]:
     """Runs every stage for each (scenario, seed) pair of `plan`'s shard; returns the run ids
     of each pair (none, with a warning, for a shard without a pair).
@@ -145,17 +173,10 @@ def run_main(plan: StudyPlan, configs: StudyConfigs) -> dict[tuple[Scenario, int
         shard = plan.resolved_shard()
         logger.warning("shard %s has none of the %d pairs: nothing to run", shard, n_pairs)
         return {}
-    source = load_frozen_source(plan.frozen_params) if plan.frozen_params else None
-    tuned = source.for_seeds(plan.seeds, plan.frozen_fallback_seed) if source else {}
-    seed_configs = {
-        seed: configs.with_frozen(settings.params, plan.frozen_params)
-        for seed, settings in tuned.items()
-    }
+    source, tuned, seed_configs = _pair_configs(plan, configs)
     # With one set of settings for all, the main run's params show them.
     shared = source is not None and source.shared is not None
     shown = seed_configs[plan.seeds[0]] if shared else configs
-    for used in set(seed_configs.values()) or {configs}:
-        check_classifiers(used.data, used.classifier, plan.archs)
     results, overlap = {}, []
     params = STUDY.values(plan) | MAIN_STUDY.values(shown)
     # `shard` as given (`mlflow run` logs it so, `auto` under SLURM); this, which worker it was.

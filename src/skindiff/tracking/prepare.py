@@ -1,6 +1,7 @@
 """Logs the `prepare` stage: params, split manifests, count tables, near-duplicates and
 dataset inputs."""
 
+import io
 import logging
 import tempfile
 import warnings
@@ -82,7 +83,10 @@ def run_prepare(config: PrepareConfig, *, reuse: bool = False) -> str:
     """Runs `prepare` (with `reuse`: returns a finished run made from the same settings and the
     data as it is on disk now, if there is one); returns the run id."""
     call = StageCall(
-        Stage.PREPARE, f"{config.scenario}/seed-{config.seed}/prepare", DATA.values(config)
+        Stage.PREPARE,
+        f"{config.scenario}/seed-{config.seed}/prepare",
+        DATA.values(config),
+        preview=lambda: preview_splits(config),
     )
 
     def resolve() -> StageInputs:
@@ -99,6 +103,18 @@ def run_prepare(config: PrepareConfig, *, reuse: bool = False) -> str:
     if config.near_duplicates != NearDuplicates.OFF:
         require_features(config.near_duplicate_features)  # a missing file: before a run opens
     return run_stage(call, resolve, work, reuse=reuse)
+
+
+def preview_splits(config: PrepareConfig) -> dict[str, pd.DataFrame]:
+    """The split manifests a prepare run of `config` would log, as `load_split` reads them
+    back (through CSV, so that their content digests are the logged ones)."""
+    prepared = prepare_scenario(config)
+    return {
+        split: pd.read_csv(
+            io.StringIO(prepared.splits.manifest(split).to_csv(index=False)), keep_default_na=False
+        )
+        for split in SPLIT_NAMES
+    }
 
 
 def ensure_prepare(config: PrepareConfig) -> str:

@@ -10,6 +10,7 @@ import pandas as pd
 from mlflow.entities import Metric
 
 from skindiff.errors import SkindiffError
+from skindiff.tracking.dry_run import active_plan, is_planned
 from skindiff.tracking.names import Stage, split_artifact
 from skindiff.tracking.stage import require_stage_run
 
@@ -36,7 +37,9 @@ def download_run_dir(run_id: str, artifact_path: str, dst: Path) -> Path:
 
 
 def load_split(prepare_run_id: str, split: str) -> pd.DataFrame:
-    """One split manifest of a finished prepare run."""
+    """One split manifest of a finished prepare run (or, in a dry run, of a planned one)."""
+    if is_planned(prepare_run_id):
+        return active_plan().outputs[prepare_run_id][split]
     require_stage_run(prepare_run_id, Stage.PREPARE)
     with tempfile.TemporaryDirectory() as tmp:
         path = download_run_dir(prepare_run_id, split_artifact(split), Path(tmp))

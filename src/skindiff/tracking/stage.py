@@ -51,6 +51,13 @@ from skindiff import __version__
 from skindiff.core.files import cache_dir, work_folder_lock
 from skindiff.core.manifest import content_digest
 from skindiff.errors import SkindiffError
+from skindiff.tracking.dry_run import (
+    PlannedStage,
+    WorkCost,
+    active_plan,
+    is_planned,
+    planned_key,
+)
 from skindiff.tracking.names import (
     ENTRY_POINT_TAG,
     HOST_TAG,
@@ -103,6 +110,10 @@ class StageCall:
     settings: Mapping[str, str]
     context: Mapping[str, str] = field(default_factory=dict)
     work: str = ""  # what the stage does, for the console: "3000 steps", "20 epochs"
+    # for a dry run: what the work costs, from the inputs
+    cost: Callable[["StageInputs"], WorkCost] | None = None
+    # for a dry run: the outputs later stages read before the run exists (prepare's splits)
+    preview: Callable[[], Mapping[str, pd.DataFrame]] | None = None
 
     def console_label(self) -> str:
         """`[ii/seed-42] lora` from the run name `ii/seed-42/lora`; the stage's own words
@@ -135,7 +146,10 @@ def run_stage(
     """Runs a stage by the protocol of the module docstring; returns its run id.
 
     `resolve()` finds or runs the upstream runs and loads the splits, once; `work(inputs,
-    key)` does the stage's work and logs its results into the active (stage) run."""
+    key)` does the stage's work and logs its results into the active (stage) run. In a dry run
+    (`dry_run.planning`) it returns the run found by key or a planned id, and runs nothing."""
+    if active_plan() is not None:
+        return _plan_stage(call, resolve())
     inputs = key = None
     with ExitStack() as waiting:
         if reuse:
@@ -170,6 +184,43 @@ def run_stage(
         run.info.run_id,
     )
     return run.info.run_id
+
+
+def _plan_stage(call: StageCall, inputs: StageInputs) -> str:
+    """Records `call` in the active dry run: re-used where a finished run has its key, else
+    to run, at its cost; returns the run id or the planned id."""
+    plan = active_plan()
+    key = stage_key(call, inputs)
+    found = find_finished_run(key)
+    planned = PlannedStage(
+        plan.group,
+        str(call.stage),
+        call.run_name,
+        key,
+        found.info.run_id if found else None,
+        call.cost(inputs) if call.cost and not found else WorkCost(),
+        call.work,
+        plan.repeats,
+    )
+    plan.record(planned)
+    if not found:
+        plan.upstream[planned.planned_id] = {
+            str(stage): run_id for stage, run_id in inputs.upstream.items()
+        } | {str(Stage.PREPARE): inputs.prepare_run_id}
+        if call.preview:
+            plan.outputs[planned.planned_id] = call.preview()
+    return planned.planned_id
+
+
+def plan_unkeyed_stage(call: StageCall, inputs: StageInputs) -> str:
+    """Records in the active dry run a stage whose key cannot be known before an upstream run
+    exists (an evaluation of a classifier not trained yet): it runs."""
+    plan = active_plan()
+    cost = call.cost(inputs) if call.cost else WorkCost()
+    key = f"{call.run_name}@{plan.group}"  # no key yet: one per call
+    planned = PlannedStage(plan.group, str(call.stage), call.run_name, key, None, cost, call.work)
+    plan.record(planned)
+    return planned.planned_id
 
 
 def duration_text(seconds: float) -> str:
@@ -229,6 +280,14 @@ def _standard_tags(stage: Stage, key: str, inputs: StageInputs) -> dict[str, str
     return {RUN_KEY_TAG: key} | {
         upstream_tag(upstream): used.get(upstream) or "" for upstream in UPSTREAM[stage]
     }
+
+
+def upstream_of(run_id: str, stage: Stage) -> str | None:
+    """The run of `stage` that the run `run_id` was made from, or, in a dry run, that the
+    planned run `run_id` would be made from."""
+    if is_planned(run_id):
+        return active_plan().upstream[run_id].get(str(stage))
+    return upstream_run_id(mlflow.get_run(run_id), stage)
 
 
 def upstream_run_id(run: Run, stage: Stage) -> str | None:
@@ -310,6 +369,8 @@ def upstream_key(run_id: str | None) -> str:
     """What identifies an upstream run's output: its reuse key, else its id; "" for none."""
     if not run_id:
         return ""
+    if is_planned(run_id):
+        return planned_key(run_id)
     return mlflow.get_run(run_id).data.tags.get(RUN_KEY_TAG, run_id)
 
 

@@ -42,7 +42,8 @@ from skindiff.quality.score import (
     quality_table,
 )
 from skindiff.tracking.classifier_model import load_classifier
-from skindiff.tracking.generate import given_or_generated, load_synthetic
+from skindiff.tracking.dry_run import WorkCost
+from skindiff.tracking.generate import given_or_generated, load_synthetic, synthetic_count
 from skindiff.tracking.names import (
     CLASSIFIER_MODEL,
     MEMORIZATION_SPACE_PARAM,
@@ -132,6 +133,12 @@ def feature_network(
     )
 
 
+def _quality_cost(inputs: StageInputs) -> WorkCost:
+    """The images embedded: the synthetic ones, the reference set and the training images."""
+    synthetic = synthetic_count(inputs.upstream[Stage.GENERATE])
+    return WorkCost(images=synthetic + sum(map(len, inputs.splits.values())))
+
+
 def run_synthetic_quality(
     data: PrepareConfig,
     ti_config: TextualInversionConfig,
@@ -153,6 +160,7 @@ def run_synthetic_quality(
         QUALITY.values(replace(config, quality_features=features)),
         DATA.values(data),
         f"{features} features",
+        cost=_quality_cost,
     )
     network = {}
 

@@ -12,9 +12,11 @@ from skindiff.core.labels import slug
 from skindiff.data.cohort import DARK, LIGHT
 from skindiff.data.config import PrepareConfig
 from skindiff.diffusion.base_model import base_model_fingerprint, resolve_base_model
-from skindiff.diffusion.config import GeneratorImages, TextualInversionConfig
+from skindiff.diffusion.config import GeneratorImages, LoraConfig, TextualInversionConfig
+from skindiff.diffusion.costs import unet_flops
 from skindiff.diffusion.textual_inversion import train_textual_inversion
 from skindiff.options import DATA, TEXTUAL_INVERSION
+from skindiff.tracking.dry_run import WorkCost
 from skindiff.tracking.names import EMBEDDINGS_DIR, VALIDATION_DIR, Stage, token_tag
 from skindiff.tracking.prepare import split_inputs
 from skindiff.tracking.runs import log_curve
@@ -35,6 +37,16 @@ def generator_inputs(
     inputs = split_inputs(data, prepare_run_id, images.splits)
     inputs.digests["base_model"] = base_model_fingerprint(resolve_base_model(base_model))
     return inputs
+
+
+def training_cost(config: TextualInversionConfig | LoraConfig, streams: int = 1) -> WorkCost:
+    """A generator training stage's cost on one process: every optimizer step draws batch x
+    accumulation images from each of `streams`, each a UNet forward and backward pass."""
+    images = (
+        config.max_train_steps * config.train_batch_size * config.gradient_accumulation_steps
+    ) * streams
+    flops = unet_flops(config.base_model, config.resolution, training=True)
+    return WorkCost(config.max_train_steps, images, images, images * flops)
 
 
 def generator_training_images(inputs: StageInputs) -> pd.DataFrame:
@@ -65,6 +77,9 @@ def run_textual_inversion(
         DATA.values(data),
         f"{len(config.conditions)} tokens, {config.max_train_steps} steps"
         + (" each" if config.per_token else ""),
+        cost=lambda inputs: training_cost(
+            config, len(config.conditions) if config.per_token else 1
+        ),
     )
 
     def work(inputs: StageInputs, key: str) -> None:

@@ -30,8 +30,9 @@ from skindiff.data.config import PrepareConfig
 from skindiff.diffusion.config import GenerateConfig, LoraConfig, TextualInversionConfig
 from skindiff.options import CLASSIFIER, DATA, GENERATE, LORA, TEXTUAL_INVERSION
 from skindiff.tracking.classifier_model import CODE_FILE, WEIGHTS
+from skindiff.tracking.dry_run import WorkCost
 from skindiff.tracking.evaluate import log_evaluation
-from skindiff.tracking.generate import given_or_generated, load_synthetic
+from skindiff.tracking.generate import given_or_generated, load_synthetic, synthetic_count
 from skindiff.tracking.names import CLASSIFIER_MODEL, KEPT_EPOCH_TAG, SELECTION_TAG, Stage
 from skindiff.tracking.prepare import split_inputs
 from skindiff.tracking.stage import StageCall, StageInputs, run_stage
@@ -84,6 +85,16 @@ def check_classifiers(data: PrepareConfig, config: ClassifierConfig, archs: Iter
     require_imagenet_files([c.arch for c in configs], config.weights)
 
 
+def _classifier_cost(config: ClassifierConfig, inputs: StageInputs) -> WorkCost:
+    """Every epoch goes over the training set: the real training split and the synthetic
+    images its train type takes."""
+    images = 0 if config.train_type == TrainType.SYN else len(inputs.splits["train"])
+    generate = inputs.upstream.get(Stage.GENERATE)
+    if generate:
+        images += synthetic_count(generate)
+    return WorkCost(images=images, image_epochs=images * config.epochs)
+
+
 def run_train_classifier(
     data: PrepareConfig,
     config: ClassifierConfig,
@@ -116,6 +127,7 @@ def run_train_classifier(
         CLASSIFIER.values(config),
         context,
         f"{config.epochs} epochs",
+        cost=lambda inputs: _classifier_cost(config, inputs),
     )
 
     def resolve() -> StageInputs:

@@ -57,6 +57,7 @@ from skindiff.errors import SkindiffError, require
 from skindiff.options import TUNE, StudyConfigs
 from skindiff.plans import TuneConfig
 from skindiff.search_space import Dimension, load_search_space
+from skindiff.tracking.dry_run import DryRun, plan_group, planning
 from skindiff.tracking.frozen import (
     objective_split,
     write_frozen_params,
@@ -212,6 +213,44 @@ def run_tune_seeds(configs: StudyConfigs, config: TuneConfig) -> SeedsTuneResult
         frozen_params_uri=f"runs:/{run.info.run_id}/{FROZEN_PARAMS_BY_SEED_FILE}",
         by_seed=by_seed,
     )
+
+
+def plan_tune(configs: StudyConfigs, config: TuneConfig) -> DryRun:
+    """What a `tune` call would run (see `dry_run`): per seed's study, its prepare run (found
+    or to run) and `n_trials` trials, each costing at most a trial with every tuned range at
+    its high end (more steps, more strength: more work). Trials sample their own settings,
+    so their stages are planned to run."""
+    space = load_search_space(config.search_space)
+    tuned = _tuned_configs(configs)
+    _check_classifier(tuned)
+    costliest = {d.name: as_text(d.kind(d.high)) for d in space if not d.choices}
+    with planning() as dry:
+        for seed in config.seeds or (configs.data.seed,):
+            study = seed_study_name(config, seed) if config.seeds else config.study_name
+            seed_configs = tuned.for_pair(SCENARIO, seed) if config.seeds else tuned
+            with plan_group(study):
+                prepare = ensure_prepare(seed_configs.data)
+            trial = seed_configs.with_frozen(costliest, "the search space's high ends")
+            with plan_group(f"{study}/trial", repeats=config.n_trials):
+                generate = ensure_generator_chain(
+                    trial.data, trial.textual_inversion, trial.lora, trial.generate, prepare
+                )[2]
+                run_train_classifier(
+                    trial.data,
+                    trial.classifier,
+                    trial.textual_inversion,
+                    trial.lora,
+                    trial.generate,
+                    prepare,
+                    generate,
+                    reuse=True,
+                )
+    dry.stages = [replace(s, reused=None) if s.group.endswith("/trial") else s for s in dry.stages]
+    dry.notes.append(
+        f"each trial's stages at most: {', '.join(f'{k} {v}' for k, v in costliest.items())} "
+        "(the tuned ranges' high ends)"
+    )
+    return dry
 
 
 def seed_study_name(config: TuneConfig, seed: int) -> str:
