@@ -1,6 +1,8 @@
 """The demo (the README's quick start), end to end: wall time per stage, read from its MLflow
 runs, on a quiet machine and beside one busy process (a neighbour spinning on one core), then
-the report's dark-test scores. Writes docs/generated/quickstart.md.
+the report's dark-test scores, and the plan `skindiff demo --dry-run true` prints before the
+demo (every stage `run`) and after it (every stage `re-use`). Writes
+docs/generated/quickstart.md.
 
 It runs the README's two commands, `mlflow run <repo> -e demo --env-manager local
 --experiment-name skindiff` (the demo's settings are built into its entry point) and then the
@@ -57,8 +59,23 @@ def stage_seconds(tracking_uri: str) -> dict[str, float]:
     return stages
 
 
-def run_demo(folder: Path, busy: bool) -> tuple[float, dict[str, float], float, pd.DataFrame]:
-    """(demo wall seconds, seconds per stage, report wall seconds, the report's scores)."""
+def dry_run(folder: Path, env: dict[str, str]) -> str:
+    """The summary of `skindiff demo --dry-run true` (its stage counts and totals), with its
+    wall time."""
+    command = [sys.executable, "-c", "from skindiff.cli import run; run()", "demo"]
+    command += ["--dry-run", "true", "--experiment-name", EXPERIMENT]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - start
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("stage runs", "total"))]
+    return "\n".join([*lines, f"(the dry run took {wall:.0f} s)"])
+
+
+def run_demo(
+    folder: Path, busy: bool
+) -> tuple[float, dict[str, float], float, pd.DataFrame, tuple[str, str]]:
+    """(demo wall seconds, seconds per stage, report wall seconds, the report's scores, the
+    dry run's summary before and after the demo)."""
     folder.mkdir()
     env = os.environ | {
         "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
@@ -68,7 +85,9 @@ def run_demo(folder: Path, busy: bool) -> tuple[float, dict[str, float], float, 
     env.pop("MLFLOW_EXPERIMENT_NAME", None)
     neighbour = subprocess.Popen([sys.executable, "-c", SPIN]) if busy else None
     try:
+        before = dry_run(folder, env)
         wall = mlflow_run("demo", folder, env)
+        after = dry_run(folder, env)
     finally:
         if neighbour is not None:
             neighbour.kill()
@@ -76,7 +95,7 @@ def run_demo(folder: Path, busy: bool) -> tuple[float, dict[str, float], float, 
     # The entry point runs in the repository: the report goes to this folder, not ./report.
     report = folder / "report"
     report_wall = mlflow_run("report", folder, env, "-P", f"output_dir={report}")
-    return wall, stages, report_wall, pd.read_csv(report / SCORES)
+    return wall, stages, report_wall, pd.read_csv(report / SCORES), (before, after)
 
 
 def scores_table(scores: pd.DataFrame) -> str:
@@ -106,7 +125,7 @@ def main() -> None:
     kinds = {"none": [False], "busy": [True], "both": [False, True]}[args.neighbour]
     results = {busy: run_demo(folder / ("busy" if busy else "quiet"), busy) for busy in kinds}
     names = {False: "quiet s", True: "busy neighbour s"}
-    stages = sorted({stage for _, per_stage, _, _ in results.values() for stage in per_stage})
+    stages = sorted({stage for _, per_stage, *_ in results.values() for stage in per_stage})
     rows = [[stage] + [f"{results[b][1].get(stage, 0):.0f}" for b in kinds] for stage in stages]
     rows.append(["whole demo command (wall)"] + [f"{results[b][0]:.0f}" for b in kinds])
     rows.append(["report command (wall)"] + [f"{results[b][2]:.0f}" for b in kinds])
@@ -131,6 +150,9 @@ def main() -> None:
             "The report's dark-test scores (its `scores_classifiers.csv`; 7 classes, chance "
             f"14.3% accuracy){'' if same else ', of the quiet run (the busy one differs)'}:",
             scores,
+            "The quick start's plan (`skindiff demo --dry-run true`, in the same folder), "
+            "before the demo and after it:",
+            "```text\n{}\n\n{}\n```".format(*results[kinds[0]][4]),
         ]
     )
     record("quickstart", text, "cuda" if torch.cuda.is_available() else "cpu", markdown=True)

@@ -14,7 +14,7 @@ from skindiff.diffusion.config import GenerationMode
 from skindiff.errors import SkindiffError
 from skindiff.options import StudyConfigs
 from skindiff.plans import AblationPlan, ReportConfig
-from skindiff.tracking.ablation import mode_metric_name, run_ablation
+from skindiff.tracking.ablation import mode_metric_name, plan_ablation, run_ablation
 from skindiff.tracking.classifier_model import load_classifier
 from skindiff.tracking.report import run_report
 from skindiff.tracking.runs import load_split
@@ -29,7 +29,18 @@ def test_ablation_runs_all_modes_on_both_subsets_and_reuses_runs(
     generate = replace(generate, num_per_image=1)
     classifier = ClassifierConfig(arch="tiny", epochs=1, batch_size=16, image_size=32)
     configs = StudyConfigs(data, ti, lora, generate, classifier)
+    before = plan_ablation(AblationPlan(seeds=(0,)), configs)
     run_id = run_ablation(AblationPlan(seeds=(0,)), configs)
+    # the dry run planned every stage run the ablation made, then plans to re-use them all
+    made = runs_by_stage(tracking)
+    made.pop("ablation")
+    assert sorted((s.stage, s.run_name) for s in before.stages) == sorted(
+        (stage, run.info.run_name) for stage, runs in made.items() for run in runs
+    )
+    after = plan_ablation(AblationPlan(seeds=(0,)), configs)
+    assert {s.reused for s in after.stages} == {
+        run.info.run_id for runs in made.values() for run in runs
+    }
 
     path = mlflow.artifacts.download_artifacts(
         run_id=run_id, artifact_path="ablation.csv", dst_path=str(tmp_path)

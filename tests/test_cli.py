@@ -15,6 +15,7 @@ from skindiff.errors import SkindiffError
 from skindiff.options import (
     DEMO_PLAN,
     DEMO_STUDY,
+    DRY_RUN,
     GENERATE,
     MAIN_STUDY,
     RUNS,
@@ -36,12 +37,15 @@ def test_every_entry_point_has_a_script_and_all_options() -> None:
     commands = get_command(app).commands
     # `mlflow run` chooses the experiment itself (its --experiment-name): no parameter.
     tracking = {option.name for option in TRACKING.options()}
+    dry_run = {option.name for option in DRY_RUN.options()}
     for name, entry in spec["entry_points"].items():
         assert (REPO / "entrypoints" / f"{name}.py").is_file(), name
         params = {p.name: p for p in commands[name].params}
         assert params["experiment_name"].default == "skindiff", name
         assert params["experiment_name"].envvar == "MLFLOW_EXPERIMENT_NAME", name
-        options = set(params) - {"help"} - tracking
+        # nor for a dry run, which `mlflow run` would open a run for
+        assert ("dry_run" in params) == (name in ("main", "demo", "tune", "ablation")), name
+        options = set(params) - {"help"} - tracking - dry_run
         assert set(entry["parameters"]) == options, name
         for param in options:
             assert f"--{param.replace('_', '-')} {{{param}}}" in entry["command"], (name, param)

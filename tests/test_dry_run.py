@@ -5,10 +5,12 @@ import mlflow
 import pytest
 
 from skindiff.cli import run
-from skindiff.plans import StudyPlan
+from skindiff.plans import StudyPlan, TuneConfig
+from skindiff.search_space import BUILTIN_SPACE
 from skindiff.tracking.dry_run import DryRun, WorkCost
 from skindiff.tracking.names import ENTRY_POINT_TAG, RUN_KEY_TAG, Stage
 from skindiff.tracking.pipeline import plan_main, run_main
+from skindiff.tracking.tune import plan_tune
 from test_pipeline import study_configs
 
 
@@ -77,3 +79,19 @@ def test_main_dry_run_prints_the_plan_and_its_totals(
     assert "stage runs: 2 to run, 0 re-used" in out
     assert "0 UNet evaluations" in out and "projected: 0.0 h of UNet work at 0.001" in out
     assert stage_runs(tracking) == {}
+
+
+def test_tune_plans_its_trials_at_the_search_space_high_ends(tracking: str) -> None:
+    dry = plan_tune(study_configs(), TuneConfig(n_trials=3))
+    trial = {s.stage: s for s in dry.stages if s.group == "skindiff-tune/trial"}
+    assert set(trial) == {"textual_inversion", "lora", "generate", "train_classifier"}
+    assert all(s.repeats == 3 and s.reused is None for s in trial.values())
+    high = {name: spec.get("high") for name, spec in BUILTIN_SPACE.items()}
+    assert trial["textual_inversion"].cost.steps == high["ti_max_train_steps"]
+    assert trial["lora"].cost.steps == high["lora_max_train_steps"]
+    generate = trial["generate"].cost
+    per_image = int(high["num_inference_steps"] * high["strength"]) * 2  # guidance: 2 passes
+    assert generate.unet_evaluations == generate.images * per_image
+    steps = high["ti_max_train_steps"] + high["lora_max_train_steps"]
+    assert dry.total().steps == 3 * steps
+    assert dry.counts() == (1 + 3 * 4, 0)  # prepare once, four stages per trial

@@ -28,6 +28,15 @@ def study_configs(**classifier: object) -> StudyConfigs:
     return StudyConfigs(*fast_configs(), ClassifierConfig(**FAST_CLASSIFIER | classifier))
 
 
+def main_calls_by_shard(stages: dict[str, list]) -> dict[str, mlflow.entities.Run]:
+    """The `main` calls (not their pair runs) of `runs_by_stage`, by the shard each resolved."""
+    return {
+        run.data.params[SHARD_RESOLVED_PARAM]: run
+        for run in stages["main"]
+        if PARENT_RUN_TAG not in run.data.tags
+    }
+
+
 def children(run_id: str) -> list:
     return mlflow.search_runs(
         filter_string=f"tags.mlflow.parentRunId = '{run_id}'", output_format="list"
@@ -317,11 +326,7 @@ def test_shards_run_their_own_pairs_and_report_them_together(
         "2/2": [("i", 1)],
     }
     stages = runs_by_stage(tracking)
-    calls = {
-        r.data.params[SHARD_RESOLVED_PARAM]: r
-        for r in stages["main"]
-        if PARENT_RUN_TAG not in r.data.tags
-    }
+    calls = main_calls_by_shard(stages)
     assert {shard: run.data.params["shard"] for shard, run in calls.items()} == {
         "1/2": "1/2",
         "2/2": "auto",

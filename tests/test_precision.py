@@ -20,11 +20,12 @@ from conftest import stock_tiny_pipeline
 from skindiff.core.device import resolve_mixed_precision
 from skindiff.core.settings import Precision
 from skindiff.data.prepare import PrepareConfig, prepare_scenario
-from skindiff.diffusion.generate import GenerateConfig, generate_synthetic
+from skindiff.diffusion.generate import generate_synthetic
 from skindiff.diffusion.lora import LoraConfig, train_lora
 from skindiff.diffusion.textual_inversion import TextualInversionConfig, train_textual_inversion
 from skindiff.diffusion.training import MicroBatchDraws, noise_prediction_loss, noise_scheduler_of
 from skindiff.errors import SkindiffError
+from test_generate import SMALL
 
 # A weight of each part a stage runs, and the copy of `tiny` in which it is inf.
 BROKEN = {
@@ -32,13 +33,6 @@ BROKEN = {
     "vae-encoder": ("vae", "encoder.conv_in.weight"),
     "vae-decoder": ("vae", "decoder.conv_out.weight"),
 }
-SMALL = GenerateConfig(
-    mode="img2img/vanilla",
-    num_per_image=2,
-    num_inference_steps=6,
-    output_size=32,
-    generation_batch_size=3,
-)
 TI = TextualInversionConfig(
     conditions=("psoriasis", "folliculitis"),
     max_train_steps=2,

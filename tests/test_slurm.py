@@ -19,7 +19,8 @@ import pytest
 
 from conftest import CONDITIONS, REPO, runs_by_stage
 from servers import free_port
-from skindiff.tracking.names import PARENT_RUN_TAG, SHARD_RESOLVED_PARAM
+from skindiff.tracking.names import PARENT_RUN_TAG
+from test_pipeline import main_calls_by_shard
 
 pytestmark = pytest.mark.slow  # daemons of their own, a study in subprocesses
 
@@ -261,11 +262,7 @@ def test_the_docs_job_array_runs_one_pair_per_task_then_the_report(
 
     # Each task was a `main` run of its own, one worker of 2 with one pair of its own.
     stages = runs_by_stage(tracking)
-    calls = {
-        run.data.params[SHARD_RESOLVED_PARAM]: run
-        for run in stages["main"]
-        if PARENT_RUN_TAG not in run.data.tags
-    }
+    calls = main_calls_by_shard(stages)
     assert {shard: run.data.params["shard"] for shard, run in calls.items()} == {
         "1/2": "auto",
         "2/2": "auto",

@@ -219,8 +219,8 @@ class DryRunConfig(Settings):
     )
     throughput_tflops: float | None = setting(
         None,
-        "With dry_run: the TFLOP/s your device sustains on the base model's UNet (training and "
-        "generation), to project the plan's hours. Empty: no projection.",
+        "With dry_run: the TFLOP/s your device sustains on the base model's UNet (the "
+        "generation benchmark prints it), to project the plan's hours. Empty: no projection.",
     )
 
     def check(self) -> None:

@@ -52,7 +52,8 @@ class WorkCost:
 
 @dataclass(frozen=True)
 class PlannedStage:
-    """One stage of a plan: the run it re-uses, or None where it runs (costing `cost`)."""
+    """One stage of a plan: the run it re-uses, or None where it runs; what it costs when it
+    runs."""
 
     group: str  # the pair, trial or seed it belongs to: "i/seed-0"
     stage: str
@@ -154,46 +155,32 @@ def flops_text(flops: float) -> str:
     return f"{flops:,.0f} FLOP"
 
 
+HEADERS = ["", "stage", "plan", "work", "steps", "images", "UNet evals", "UNet FLOPs",
+           "image-epochs"]  # fmt: skip
+
+
+def _cost_cells(cost: WorkCost) -> list[str]:
+    """A stage's costs as table cells; blank where it has none of a kind."""
+    cells = [cost.steps, cost.images, cost.unet_evaluations, cost.flops, cost.image_epochs]
+    texts = [_number(v) for v in cells[:3]] + [flops_text(cost.flops), _number(cells[4])]
+    return [text if value else "" for value, text in zip(cells, texts, strict=True)]
+
+
 def render_plan(plan: DryRun, throughput_tflops: float | None) -> str:
     """The plan as text: a table of the stages, the totals, and the projected hours where a
     throughput is given."""
     rows = []
     for s in plan.stages:
-        what = (
-            f"re-use {s.reused}"
-            if s.reused
-            else "run" + (f" x{s.repeats}" if s.repeats > 1 else "")
-        )
-        cost = s.cost
-        rows.append(
-            [
-                s.group,
-                s.run_name.removeprefix(f"{s.group}/"),
-                what,
-                s.work,
-                _number(cost.steps) if cost.steps and not s.reused else "",
-                _number(cost.images) if cost.images and not s.reused else "",
-                _number(cost.unet_evaluations) if cost.unet_evaluations and not s.reused else "",
-                flops_text(cost.flops) if cost.flops and not s.reused else "",
-                _number(cost.image_epochs) if cost.image_epochs and not s.reused else "",
-            ]
-        )
-    headers = [
-        "",
-        "stage",
-        "plan",
-        "work",
-        "steps",
-        "images",
-        "UNet evals",
-        "UNet FLOPs",
-        "image-epochs",
-    ]
+        if s.reused:
+            what, costs = f"re-use {s.reused}", [""] * 5
+        else:
+            what, costs = "run" + (f" x{s.repeats}" if s.repeats > 1 else ""), _cost_cells(s.cost)
+        rows.append([s.group, s.run_name.removeprefix(f"{s.group}/"), what, s.work, *costs])
     total = plan.total()
     run, reused = plan.counts()
     lines = [
         "Dry run: nothing was run or logged.",
-        tabulate(rows, headers, disable_numparse=True),
+        tabulate(rows, HEADERS, disable_numparse=True),
         "",
         f"stage runs: {run} to run, {reused} re-used",
         f"total: {_number(total.steps)} training steps, {_number(total.images)} images, "
@@ -208,8 +195,7 @@ def render_plan(plan: DryRun, throughput_tflops: float | None) -> str:
         )
     else:
         lines.append(
-            "projected hours: give --throughput-tflops (the TFLOP/s your device sustains on "
-            "this UNet; benchmarks/gpu_numbers.sh measures it)"
+            "projected hours: give --throughput-tflops, the TFLOP/s your device sustains on "
+            "this UNet (`python -m benchmarks.generation --base-model <it>` measures it)"
         )
-    lines += plan.notes
-    return "\n".join(lines)
+    return "\n".join(lines + plan.notes)

@@ -139,6 +139,6 @@ def evaluate_on_light(classifier_run_id: str, prepare_run_id: str) -> str:
             EVALUATE.values(config),
             cost=lambda inputs: WorkCost(images=light),
         )
-        return plan_unkeyed_stage(call, StageInputs())
+        return plan_unkeyed_stage(call, classifier_run_id)
     classifier = mlflow.get_run(classifier_run_id).info.run_name
     return run_evaluate(config, reuse=True, run_name=f"{classifier}/light")

@@ -198,7 +198,8 @@ def _plan_stage(call: StageCall, inputs: StageInputs) -> str:
         call.run_name,
         key,
         found.info.run_id if found else None,
-        call.cost(inputs) if call.cost and not found else WorkCost(),
+        # also of a found run: `tune` plans its trials' stages to run whatever it finds
+        call.cost(inputs) if call.cost else WorkCost(),
         call.work,
         plan.repeats,
     )
@@ -212,12 +213,12 @@ def _plan_stage(call: StageCall, inputs: StageInputs) -> str:
     return planned.planned_id
 
 
-def plan_unkeyed_stage(call: StageCall, inputs: StageInputs) -> str:
-    """Records in the active dry run a stage whose key cannot be known before an upstream run
-    exists (an evaluation of a classifier not trained yet): it runs."""
+def plan_unkeyed_stage(call: StageCall, upstream: str) -> str:
+    """Records in the active dry run a stage whose key cannot be known before its `upstream`
+    run exists (an evaluation of a classifier not trained yet): it runs."""
     plan = active_plan()
-    cost = call.cost(inputs) if call.cost else WorkCost()
-    key = f"{call.run_name}@{plan.group}"  # no key yet: one per call
+    cost = call.cost(StageInputs()) if call.cost else WorkCost()
+    key = f"{upstream_key(upstream)}/{call.stage}"  # one per upstream run
     planned = PlannedStage(plan.group, str(call.stage), call.run_name, key, None, cost, call.work)
     plan.record(planned)
     return planned.planned_id
