@@ -99,9 +99,9 @@ class DryRun:
         return sum((s.cost.times(s.repeats) for s in self.stages if s.reused is None), WorkCost())
 
     def counts(self) -> tuple[int, int]:
-        """(stage runs to run, stage runs re-used)."""
+        """(stage runs to run, stage runs re-used: each once, however many groups use it)."""
         run = sum(s.repeats for s in self.stages if s.reused is None)
-        return run, sum(1 for s in self.stages if s.reused is not None)
+        return run, len({s.reused for s in self.stages if s.reused is not None})
 
 
 _active: ContextVar[DryRun | None] = ContextVar("dry_run", default=None)
