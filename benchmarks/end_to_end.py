@@ -1,6 +1,6 @@
 """The demo (the README's quick start), end to end: wall time per stage, read from its MLflow
 runs, on a quiet machine and beside one busy process (a neighbour spinning on one core), then
-the report's dark-test scores, and the plan `skindiff demo --dry-run true` prints before the
+the report's dark-test scores, and the plan `skindiff demo --dry-run` prints before the
 demo (every stage `run`) and after it (every stage `re-use`). Writes
 docs/generated/quickstart.md.
 
@@ -60,10 +60,10 @@ def stage_seconds(tracking_uri: str) -> dict[str, float]:
 
 
 def dry_run(folder: Path, env: dict[str, str]) -> str:
-    """The summary of `skindiff demo --dry-run true` (its stage counts and totals), with its
+    """The summary of `skindiff demo --dry-run` (its stage counts and totals), with its
     wall time."""
     command = [sys.executable, "-c", "from skindiff.cli import run; run()", "demo"]
-    command += ["--dry-run", "true", "--experiment-name", EXPERIMENT]
+    command += ["--dry-run", "--experiment-name", EXPERIMENT]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - start
@@ -150,7 +150,7 @@ def main() -> None:
             "The report's dark-test scores (its `scores_classifiers.csv`; 7 classes, chance "
             f"14.3% accuracy){'' if same else ', of the quiet run (the busy one differs)'}:",
             scores,
-            "The quick start's plan (`skindiff demo --dry-run true`, in the same folder), "
+            "The quick start's plan (`skindiff demo --dry-run`, in the same folder), "
             "before the demo and after it:",
             "```text\n{}\n\n{}\n```".format(*results[kinds[0]][4]),
         ]

@@ -29,7 +29,7 @@ COMMANDS = {
 def dry_run(args: list[str], folder: Path) -> str:
     env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
     cli = [sys.executable, "-c", "from skindiff.cli import run; run()", *args]
-    cli += ["--base-model", "sd21-random", "--dry-run", "true"]
+    cli += ["--base-model", "sd21-random", "--dry-run"]
     done = subprocess.run(cli, capture_output=True, text=True, env=env, cwd=folder, check=True)
     return done.stdout
 

@@ -68,7 +68,7 @@ def test_main_dry_run_prints_the_plan_and_its_totals(
     options = ["--scenarios", "i", "--seeds", "0", "--archs", "tiny", "--train-types", "real"]
     options += ["--light-test", "false", "--epochs", "3", "--throughput-tflops", "0.001"]
     with pytest.raises(SystemExit) as done:
-        run(["main", "--dry-run", "true", *options])
+        run(["main", "--dry-run", *options])
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "Dry run: nothing was run or logged." in out

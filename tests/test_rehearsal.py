@@ -90,9 +90,9 @@ def rehearsal(
     main = ["main", "--base-model", str(sd21_folder), *SETTINGS, *PAIR]
     started = time.monotonic()
     try:
-        before = command(*main, "--dry-run", "true")
+        before = command(*main, "--dry-run")
         console = command(*main)
-        after = command(*main, "--dry-run", "true")
+        after = command(*main, "--dry-run")
         tune = command(
             "tune", "--base-model", str(sd21_folder), *SETTINGS, "--arch", "resnet18",
             "--n-trials", "1", "--storage", f"sqlite:///{work / 'optuna.db'}",

@@ -131,6 +131,17 @@ def _parameter(option: Option) -> inspect.Parameter:
     )
 
 
+def _flag_or_parameter(option: Option) -> inspect.Parameter:
+    """An option of the command line only (no MLflow param): a boolean is a plain flag
+    (`--dry-run`), as nothing has to pass it as text."""
+    if option.kind is not bool:
+        return _parameter(option)
+    flag = typer.Option(f"--{option.name.replace('_', '-')}", help=option.help)
+    return inspect.Parameter(
+        option.name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, flag]
+    )
+
+
 def stage_command(name: str, **groups: OptionGroup | StudyGroups) -> Callable:
     """Registers `body(**configs)` as the command `name`: one option per config field of the
     `groups`, and the body gets each group's config under the group's keyword."""
@@ -149,9 +160,12 @@ def stage_command(name: str, **groups: OptionGroup | StudyGroups) -> Callable:
         COMMAND_OPTIONS[name] = _command_options(
             {key: group for key, group in groups.items() if group is not DRY_RUN}
         )
-        dry_run = list(DRY_RUN.options()) if DRY_RUN in groups.values() else []
-        options = COMMAND_OPTIONS[name] + dry_run + (list(TRACKING.options()) if tracked else [])
-        command.__signature__ = inspect.Signature([_parameter(option) for option in options])
+        parameters = [_parameter(option) for option in COMMAND_OPTIONS[name]]
+        if DRY_RUN in groups.values():
+            parameters += [_flag_or_parameter(option) for option in DRY_RUN.options()]
+        if tracked:
+            parameters += [_parameter(option) for option in TRACKING.options()]
+        command.__signature__ = inspect.Signature(parameters)
         command.__doc__ = body.__doc__
         app.command(name)(command)
         return body
@@ -314,7 +328,7 @@ def main(configs, plan, dry) -> None:
     as child runs; finished runs with the same inputs are re-used. With --shard k/n, this
     worker runs its share of the pairs (one worker per GPU or machine, one tracking server);
     the default, auto, is the task's share in a SLURM job array and every pair elsewhere.
-    With --dry-run true, prints what it would run and re-use, and what that costs."""
+    With --dry-run, prints what it would run and re-use, and what that costs."""
     _run_study(configs, plan, dry)
 
 
