@@ -40,7 +40,10 @@ def generator(tracking_server: str) -> dict:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", tracking_server)
         mlflow.set_tracking_uri(tracking_server)
-        mlflow.set_experiment(f"registry-{time.time_ns()}")
+        # set_experiment exports MLFLOW_EXPERIMENT_ID: set here, it goes with the patch
+        experiment_id = mlflow.create_experiment(f"registry-{time.time_ns()}")
+        patch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+        mlflow.set_experiment(experiment_id=experiment_id)
         data, ti_config, lora_config, config = fast_configs()
         prepare = ensure_prepare(data)
         ti, lora, _ = ensure_generator_chain(data, ti_config, lora_config, config, prepare)

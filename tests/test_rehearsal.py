@@ -56,10 +56,10 @@ print(json.dumps({"rows": len(out), "image": out["image"][0]}))
 """
 
 
-def command(*args: str) -> str:
-    """Runs a skindiff command in a process of its own; returns its console."""
+def command(env: dict[str, str], *args: str) -> str:
+    """Runs a skindiff command in a process of its own, with `env`; returns its console."""
     cli = [sys.executable, "-c", "from skindiff.cli import run; run()", *args]
-    done = subprocess.run(cli, capture_output=True, text=True, env=os.environ.copy())
+    done = subprocess.run(cli, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     return done.stdout + done.stderr
 
@@ -83,24 +83,20 @@ def rehearsal(
     """The chain every test reads: dry run, main, dry run, tune (run once for the module)."""
     mlflow.set_tracking_uri(tracking_server)
     experiment = f"rehearsal-{time.time_ns()}"
-    env = {"MLFLOW_TRACKING_URI": tracking_server, "MLFLOW_EXPERIMENT_NAME": experiment}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    # The experiment by name: not one another test's in-process MLflow left in the environment.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
+    env |= {"MLFLOW_TRACKING_URI": tracking_server, "MLFLOW_EXPERIMENT_NAME": experiment}
     work = tmp_path_factory.mktemp("rehearsal")
     main = ["main", "--base-model", str(sd21_folder), *SETTINGS, *PAIR]
     started = time.monotonic()
-    try:
-        before = command(*main, "--dry-run")
-        console = command(*main)
-        after = command(*main, "--dry-run")
-        tune = command(
-            "tune", "--base-model", str(sd21_folder), *SETTINGS, "--arch", "resnet18",
-            "--n-trials", "1", "--storage", f"sqlite:///{work / 'optuna.db'}",
-            "--search-space", str(_space(work)), "--registered-model", experiment,
-        )  # fmt: skip
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    before = command(env, *main, "--dry-run")
+    console = command(env, *main)
+    after = command(env, *main, "--dry-run")
+    tune = command(
+        env, "tune", "--base-model", str(sd21_folder), *SETTINGS, "--arch", "resnet18",
+        "--n-trials", "1", "--storage", f"sqlite:///{work / 'optuna.db'}",
+        "--search-space", str(_space(work)), "--registered-model", experiment,
+    )  # fmt: skip
     return {
         "experiment": mlflow.get_experiment_by_name(experiment).experiment_id,
         "model": experiment,
