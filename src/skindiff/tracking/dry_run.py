@@ -76,6 +76,7 @@ class DryRun:
     stages: list[PlannedStage] = field(default_factory=list)
     group: str = ""
     repeats: int = 1
+    look_up: bool = True  # False: the group's stages run whatever finished runs there are
     notes: list[str] = field(default_factory=list)
     # what later stages read of a planned run: upstream run ids, and prepare's splits
     upstream: dict[str, Mapping[str, str | None]] = field(default_factory=dict)
@@ -123,16 +124,17 @@ def active_plan() -> DryRun | None:
 
 
 @contextmanager
-def plan_group(name: str, repeats: int = 1) -> Iterator[None]:
+def plan_group(name: str, repeats: int = 1, *, look_up: bool = True) -> Iterator[None]:
     """The stages planned in the block belong to `name` (a pair, a trial), each run `repeats`
-    times."""
+    times; without `look_up` they are planned to run, not looked up (a tune trial's: its
+    settings are sampled, not those planned with)."""
     plan = _active.get()
-    before = (plan.group, plan.repeats)
-    plan.group, plan.repeats = name, repeats
+    before = (plan.group, plan.repeats, plan.look_up)
+    plan.group, plan.repeats, plan.look_up = name, repeats, look_up
     try:
         yield
     finally:
-        plan.group, plan.repeats = before
+        plan.group, plan.repeats, plan.look_up = before
 
 
 def is_planned(run_id: str | None) -> bool:

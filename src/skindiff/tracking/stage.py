@@ -191,15 +191,14 @@ def _plan_stage(call: StageCall, inputs: StageInputs) -> str:
     to run, at its cost; returns the run id or the planned id."""
     plan = active_plan()
     key = stage_key(call, inputs)
-    found = find_finished_run(key)
+    found = find_finished_run(key) if plan.look_up else None
     planned = PlannedStage(
         plan.group,
         str(call.stage),
         call.run_name,
         key,
         found.info.run_id if found else None,
-        # also of a found run: `tune` plans its trials' stages to run whatever it finds
-        call.cost(inputs) if call.cost else WorkCost(),
+        call.cost(inputs) if call.cost and not found else WorkCost(),
         call.work,
         plan.repeats,
     )

@@ -41,6 +41,7 @@ import socket
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -231,21 +232,11 @@ def plan_tune(configs: StudyConfigs, config: TuneConfig) -> DryRun:
             with plan_group(study):
                 prepare = ensure_prepare(seed_configs.data)
             trial = seed_configs.with_frozen(costliest, "the search space's high ends")
-            with plan_group(f"{study}/trial", repeats=config.n_trials):
+            with plan_group(f"{study}/trial", repeats=config.n_trials, look_up=False):
                 generate = ensure_generator_chain(
                     trial.data, trial.textual_inversion, trial.lora, trial.generate, prepare
                 )[2]
-                run_train_classifier(
-                    trial.data,
-                    trial.classifier,
-                    trial.textual_inversion,
-                    trial.lora,
-                    trial.generate,
-                    prepare,
-                    generate,
-                    reuse=True,
-                )
-    dry.stages = [replace(s, reused=None) if s.group.endswith("/trial") else s for s in dry.stages]
+                _trial_classifier(trial, prepare, generate)
     dry.notes.append(
         f"each trial's stages at most: {', '.join(f'{k} {v}' for k, v in costliest.items())} "
         "(the tuned ranges' high ends)"
@@ -409,19 +400,30 @@ def _objective(trial: optuna.Trial, configs: StudyConfigs) -> float:
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
             raise optuna.TrialPruned(f"{PRUNING_METRIC} {val_f1_macro:.4f} at epoch {epoch}")
 
-    classifier = run_train_classifier(
-        data,
+    classifier = _trial_classifier(configs, prepare, generate, report)
+    trial.set_user_attr(CLASSIFIER_RUN_ATTR, classifier)
+    return mlflow.get_run(classifier).data.metrics[objective_of(data)]
+
+
+def _trial_classifier(
+    configs: StudyConfigs,
+    prepare: str,
+    generate: str,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> str:
+    """A trial's classifier run (synthetic images only, see `_tuned_configs`), found or
+    trained; `on_epoch` gets each epoch's validation macro-F1."""
+    return run_train_classifier(
+        configs.data,
         configs.classifier,
         configs.textual_inversion,
         configs.lora,
         configs.generate,
         prepare,
         generate,
-        on_epoch=report,
+        on_epoch=on_epoch,
         reuse=True,
     )
-    trial.set_user_attr(CLASSIFIER_RUN_ATTR, classifier)
-    return mlflow.get_run(classifier).data.metrics[objective_of(data)]
 
 
 def fail_and_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
